@@ -1,0 +1,3 @@
+"""tcexport: make token compression deployable (PyTorch -> ONNX -> compressed graph -> engine -> benchmark)."""
+
+__version__ = "0.1.0"

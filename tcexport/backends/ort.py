@@ -1,0 +1,114 @@
+"""ONNX Runtime backend: build (save the graph-optimized model and a sidecar) and run sessions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from tcexport import __version__, inputs, metadata, onnxfile
+from tcexport.artifacts import SIDECAR
+from tcexport.atomic import atomic_dir
+from tcexport.errors import UsageError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def provider_name(provider: str) -> str:
+    name = PROVIDERS.get(provider)
+    if name is None:
+        raise UsageError(f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)}")
+    if name not in ort.get_available_providers():
+        raise UsageError(
+            f"ONNX Runtime provider '{provider}' is not available in this installation "
+            f"(have: {', '.join(ort.get_available_providers())}); install tcexport[gpu] on a machine with a GPU"
+        )
+    return name
+
+
+def session_options(threads: int | None = None, opt_level: str = "all") -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = OPT_LEVELS[opt_level]
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+def open_session(model_path: str | Path, provider: str = "cpu", threads: int | None = None,
+                 opt_level: str = "all", options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    options = options or session_options(threads, opt_level)
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=[provider_name(provider)])
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.NotImplemented, ort.capi.onnxruntime_pybind11_state.InvalidArgument) as exc:
+        first_line = str(exc).strip().splitlines()[0][:300]
+        raise UsageError(f"{model_path}: ONNX Runtime cannot load it: {first_line}") from None
+
+
+def run(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", threads: int | None = None,
+          opt_level: str = "all", batch: int = 1) -> dict:
+    """Optimize `model_path` with ONNX Runtime and write OUT_DIR/{model.onnx, tcexport-build.json} atomically.
+
+    ORT_ENABLE_ALL may fuse nodes into provider-specific kernels, so the saved model belongs to the provider it
+    was built for; the sidecar records which. Returns the sidecar.
+    """
+    source = onnxfile.load(model_path, load_external_data=False)
+    specs = inputs.specs_from_graph(source)
+    provider_full = provider_name(provider)
+    with atomic_dir(out_dir) as tmp:
+        options = session_options(threads, opt_level)
+        options.optimized_model_filepath = str(tmp / "model.onnx")
+        session = open_session(model_path, provider, options=options)
+        # Run once so a graph that loads but cannot execute fails the build, not the first user.
+        session.run(None, inputs.random_feeds(specs, batch))
+        optimized = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+        sidecar = {
+            "tool": f"tcexport {__version__}",
+            "backend": "ort",
+            "model_file": "model.onnx",
+            "provider": provider_full,
+            "onnxruntime_version": ort.__version__,
+            "onnx_version": onnx.__version__,
+            "options": {"graph_optimization_level": opt_level, "intra_op_num_threads": threads},
+            "inputs": [s.to_json() for s in specs],
+            "outputs": [o.name for o in session.get_outputs()],
+            "source_model": str(Path(model_path).resolve()),
+            "source_sha256": file_sha256(model_path),
+            "nodes_before": len(source.graph.node),
+            "nodes_after": len(optimized.graph.node),
+            # The optimized graph may drop metadata_props; keep the provenance with the build.
+            "records": metadata.all_records(source),
+            "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine()},
+        }
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+    return sidecar

