@@ -1,0 +1,284 @@
+"""tcexport.bench: statistics, interleaving, real runs on tiny ONNX models, outputs, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tcexport import bench
+from tcexport.errors import UsageError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_matmul_model(path: Path, widths: list[int], batch: int | str = "batch") -> Path:
+    """x[batch, widths[0]] -> MatMul chain through widths -> y. More/wider MatMuls make a slower model."""
+    rng = np.random.default_rng(0)
+    nodes, initializers = [], []
+    current = "x"
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        weight = f"w{i}"
+        initializers.append(numpy_helper.from_array(rng.standard_normal((n_in, n_out)).astype(np.float32) * 0.05, weight))
+        out = "y" if i == len(widths) - 2 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, weight], [out]))
+        current = out
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, widths[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, widths[-1]])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture()
+def small_onnx(tmp_path: Path) -> Path:
+    return make_matmul_model(tmp_path / "small.onnx", [64, 64])
+
+
+@pytest.fixture()
+def big_onnx(tmp_path: Path) -> Path:
+    return make_matmul_model(tmp_path / "big.onnx", [64, 256, 256, 256, 256, 64])
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def test_latency_stats_match_numpy():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0, 2.5, 3.5, 7.0]
+    stats = bench.latency_stats(values)
+    array = np.asarray(values)
+    assert stats["min"] == 1.0 and stats["max"] == 10.0
+    assert stats["mean"] == pytest.approx(array.mean())
+    assert stats["median"] == pytest.approx(np.median(array))
+    for name, q in (("p90", 90), ("p95", 95), ("p99", 99)):
+        assert stats[name] == pytest.approx(np.percentile(array, q))
+    assert stats["std"] == pytest.approx(array.std())
+
+
+def test_summarize_and_speedup():
+    base_ns = [2_000_000, 2_000_000, 4_000_000]  # median 2 ms, mean 8/3 ms
+    fast_ns = [1_000_000, 500_000, 1_000_000]  # median 1 ms
+    entries = [bench.summarize("base", 4, base_ns), bench.summarize("fast", 4, fast_ns),
+               bench.summarize("base", 1, [3_000_000]), bench.summarize("fast", 1, [6_000_000])]
+    bench.add_speedups(entries)
+    base4, fast4, base1, fast1 = entries
+    assert base4["latency_ms"]["median"] == pytest.approx(2.0)
+    assert base4["throughput_qps"] == pytest.approx(1000 / (8 / 3))
+    assert base4["throughput_samples_per_s"] == pytest.approx(4 * 1000 / (8 / 3))
+    assert base4["iters"] == 3
+    assert base4["speedup"] == 1.0 and base1["speedup"] == 1.0
+    assert fast4["speedup"] == pytest.approx(base4["latency_ms"]["median"] / fast4["latency_ms"]["median"])
+    assert fast4["speedup"] == pytest.approx(2.0)
+    assert fast1["speedup"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- interleaving
+
+
+class RecordingRunner:
+    def __init__(self, name: str, calls: list[str]):
+        self.name = name
+        self.calls = calls
+
+    def run(self, feeds):
+        self.calls.append(self.name)
+
+
+def test_round_order_rotates():
+    assert [bench.round_order(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+
+
+def test_time_interleaved_rotates_and_warms_up():
+    calls: list[str] = []
+    runners = [RecordingRunner(n, calls) for n in "abc"]
+    rounds = []
+    latencies = bench.time_interleaved(runners, [{}, {}, {}], warmup=2, iters=4, on_round=rounds.append)
+    warm, timed = calls[:6], calls[6:]
+    assert sorted(warm) == sorted("aabbcc")
+    assert timed == list("abc" "bca" "cab" "abc")
+    firsts = [timed[i] for i in range(0, len(timed), 3)]
+    assert set(firsts) == {"a", "b", "c"}  # no artifact always goes first
+    assert [len(lat) for lat in latencies] == [4, 4, 4]
+    assert rounds == [3, 3, 3, 3]
+
+
+def test_time_interleaved_duration_runs_at_least_three_rounds():
+    calls: list[str] = []
+    runners = [RecordingRunner(n, calls) for n in "ab"]
+    latencies = bench.time_interleaved(runners, [{}, {}], warmup=0, duration=1e-9)
+    assert [len(lat) for lat in latencies] == [bench.MIN_ROUNDS_WITH_DURATION] * 2
+
+
+def test_time_interleaved_default_iters():
+    calls: list[str] = []
+    latencies = bench.time_interleaved([RecordingRunner("a", calls)], [{}], warmup=0)
+    assert len(latencies[0]) == bench.DEFAULT_ITERS
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+
+
+def test_run_two_onnx_files(small_onnx, big_onnx):
+    results = bench.run([small_onnx, big_onnx], batches=[1, 2], warmup=1, iters=5)
+    json.dumps(results)  # plain data all the way down
+    assert [a["label"] for a in results["artifacts"]] == ["small", "big"]
+    assert all(a["backend"] == "ort" and a["provider"] == "cpu" for a in results["artifacts"])
+    keys = [(e["artifact"], e["batch"]) for e in results["results"]]
+    assert sorted(keys) == sorted((a, b) for a in ("small", "big") for b in (1, 2))
+    for entry in results["results"]:
+        latency = entry["latency_ms"]
+        assert entry["iters"] == 5
+        assert latency["min"] > 0
+        assert latency["min"] <= latency["median"] <= latency["p99"] <= latency["max"]
+        assert entry["throughput_samples_per_s"] == pytest.approx(entry["batch"] * entry["throughput_qps"])
+        if entry["artifact"] == "small":
+            assert entry["speedup"] == 1.0
+    env = results["environment"]
+    assert env["onnxruntime_version"] and env["cpu_count"] and env["timestamp"] and "threads" in env
+
+
+def test_run_with_duration_and_threads(small_onnx):
+    results = bench.run([small_onnx], batches=[1], threads=1, warmup=0, duration=0.05)
+    assert results["results"][0]["iters"] >= bench.MIN_ROUNDS_WITH_DURATION
+    assert results["environment"]["threads"] == 1
+
+
+def test_run_build_dir(small_onnx, tmp_path):
+    from tcexport.backends import ort as ort_backend
+
+    build_dir = tmp_path / "b"
+    ort_backend.build(small_onnx, build_dir, opt_level="extended")
+    results = bench.run([small_onnx, build_dir], batches=[1, 3], warmup=1, iters=3)
+    built = results["artifacts"][1]
+    assert built["label"] == "b" and built["provider"] == "cpu" and built["opt_level"] == "extended"
+    assert len(results["results"]) == 4
+
+
+def test_same_stem_labels_are_made_unique(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = make_matmul_model(tmp_path / "a" / "model.onnx", [64, 64])
+    two = make_matmul_model(tmp_path / "b" / "model.onnx", [64, 64])
+    results = bench.run([one, two, one], batches=[1], warmup=0, iters=2)
+    labels = [a["label"] for a in results["artifacts"]]
+    assert len(set(labels)) == 3
+
+
+def test_static_batch_model_at_other_batch(tmp_path):
+    static = make_matmul_model(tmp_path / "static.onnx", [64, 64], batch=1)
+    assert bench.run([static], batches=[1], warmup=0, iters=2)["results"][0]["batch"] == 1
+    with pytest.raises(UsageError, match="fixed batch size of 1"):
+        bench.run([static], batches=[4], warmup=0, iters=2)
+
+
+def test_progress_bar_with_many_runs_off_a_terminal(small_onnx, capsys):
+    runs = bench.PROGRESS_MIN_RUNS + 1
+    results = bench.run([small_onnx], batches=[1], warmup=0, iters=runs)
+    assert results["results"][0]["iters"] == runs
+    assert capsys.readouterr().err == ""  # no control codes in a captured/redirected stderr
+
+
+def test_missing_artifact(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        bench.run([tmp_path / "nope.onnx"], batches=[1])
+
+
+def test_trt_backend_is_a_usage_error(tmp_path):
+    build_dir = tmp_path / "engine"
+    build_dir.mkdir()
+    (build_dir / "model.plan").write_bytes(b"\0")
+    (build_dir / "tcexport-build.json").write_text(json.dumps({"backend": "trt", "model_file": "model.plan"}))
+    with pytest.raises(UsageError, match="tensorrt"):
+        bench.run([build_dir], batches=[1])
+
+
+def test_iters_and_duration_together():
+    with pytest.raises(UsageError):
+        bench.run(["x.onnx"], iters=5, duration=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+@pytest.fixture()
+def fake_results() -> dict:
+    entries = [bench.summarize(label, batch, [int(ns * 1e6) for ns in lat])
+               for label, batch, lat in (("base", 1, [1.0, 1.2, 1.1]), ("tome", 1, [0.6, 0.7, 0.9]),
+                                         ("base", 8, [5.0, 6.0, 5.5]), ("tome", 8, [3.0, 3.2, 3.1]))]
+    return {"artifacts": [], "environment": {}, "settings": {}, "results": bench.add_speedups(entries)}
+
+
+def test_print_table(fake_results, capsys):
+    bench.print_table(fake_results)
+    out = capsys.readouterr().out
+    for word in ("artifact", "median", "p99", "samples/s", "speedup", "base", "tome"):
+        assert word in out
+    assert "1.00x" in out and "1.57x" in out  # tome at batch 1: 1.1 ms / 0.7 ms
+
+
+def test_print_table_fits_a_narrow_terminal(fake_results, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    bench.print_table(fake_results)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert "…" not in out  # compact layout instead of numbers cut short
+    assert "0.7000" in out and "1.57x" in out and "speedup" in out
+
+
+def test_write_json(fake_results, tmp_path):
+    path = tmp_path / "sub" / "bench.json"
+    bench.write_json(fake_results, path)
+    assert json.loads(path.read_text())["results"][1]["speedup"] == pytest.approx(1.1 / 0.7)
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary left behind
+
+
+def test_write_plot(fake_results, tmp_path):
+    path = tmp_path / "bench.png"
+    bench.write_plot(fake_results, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+
+
+def test_write_plot_needs_png_suffix(fake_results, tmp_path):
+    with pytest.raises(UsageError, match=r"\.png"):
+        bench.write_plot(fake_results, tmp_path / "bench.jpg")
+    assert not (tmp_path / "bench.jpg").exists()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "tcexport.cli", "bench", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bench_end_to_end(small_onnx, big_onnx, tmp_path):
+    proc = run_cli(str(small_onnx), str(big_onnx), "--batch", "1,2", "--iters", "5", "--warmup", "1",
+                   "--json", "out.json", "--plot", "out.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "speedup" in proc.stdout and "small" in proc.stdout and "big" in proc.stdout
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert len(data["results"]) == 4
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bench_iters_and_duration(small_onnx, tmp_path):
+    proc = run_cli(str(small_onnx), "--iters", "5", "--duration", "1", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
