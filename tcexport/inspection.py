@@ -1,0 +1,301 @@
+"""`tcexport inspect`: what an ONNX file holds, as a JSON-serialisable report and as a rich printout.
+
+The report is a flat dict built from SECTIONS, an ordered list of Section(name, collect, render):
+    collect(ctx) -> a dict of JSON-serialisable top-level keys merged into the report (None: nothing added)
+    render(report) -> a rich renderable printed by print_report (None: nothing printed)
+Later modules add their own sections (e.g. "blocks found", "token schedule") with register_section(); the
+InspectContext they receive gives the loaded model and the FLOPs estimate (computed once, on first use).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import onnx
+
+from tcexport import flops as flops_mod
+from tcexport import metadata, onnxfile
+
+
+@dataclass
+class InspectContext:
+    path: Path
+    model: onnx.ModelProto  # loaded without external data: initializers give dims, not necessarily values
+    batch: int
+
+    @cached_property
+    def flops(self) -> flops_mod.FlopsResult:
+        return flops_mod.estimate(self.model, batch=self.batch)
+
+
+@dataclass
+class Section:
+    name: str
+    collect: Callable[[InspectContext], dict | None]
+    render: Callable[[dict], Any] | None = None
+
+
+SECTIONS: list[Section] = []
+
+
+def register_section(section: Section, before: str | None = None) -> None:
+    """Add a section (replacing one of the same name), at the end or before the section named `before`."""
+    SECTIONS[:] = [s for s in SECTIONS if s.name != section.name]
+    names = [s.name for s in SECTIONS]
+    SECTIONS.insert(names.index(before) if before in names else len(SECTIONS), section)
+
+
+def inspect_model(path: str | Path, batch: int = 1) -> dict:
+    """The report for one .onnx file. Raises UsageError when the file is missing or not ONNX."""
+    path = Path(path)
+    model = onnxfile.load(path, load_external_data=False)
+    ctx = InspectContext(path=path, model=model, batch=batch)
+    report: dict[str, Any] = {}
+    for section in SECTIONS:
+        report.update(section.collect(ctx) or {})
+    return report
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
+    for section in SECTIONS:
+        if section.render is None:
+            continue
+        renderable = section.render(report)
+        if renderable is not None:
+            console.print(renderable)
+
+
+# ---------------------------------------------------------------- collectors
+
+def _dtype_name(elem_type: int) -> str:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(elem_type).name
+    except (KeyError, ValueError, TypeError):
+        return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type in onnx.TensorProto.DataType.values() \
+            else f"type{elem_type}"
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict:
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return {"name": value.name, "dtype": kind or "unknown", "shape": None}
+    tensor_type = value.type.tensor_type
+    shape = None
+    if tensor_type.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+    return {"name": value.name, "dtype": _dtype_name(tensor_type.elem_type), "shape": shape}
+
+
+def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
+    files = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.add(base / entry.value)
+    return files
+
+
+def _collect_file(ctx: InspectContext) -> dict:
+    model = ctx.model
+    external = sorted(p for p in _external_files(model, ctx.path.parent) if p.is_file())
+    return {
+        "path": str(ctx.path),
+        "file_size_bytes": ctx.path.stat().st_size,
+        "external_data_bytes": sum(p.stat().st_size for p in external),
+        "ir_version": model.ir_version,
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "producer": {"name": model.producer_name, "version": model.producer_version},
+    }
+
+
+def _collect_io(ctx: InspectContext) -> dict:
+    graph = ctx.model.graph
+    initializers = {t.name for t in graph.initializer}
+    return {
+        "inputs": [_value_info(v) for v in graph.input if v.name not in initializers],
+        "outputs": [_value_info(v) for v in graph.output],
+    }
+
+
+def _collect_graph(ctx: InspectContext) -> dict:
+    model = ctx.model
+    histogram: dict[str, int] = {}
+    for node in model.graph.node:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+        histogram[op] = histogram.get(op, 0) + 1
+    with_scopes = sum(1 for node in model.graph.node
+                      if any(p.key == flops_mod.SCOPES_KEY for p in node.metadata_props))
+    nodes = len(model.graph.node)
+    return {
+        "node_count": nodes,
+        "op_histogram": dict(sorted(histogram.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "initializer_count": len(model.graph.initializer),
+        # elements in all initializers (weights, plus any constant tensors the exporter stored as initializers)
+        "parameter_count": sum(math.prod(t.dims) for t in model.graph.initializer),
+        "functions": [f"{f.domain}::{f.name}" if f.domain else f.name for f in model.functions],
+        "scope_metadata": {"nodes_with_scopes": with_scopes,
+                           "fraction": round(with_scopes / nodes, 4) if nodes else 0.0},
+    }
+
+
+def _collect_metadata(ctx: InspectContext) -> dict:
+    model = ctx.model
+    try:
+        records = metadata.all_records(model)
+    except json.JSONDecodeError:
+        records = {}
+        for prop in model.metadata_props:
+            if prop.key.startswith("tcexport."):
+                try:
+                    records[prop.key] = json.loads(prop.value)
+                except json.JSONDecodeError:
+                    records[prop.key] = {"unreadable": prop.value[:200]}
+    return {
+        "tcexport": records,
+        "metadata_keys": [p.key for p in model.metadata_props if not p.key.startswith("tcexport.")],
+    }
+
+
+def _collect_flops(ctx: InspectContext) -> dict:
+    result = ctx.flops
+    return {"flops": {
+        "batch": result.batch,
+        "total_gflops": result.total_flops / 1e9,
+        "by_op_type_gflops": {op: v / 1e9 for op, v in sorted(result.by_op_type.items(), key=lambda kv: -kv[1])},
+        "other_gflops": result.other_flops / 1e9,
+        "other_by_op_type_gflops": {op: v / 1e9
+                                    for op, v in sorted(result.other_by_op_type.items(), key=lambda kv: -kv[1])},
+        "unknown_nodes": result.unknown_nodes,
+        "unknown_examples": [f"{u.name} ({u.op_type}): {u.reason}" for u in result.unknown[:10]],
+        "notes": list(result.notes),
+    }}
+
+
+# ---------------------------------------------------------------- renderers
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))
+
+
+def _fmt_gflops(value: float) -> str:
+    return f"{value:.3f}" if value == 0 or value >= 0.001 else f"{value:.2e}"
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _render_file(report: dict):
+    from rich.panel import Panel
+    from rich.table import Table
+
+    f = report
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    size = _human_bytes(f["file_size_bytes"])
+    if f["external_data_bytes"]:
+        size += f" (+ {_human_bytes(f['external_data_bytes'])} external data)"
+    table.add_row("size", size)
+    table.add_row("ir_version", str(f["ir_version"]))
+    table.add_row("opsets", ", ".join(f"{d} {v}" for d, v in f["opsets"].items()))
+    producer = " ".join(x for x in (f["producer"]["name"], f["producer"]["version"]) if x)
+    table.add_row("producer", escape(producer) or "-")
+    return Panel(table, title=escape(f["path"]), title_align="left")
+
+
+def _render_io(report: dict):
+    from rich.table import Table
+
+    table = Table(title="Inputs and outputs", title_justify="left")
+    for column in ("", "name", "dtype", "shape"):
+        table.add_column(column)
+    for kind in ("inputs", "outputs"):
+        for v in report[kind]:
+            shape = "?" if v["shape"] is None else "[" + ", ".join(str(d) for d in v["shape"]) + "]"
+            table.add_row(kind[:-1], escape(v["name"]), escape(v["dtype"]), escape(shape))
+    return table
+
+
+def _render_graph(report: dict):
+    from rich.console import Group
+    from rich.table import Table
+
+    g = report
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("nodes", str(g["node_count"]))
+    summary.add_row("initializers", f"{g['initializer_count']} ({g['parameter_count']:,} elements)")
+    summary.add_row("functions", escape(", ".join(g["functions"])) or "none")
+    scopes = g["scope_metadata"]
+    summary.add_row("module scopes", f"{scopes['nodes_with_scopes']} of {g['node_count']} nodes "
+                                     f"({scopes['fraction']:.0%})")
+    ops = Table(title="Op histogram", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in g["op_histogram"].items():
+        ops.add_row(escape(op), str(count))
+    return Group(summary, ops)
+
+
+def _render_metadata(report: dict):
+    from rich.panel import Panel
+    from rich.text import Text
+
+    m = report
+    lines = []
+    for key, value in m["tcexport"].items():
+        lines.append(f"{key}: {json.dumps(value, sort_keys=True)}")
+    if not lines:
+        lines.append("no tcexport records (not written by 'tcexport export')")
+    if m["metadata_keys"]:
+        lines.append("other metadata keys: " + ", ".join(m["metadata_keys"]))
+    return Panel(Text("\n".join(lines)), title="Provenance", title_align="left")
+
+
+def _render_flops(report: dict):
+    from rich.table import Table
+
+    f = report["flops"]
+    table = Table(title=f"Compute at batch {f['batch']} (estimated)", title_justify="left")
+    table.add_column("op")
+    table.add_column("GFLOPs", justify="right")
+    for op, value in f["by_op_type_gflops"].items():
+        table.add_row(escape(op), _fmt_gflops(value))
+    table.add_row("[bold]total[/bold]", f"[bold]{_fmt_gflops(f['total_gflops'])}[/bold]")
+    table.add_row("other (elementwise, norm, softmax; rough)", _fmt_gflops(f["other_gflops"]))
+    caption = []
+    if f["unknown_nodes"]:
+        caption.append(f"{f['unknown_nodes']} node(s) not estimated, e.g. {f['unknown_examples'][0]}")
+    caption.extend(f["notes"])
+    if caption:
+        table.caption = escape("\n".join(caption))
+        table.caption_justify = "left"
+    return table
+
+
+for _section in (
+    Section("file", _collect_file, _render_file),
+    Section("io", _collect_io, _render_io),
+    Section("graph", _collect_graph, _render_graph),
+    Section("metadata", _collect_metadata, _render_metadata),
+    # later modules: register_section(Section("blocks", ...), before="flops"), likewise "tokens"
+    Section("flops", _collect_flops, _render_flops),
+):
+    register_section(_section)
