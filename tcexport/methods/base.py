@@ -1,0 +1,71 @@
+"""The method contract: one spec, two implementations (PyTorch reference and ONNX builder).
+
+Every token-compression method works on the same token state between a block's attention and its MLP:
+
+    x      [B, N, C]  float  hidden states (the residual stream)
+    metric [B, N, Ck] float  what the method measures similarity/importance with (e.g. head-averaged keys)
+    size   [B, N, 1]  float  how many original tokens each token stands for
+    mask   [B, N]     float  1 = real token, 0 = padding; None when there is no padding (vision)
+    protected: int           leading tokens that are never compressed and stay first (CLS, distill token)
+
+and returns the new (x, size, mask) with `tokens_out(N, protected)` tokens. The count is static: it depends on
+the parameters and N only, never on the data, so engines keep static shapes.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, NamedTuple
+
+import onnx_ir as ir
+import torch
+from onnx_ir import tape
+
+
+class TokenState(NamedTuple):
+    """(x, size, mask): what a method takes and returns. A tuple, so `x, size, mask = ...` works."""
+
+    x: Any
+    size: Any
+    mask: Any | None
+
+
+class Method(abc.ABC):
+    """A token-compression method. Subclasses set `name` and implement the four members below.
+
+    Construct with keyword parameters (`ToMe(r=8)`); they are checked at once and a bad value raises
+    UsageError with a one-line message. The checked parameters are in `self.params`.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, **params: Any):
+        self.params: dict[str, Any] = self.check_params(dict(params))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    @classmethod
+    @abc.abstractmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Return the validated parameters (defaults filled in); raise UsageError on bad or unknown ones."""
+
+    @abc.abstractmethod
+    def tokens_out(self, n_in: int, protected: int) -> int:
+        """Token count after this method for n_in tokens in, known at rewrite time (no data needed)."""
+
+    @abc.abstractmethod
+    def reference(self, x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor,
+                  mask: torch.Tensor | None, protected: int) -> TokenState:
+        """Eager PyTorch implementation: the ground truth the ONNX graph is validated against."""
+
+    @abc.abstractmethod
+    def build_onnx(self, op: tape.Tape, x: ir.Value, metric: ir.Value, size: ir.Value,
+                   mask: ir.Value | None, n_in: int, protected: int,
+                   name_prefix: str = "tc") -> TokenState:
+        """Record the method as standard ONNX nodes on `op` and return the output values.
+
+        Only nodes are recorded (constants are Constant nodes, no initializers), every node and value name
+        starts with `name_prefix`, and when the method does nothing the input values are returned as they are.
+        """

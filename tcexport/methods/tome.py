@@ -1,0 +1,365 @@
+"""ToMe: token merging by bipartite soft matching (Bolya et al., ICLR 2023).
+
+Spec (both implementations below follow it; tests compare them)
+---------------------------------------------------------------
+Inputs as in `tcexport.methods.base`: x [B,N,C], metric [B,N,Ck], size [B,N,1], mask [B,N] (0/1) or None,
+`protected` leading tokens. Parameter r >= 0: tokens to remove at this block.
+
+ 1. r_eff = min(r, (N - protected) // 2). If r_eff == 0 the inputs are returned unchanged.
+ 2. The metric is scaled to unit L2 norm along its last axis (norm clamped below at NORM_EPS, so an
+    all-zero row gives zero scores instead of NaN), so scores are cosine similarities. Tokens are split
+    alternately: A = tokens 0, 2, 4, ...; B = tokens 1, 3, 5, ...
+ 3. scores = A @ B^T, [B, Na, Nb], Na = ceil(N/2), Nb = floor(N/2).
+ 4. With a mask: a pair of two padding tokens gets +PAD_BONUS, a pair mixing a real and a padding token gets
+    -PAD_BONUS, a real pair keeps its cosine. Cosines lie in [-1, 1] and PAD_BONUS = 4, so every padding pair
+    ranks above every real pair and every mixed pair below, while the cosine still orders pairs within each
+    tier. A short sentence padded to 128 tokens thus loses padding only, as long as r is at most the number
+    of padding A tokens (and there is at least one padding B token).
+ 5. Protected tokens: rows of A and columns of B whose token index is < protected are set to PROTECTED_SCORE
+    (-1e4, finite so no inf/NaN arithmetic; far below the other tiers, whose scores stay >= -5).
+ 6. node_max, node_idx = max and argmax over B for each A token; argmax ties go to the lowest B index.
+ 7. The r_eff A tokens with the largest node_max are merged into their node_idx B token; ties in node_max go
+    to the lower A index (ONNX TopK, sorted=1, largest=1). Protected A tokens are never chosen and merges
+    never land on a protected B token: every unprotected A row has an unprotected B column scoring >= -5,
+    and there are always at least r_eff unprotected A tokens.
+ 8. Output order: the protected tokens in their original order, then the unmerged A tokens in their
+    original order, then the unprotected B tokens in their original order. This is ToMe's layout
+    (class_token=True puts CLS first; with distill_token=True ToMe emits [CLS, distill, A..., B...],
+    which is exactly "protected first" for protected=2).
+ 9. Merging is size-weighted: for every output token j over the input tokens i assigned to it,
+    x'_j = sum(size_i * x_i) / sum(size_i), size'_j = sum(size_i), mask'_j = max(mask_i).
+    Outputs: x' [B, N - r_eff, C], size' [B, N - r_eff, 1], mask' [B, N - r_eff] (or None).
+
+Proportional attention (adding log(size) to the attention logits of later blocks) is the rewriter's job;
+`log_size_bias` gives that bias for the PyTorch reference model.
+
+ONNX form: GEMM-based, standard opset-18 ops, no Scatter*, static output shapes, dynamic batch. Every input
+token gets an output slot t (protected: its own index; unmerged A: protected + running count of the unmerged
+unprotected A tokens before it (CumSum); B: a static slot; merged A: the slot of its node_idx B token
+(Gather on the static B slots)). M = (t == range(N_out)) is a one-hot assignment matrix [B, N_out, N] and
+x' = M @ (x * size) / (M @ size).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from onnx_ir import tape
+
+from tcexport.errors import UsageError
+from tcexport.methods import register
+from tcexport.methods.base import Method, TokenState
+
+PAD_BONUS = 4.0
+PROTECTED_SCORE = -1.0e4
+NORM_EPS = 1e-6
+OPSET = 18
+SCHEDULES = ("constant", "decreasing")
+
+
+def effective_r(r: int, n_in: int, protected: int) -> int:
+    """Tokens actually removed: at most half of the unprotected tokens (spec step 1)."""
+    return max(0, min(r, (n_in - protected) // 2))
+
+
+def log_size_bias(size: torch.Tensor) -> torch.Tensor:
+    """Proportional-attention bias for attention logits [B, H, Nq, N]: log(size) as [B, 1, 1, N]."""
+    return size.log()[:, None, None, :, 0]
+
+
+def schedule(r: int, num_layers: int, kind: str = "constant") -> list[int]:
+    """Tokens to remove at each of `num_layers` blocks, as ToMe's `parse_r`.
+
+    constant:   [r] * num_layers (ToMe's r or (r, 0)).
+    decreasing: ToMe's (r, -1), the paper's "decreasing schedule": r falls linearly from 2r at the first
+                layer to 0 at the last, each value truncated to int: int(2r + i * (-2r / (num_layers - 1))),
+                computed in floating point in that order so it equals ToMe's list value for value.
+    With one layer ToMe would divide by zero; here the schedule is then its first value ([r] or [2r]).
+    The per-block cap (r_eff) still applies when the schedule is used.
+    """
+    _check_count("r", r)
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise UsageError(f"schedule needs num_layers as an int >= 1, got {num_layers!r}")
+    if kind not in SCHEDULES:
+        raise UsageError(f"unknown ToMe schedule '{kind}'; choose one of {', '.join(SCHEDULES)}")
+    inflect = 0.0 if kind == "constant" else -1.0
+    first = int(r * (1.0 - inflect))
+    last = 2 * r - first
+    if num_layers == 1:
+        return [first]
+    step = (last - first) / (num_layers - 1)
+    return [int(first + step * i) for i in range(num_layers)]
+
+
+def _check_count(label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"ToMe parameter {label} must be a whole number of tokens, got {value!r}")
+    if value < 0:
+        raise UsageError(f"ToMe parameter {label} must be >= 0, got {value}")
+
+
+def _first_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum along the last axis (explicit, not relying on torch's tie rule)."""
+    best = scores.amax(dim=-1, keepdim=True)
+    index = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    return torch.where(scores == best, index, scores.shape[-1]).amin(dim=-1)
+
+
+@register
+class ToMe(Method):
+    """Bipartite soft matching: remove r tokens per block by merging the r most similar A->B pairs."""
+
+    name = "tome"
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(params) - {"r"})
+        if unknown:
+            raise UsageError(f"unknown ToMe parameter(s) {', '.join(unknown)}; ToMe takes r")
+        if "r" not in params:
+            raise UsageError("ToMe needs parameter r (tokens to remove per block), e.g. r=8")
+        _check_count("r", params["r"])
+        return {"r": int(params["r"])}
+
+    @property
+    def r(self) -> int:
+        return self.params["r"]
+
+    def tokens_out(self, n_in: int, protected: int) -> int:
+        return n_in - effective_r(self.r, n_in, protected)
+
+    # ------------------------------------------------------------------ PyTorch reference
+
+    def reference(self, x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor,
+                  mask: torch.Tensor | None, protected: int) -> TokenState:
+        n_in = x.shape[1]
+        r = effective_r(self.r, n_in, protected)
+        if r == 0:
+            return TokenState(x, size, mask)
+        with torch.no_grad():
+            src_idx, dst_idx, unm_idx = self._match(metric, mask, protected, r)
+        return self._merge(x, size, mask, protected, src_idx, dst_idx, unm_idx)
+
+    @staticmethod
+    def _match(metric, mask, protected, r):
+        """Which A tokens merge (src_idx, [B, r]) into which B tokens (dst_idx), and which A stay (unm_idx)."""
+        unit = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        scores = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)
+        if mask is not None:
+            pad_a = (mask[:, ::2] == 0)[:, :, None]
+            pad_b = (mask[:, 1::2] == 0)[:, None, :]
+            scores = torch.where(pad_a & pad_b, scores + PAD_BONUS, scores)
+            scores = torch.where(pad_a ^ pad_b, scores - PAD_BONUS, scores)
+        token = torch.arange(metric.shape[1], device=metric.device)
+        locked = (token[::2, None] < protected) | (token[None, 1::2] < protected)
+        scores = scores.masked_fill(locked, PROTECTED_SCORE)
+
+        node_max = scores.amax(dim=-1)
+        node_idx = _first_argmax(scores)
+        ranked = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
+        src_idx = ranked[:, :r]
+        unm_idx = ranked[:, r:].sort(dim=-1).values
+        dst_idx = node_idx.gather(1, src_idx)
+        return src_idx, dst_idx, unm_idx
+
+    @staticmethod
+    def _merge(x, size, mask, protected, src_idx, dst_idx, unm_idx):
+        """Size-weighted merge of the chosen A tokens into B; lay out [protected, unmerged A, B]."""
+        channels = x.shape[-1]
+        weighted = x * size
+        a_sum, b_sum = weighted[:, ::2], weighted[:, 1::2]
+        a_size, b_size = size[:, ::2], size[:, 1::2]
+
+        def rows(t, idx):
+            return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+        b_sum = b_sum.scatter_add(1, dst_idx[..., None].expand(-1, -1, channels), rows(a_sum, src_idx))
+        b_size = b_size.scatter_add(1, dst_idx[..., None], rows(a_size, src_idx))
+
+        # Protected tokens are never merged: they pass through unchanged. They are the first
+        # ceil(p/2) unmerged A tokens and the first floor(p/2) B tokens.
+        keep_a, keep_b = (protected + 1) // 2, protected // 2
+        unm_idx = unm_idx[:, keep_a:]
+        x_new = torch.cat([x[:, :protected],
+                           rows(a_sum, unm_idx) / rows(a_size, unm_idx),
+                           b_sum[:, keep_b:] / b_size[:, keep_b:]], dim=1)
+        size_new = torch.cat([size[:, :protected], rows(a_size, unm_idx), b_size[:, keep_b:]], dim=1)
+        if mask is None:
+            return TokenState(x_new, size_new, None)
+        a_mask, b_mask = mask[:, ::2], mask[:, 1::2]
+        b_mask = b_mask.scatter_reduce(1, dst_idx, a_mask.gather(1, src_idx), reduce="amax")
+        mask_new = torch.cat([mask[:, :protected], a_mask.gather(1, unm_idx), b_mask[:, keep_b:]], dim=1)
+        return TokenState(x_new, size_new, mask_new)
+
+    # ------------------------------------------------------------------ ONNX builder
+
+    def build_onnx(self, op: tape.Tape, x: ir.Value, metric: ir.Value, size: ir.Value,
+                   mask: ir.Value | None, n_in: int, protected: int,
+                   name_prefix: str = "tome") -> TokenState:
+        r = effective_r(self.r, n_in, protected)
+        if r == 0:
+            return TokenState(x, size, mask)
+        g = _Emitter(op, name_prefix, _numpy_dtype(x))
+        n, p = n_in, protected
+        n_a, n_b, n_out = (n + 1) // 2, n // 2, n - r
+        pos_a, pos_b = np.arange(0, n, 2), np.arange(1, n, 2)
+        prot_a, prot_b = pos_a < p, pos_b < p
+        n_unmerged = n_a - int(prot_a.sum()) - r  # unprotected A tokens that stay
+        # Static output slot of every B token: protected ones keep their index, the rest follow the
+        # protected tokens and the unmerged A tokens, in order.
+        slot_b = np.where(prot_b, pos_b, p + n_unmerged + np.arange(n_b) - int(prot_b.sum()))
+
+        # Steps 2-5: scores [B, Na, Nb].
+        norm = g.op("norm", "ReduceL2", metric, g.i64("axis_last", [-1]), keepdims=1)
+        norm = g.op("norm_clamped", "Max", norm, g.const("eps", NORM_EPS))
+        unit = g.op("unit", "Div", metric, norm)
+        unit_a = g.every_other("unit_a", unit, 0, n)
+        unit_b = g.every_other("unit_b", unit, 1, n)
+        unit_bt = g.op("unit_b_t", "Transpose", unit_b, perm=[0, 2, 1])
+        scores = g.op("scores", "MatMul", unit_a, unit_bt)
+        if mask is not None:
+            pad = g.op("pad", "Sub", g.const("one", 1.0), mask)
+            pad_a = g.op("pad_a", "Unsqueeze", g.every_other("pad_a_flat", pad, 0, n), g.i64("axis2", [2]))
+            pad_b = g.op("pad_b", "Unsqueeze", g.every_other("pad_b_flat", pad, 1, n), g.i64("axis1", [1]))
+            # +PAD_BONUS for padding pairs, -PAD_BONUS for mixed pairs, 0 for real pairs (0/1 masks):
+            # 3*PAD_BONUS*pad_a*pad_b - PAD_BONUS*(pad_a + pad_b).
+            both = g.op("pad_both", "Mul", pad_a, pad_b)
+            either = g.op("pad_either", "Add", pad_a, pad_b)
+            bias = g.op("pad_bias", "Sub", g.op("pad_both_w", "Mul", both, g.const("bonus3", 3 * PAD_BONUS)),
+                        g.op("pad_either_w", "Mul", either, g.const("bonus", PAD_BONUS)))
+            scores = g.op("scores_padded", "Add", scores, bias)
+        if p > 0:
+            locked = prot_a[:, None] | prot_b[None, :]
+            scores = g.op("scores_locked", "Where", g.const("locked", locked, np.bool_),
+                          g.const("protected_score", PROTECTED_SCORE), scores)
+
+        # Steps 6-7: best B partner per A token, and the r A tokens to merge.
+        node_max = g.op("node_max", "ReduceMax", scores, g.i64("axis_last_r", [-1]), keepdims=0)
+        node_idx = g.op("node_idx", "ArgMax", scores, axis=-1, keepdims=0, select_last_index=0)
+        _, src_idx = g.op_multi("topk", "TopK", 2, node_max, g.i64("k", [r]),
+                                axis=-1, largest=1, sorted=1)
+        hits = g.op("src_hits", "Equal", g.op("src_idx_col", "Unsqueeze", src_idx, g.i64("axis2_r", [2])),
+                    g.i64("a_index", np.arange(n_a)))  # [B, r, Na]
+        merged = g.op("merged", "ReduceMax", g.op("src_hits_f", "Cast", hits, to=ir.DataType.FLOAT),
+                      g.i64("axis1_r", [1]), keepdims=0)  # [B, Na], 1 = merged
+
+        # Step 8: output slot of every token (float32: small exact integers; keeps int64 out of engines).
+        stays = g.op("stays", "Mul", g.op("not_merged", "Sub", g.const("one_f", 1.0, np.float32), merged),
+                     g.const("unprotected_a", ~prot_a, np.float32))
+        before = g.op("stays_before", "CumSum", stays, g.i64("axis1_scalar", 1), exclusive=1)
+        slot_stay = g.op("slot_stay", "Add", before, g.const("n_protected", float(p), np.float32))
+        slot_dst = g.op("slot_dst", "Gather", g.const("slot_b", slot_b, np.float32), node_idx, axis=0)
+        is_merged = g.op("is_merged", "Cast", merged, to=ir.DataType.BOOL)
+        slot_a = g.op("slot_a", "Where", is_merged, slot_dst, slot_stay)
+        if prot_a.any():
+            slot_a = g.op("slot_a_locked", "Where", g.const("protected_a", prot_a, np.bool_),
+                          g.const("pos_a", pos_a, np.float32), slot_a)
+        batch = g.op("batch", "Shape", x, start=0, end=1)
+        b_shape = g.op("slot_b_shape", "Concat", batch, g.i64("n_b", [n_b]), axis=0)
+        slot_b_rows = g.op("slot_b_rows", "Expand", g.const("slot_b_row", slot_b[None], np.float32), b_shape)
+        slot_ab = g.op("slot_ab", "Concat", slot_a, slot_b_rows, axis=1)  # [B, N], A tokens then B tokens
+        ab_index = np.where(np.arange(n) % 2 == 0, np.arange(n) // 2, n_a + np.arange(n) // 2)
+        slot = g.op("slot", "Gather", slot_ab, g.i64("ab_index", ab_index), axis=1)  # [B, N], token order
+
+        # Step 9: one-hot assignment and size-weighted merge by MatMul.
+        slot_row = g.op("slot_row", "Unsqueeze", slot, g.i64("axis1_s", [1]))  # [B, 1, N]
+        out_ids = g.const("out_ids", np.arange(n_out)[:, None], np.float32)  # [N_out, 1]
+        assign = g.op("assign", "Cast", g.op("assign_b", "Equal", slot_row, out_ids),
+                      to=_ir_dtype(x))  # [B, N_out, N]
+        weighted = g.op("weighted", "Mul", x, size)
+        size_new = g.op("size_out", "MatMul", assign, size)
+        x_new = g.op("x_out", "Div", g.op("x_sum", "MatMul", assign, weighted), size_new)
+        mask_new = None
+        if mask is not None:
+            mask_col = g.op("mask_col", "Unsqueeze", mask, g.i64("axis2_m", [2]))
+            hits = g.op("mask_hits", "MatMul", assign, mask_col)
+            real = g.op("mask_any", "Greater", g.op("mask_hits_flat", "Squeeze", hits, g.i64("axis2_q", [2])),
+                        g.const("zero", 0.0))
+            mask_new = g.op("mask_out", "Cast", real, to=_ir_dtype(mask))
+        _set_type(x_new, x, n_out)
+        _set_type(size_new, size, n_out)
+        if mask_new is not None:
+            _set_type(mask_new, mask, n_out)
+        return TokenState(x_new, size_new, mask_new)
+
+
+class _Emitter:
+    """Records nodes on a tape with readable names: node '<prefix>/<label>', value '<prefix>_<label>'."""
+
+    def __init__(self, op: tape.Tape, prefix: str, float_dtype: np.dtype):
+        self.tape, self.prefix, self.float_dtype = op, prefix, float_dtype
+
+    def op(self, label: str, op_type: str, *inputs: ir.Value, **attributes: Any) -> ir.Value:
+        value = self.tape.op(op_type, list(inputs), attributes or None, name=f"{self.prefix}/{label}")
+        value.name = f"{self.prefix}_{label}"
+        return value
+
+    def op_multi(self, label: str, op_type: str, count: int, *inputs: ir.Value, **attributes: Any):
+        values = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=count,
+                                        name=f"{self.prefix}/{label}")
+        for k, value in enumerate(values):
+            value.name = f"{self.prefix}_{label}_{k}"
+        return values
+
+    def const(self, label: str, array: Any, dtype: Any = None) -> ir.Value:
+        """A Constant node; floats default to the dtype of x."""
+        tensor = ir.tensor(np.asarray(array, dtype=dtype or self.float_dtype), name=f"{self.prefix}_{label}")
+        return self.op(label, "Constant", value=tensor)
+
+    def i64(self, label: str, array: Any) -> ir.Value:
+        return self.const(label, array, np.int64)
+
+    def every_other(self, label: str, value: ir.Value, start: int, n: int) -> ir.Value:
+        """value[:, start::2] along the token axis."""
+        return self.op(label, "Slice", value, self.i64(f"{label}_start", [start]), self.i64(f"{label}_end", [n]),
+                       self.i64(f"{label}_axis", [1]), self.i64(f"{label}_step", [2]))
+
+
+def _ir_dtype(value: ir.Value) -> ir.DataType:
+    return value.dtype if value.dtype is not None else ir.DataType.FLOAT
+
+
+def _numpy_dtype(value: ir.Value) -> np.dtype:
+    return np.dtype(_ir_dtype(value).numpy())
+
+
+def _set_type(out: ir.Value, like: ir.Value, n_out: int) -> None:
+    """Give an output the dtype of `like` and its shape with the token axis set to n_out (when known)."""
+    out.dtype = like.dtype
+    if like.shape is not None:
+        dims = list(like.shape.dims)
+        dims[1] = n_out
+        out.shape = ir.Shape(dims)
+
+
+def build_standalone_model(method: Method, n: int, c: int, ck: int, protected: int,
+                           with_mask: bool, name_prefix: str = "tome") -> onnx.ModelProto:
+    """A model running only `method`: inputs x, metric, size (, mask) with dynamic batch 'batch'; opset 18.
+
+    Outputs x_out, size_out (, mask_out). For tests and micro-benchmarks.
+    """
+    def tensor_input(name: str, *dims: Any) -> ir.Value:
+        return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", *dims]))
+
+    inputs = [tensor_input("x", n, c), tensor_input("metric", n, ck), tensor_input("size", n, 1)]
+    mask = tensor_input("mask", n) if with_mask else None
+    if mask is not None:
+        inputs.append(mask)
+    op = tape.Tape()
+    result = method.build_onnx(op, inputs[0], inputs[1], inputs[2], mask, n, protected, name_prefix=name_prefix)
+    outputs = []
+    for label, value in zip(("x_out", "size_out", "mask_out"), result):
+        if value is None:
+            continue
+        if value in inputs:  # nothing merged: a graph output must be produced by a node
+            out = op.op("Identity", [value], name=f"{name_prefix}/{label}")
+            out.dtype, out.shape = value.dtype, value.shape
+            value = out
+        value.name = label
+        outputs.append(value)
+    graph = ir.Graph(inputs, outputs, nodes=op.nodes, opset_imports={"": OPSET}, name=f"{method.name}_op")
+    return ir.to_proto(ir.Model(graph, ir_version=10, producer_name="tcexport"))
