@@ -37,7 +37,7 @@ class TcexportGroup(click.Group):
             click.echo(f"error: {_one_line(exc)}", err=True)
             sys.exit(2)
         except ValidationFailed as exc:
-            click.echo(f"validation failed: {_one_line(exc)}", err=True)
+            click.echo(f"validation failed: {exc}", err=True)  # the report: the numbers that failed
             sys.exit(1)
         except (click.exceptions.Abort, KeyboardInterrupt):
             click.echo("aborted", err=True)
@@ -128,35 +128,65 @@ def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkp
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--method", default="tome", show_default=True, help="Compression method.")
-@click.option("--r", "r", default=None, help="Tokens merged per chosen layer: one int or a comma list.")
-@click.option("--layers", default="all", show_default=True, help="all, 5, 0-5 or 3,6,9.")
-def compress(model, output, method, r, layers):
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx file.")
+@click.option("--method", default="tome", show_default=True, help="Compression method (tome).")
+@click.option("--r", "r", default=None, help="Tokens removed per chosen layer: one int or a comma list, one per layer.")
+@click.option("--layers", default="all", show_default=True, help="Blocks to compress: all, 5, 0-5 or 3,6,9.")
+@click.option("--schedule", type=click.Choice(["constant", "decreasing"]), default="constant", show_default=True,
+              help="ToMe schedule; decreasing spreads r as ToMe's (r, -1): 2r at the first chosen layer to 0.")
+@click.option("--prop-attn/--no-prop-attn", default=True, show_default=True,
+              help="Proportional attention: add log(size) to later blocks' attention logits.")
+@click.option("--impl", type=click.Choice(["subgraph", "function"]), default="subgraph", show_default=True,
+              help="Inline standard ONNX ops, or one model-local ONNX function per op.")
+@click.option("--protected", type=click.IntRange(min=0), default=None,
+              help="Leading tokens never merged (default: from the export's provenance, else 1 for CLS).")
+def compress(model, output, method, r, layers, schedule, prop_attn, impl, protected):
     """Insert token compression into an ONNX graph at chosen blocks.
 
-    Not available yet: the graph-rewriting core (block finding, token-axis tracking, ToMe) is the next
-    milestone. This command exits 2 and writes nothing until then.
+    Finds the transformer blocks (module scopes when present, graph structure otherwise), inserts the method
+    between attention and MLP, follows the token axis downstream to fix every shape constant, and records
+    tcexport.compression and tcexport.tokens in the output's metadata.
+
+    \b
+    Example:
+      tcexport compress vit.onnx --method tome --r 8 -o vit_tome.onnx
+      tcexport compress vit.onnx --r 16 --schedule decreasing --layers 0-5 -o vit_tome.onnx
+      tcexport compress minilm.onnx --r 4,4,8 --layers 1,2,3 -o minilm_tome.onnx
     """
-    raise NotAvailableYet("'tcexport compress' is not available yet in this version: the graph-rewriting core is "
-                          "still being built; use 'tcexport export' and 'tcexport build' meanwhile")
+    from tcexport import compress as compress_mod
+
+    schedule_out = compress_mod.compress_file(model, output, method=method, r=r, layers=layers, schedule=schedule,
+                                              prop_attn=prop_attn, impl=impl, protected=protected)
+    counts = " -> ".join([str(schedule_out[0]["in"])] + [str(s["out"]) for s in schedule_out])
+    click.echo(f"wrote {output} (tokens per block: {counts})")
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Random inputs to compare.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--atol", type=float, default=1e-4, show_default=True)
-@click.option("--rtol", type=float, default=1e-4, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
-def validate(model, samples, seed, atol, rtol, json_path):
-    """Compare an ONNX model (or build) against the PyTorch reference rebuilt from its provenance.
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--batch", "batch_text", default="1,3", show_default=True, help="Batch sizes, used in turn.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+def validate(model, samples, seed, atol, rtol, batch_text, json_path):
+    """Compare an ONNX model (or ORT build) with the PyTorch reference rebuilt from its provenance.
 
-    Not available yet: validation of compressed graphs arrives with the rewriting core. Exported models are
-    already checked against PyTorch by 'tcexport export'.
+    The reference is the source model (spec and weights from tcexport.source, checked by hash) with the
+    same compression applied in eager PyTorch. Reports max abs/rel error and cosine per output, fidelity
+    against the uncompressed model, and samples where a near-tie made the two sides choose different tokens
+    (discrete divergence). Exits 1 when a tolerance is exceeded.
+
+    \b
+    Example:
+      tcexport validate vit_tome.onnx --samples 6 --json report.json
     """
-    raise NotAvailableYet("'tcexport validate' is not available yet in this version; 'tcexport export' already "
-                          "checks the exported model against PyTorch")
+    from tcexport import validate as validate_mod
+
+    batches = tuple(_positive_int_list(batch_text, "--batch"))
+    report = validate_mod.run(model, json_path=json_path, samples=samples, seed=seed, atol=atol, rtol=rtol,
+                              batches=batches)
+    click.echo(validate_mod.format_report(report))
 
 
 @cli.command()
@@ -171,9 +201,18 @@ def validate(model, samples, seed, atol, rtol, json_path):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads recorded with the build.")
 @click.option("--opset", type=click.IntRange(min=17, max=23), default=18, show_default=True,
               help="Opset when INPUT is a model spec.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="trt: engine precision (TensorRT 10.x: builder flag; 11.x: the graph is converted first).")
+@click.option("--batch", "batch_range", metavar="MIN,OPT,MAX", default=None,
+              help="trt: batch range of the optimization profile, e.g. 1,1,8 (default 1,1,8; a fixed-batch model: "
+                   "its batch).")
+@click.option("--workspace", "workspace_mb", type=click.IntRange(min=1), default=None, metavar="MB",
+              help="trt: workspace memory pool limit in MB (MiB; default: TensorRT's).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="trt: timing cache file, read if it exists and written back after the build.")
 @model_spec_options
-def build(source_arg, output, backend, provider, opt_level, threads, opset, pretrained, checkpoint, seed,
-          input_shape, seq_len):
+def build(source_arg, output, backend, provider, opt_level, threads, opset, precision, batch_range, workspace_mb,
+          timing_cache, pretrained, checkpoint, seed, input_shape, seq_len):
     """Build an optimized engine from an .onnx file or a model spec.
 
     \b
@@ -188,8 +227,31 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, pret
     from tcexport import pipeline
 
     if backend == "trt":
-        raise NotAvailableYet("'--backend trt' is not available yet in this version; use '--backend ort' "
-                              "(TensorRT engines arrive with the TensorRT milestone)")
+        import tempfile
+
+        from tcexport.backends import trt as trt_backend
+
+        trt_backend.require_tensorrt()  # fail before exporting or writing anything
+        trt_backend.require_gpu()
+        options = dict(precision=precision, batch=batch_range, workspace_mb=workspace_mb, timing_cache=timing_cache)
+        if source_arg.endswith(".onnx"):
+            sidecar = trt_backend.build(source_arg, output, **options)
+        else:
+            from tcexport import export as export_mod
+            from tcexport import sources
+
+            source = sources.load(source_arg, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
+                                  input_shape=input_shape, seq_len=seq_len)
+            with tempfile.TemporaryDirectory(prefix="tcexport-") as tmp:
+                exported = Path(tmp) / "model.onnx"
+                export_mod.export_to_file(source, exported, opset=opset)
+                sidecar = trt_backend.build(exported, output, **options)
+        click.echo(f"wrote {output} (trt {sidecar['tensorrt_version']}, {sidecar['precision']}, "
+                   f"{sidecar['gpu_name']}, {sidecar['engine_bytes'] / 1e6:.1f} MB)")
+        return
+    if precision != "fp32" or batch_range or workspace_mb or timing_cache:
+        raise UsageError("--precision/--batch/--workspace/--timing-cache apply to --backend trt; the ONNX Runtime "
+                         "build runs the float32 graph as exported")
     sidecar = pipeline.build(source_arg, output, provider=provider, opt_level=opt_level, threads=threads,
                              opset=opset, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
                              input_shape=input_shape, seq_len=seq_len)
@@ -255,12 +317,27 @@ def inspect_cmd(model, batch, as_json):
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--trt-version", default="10.3", show_default=True, help="TensorRT version to check against.")
-def lint(model, trt_version):
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def lint(model, trt_version, as_json):
     """Check an ONNX graph against the TensorRT ONNX parser's operator support (no GPU needed).
 
-    Not available yet: arrives with the TensorRT milestone.
+    Checks the opset range, ops without an importer, TopK (sorted=1, K < 3840), ScatterElements/ScatterND
+    reductions, the opset-23 Attention op (10.14+), data types, and custom-domain ops against tcexport's
+    plugins, in the main graph, subgraphs and model-local functions. Exits 1 when any finding is an error.
+
+    \b
+    Example:
+      tcexport lint vit.onnx --trt-version 10.3
+      tcexport lint vit.onnx --trt-version 10.13 --json
     """
-    raise NotAvailableYet("'tcexport lint' is not available yet in this version (it arrives with TensorRT support)")
+    from tcexport import lint as lint_mod
+
+    report = lint_mod.lint_file(model, trt_version)
+    if as_json:
+        lint_mod.print_json(report)
+    else:
+        lint_mod.print_report(report)
+    lint_mod.raise_on_errors(report)
 
 
 def main():

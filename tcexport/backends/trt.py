@@ -26,7 +26,7 @@ import json
 import platform
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -392,10 +392,6 @@ def require_gpu(index: int = 0) -> DeviceInfo:
     return DeviceInfo(name.value.decode(errors="replace"), (major.value, minor.value), memory.value or None, index)
 
 
-def installed_version() -> TrtVersion:
-    return parse_version(require_tensorrt().__version__)
-
-
 def build(onnx_path: str | Path, out_dir: str | Path, precision: str = "fp32", batch: str | None = None,
           workspace_mb: int | None = None, timing_cache: str | Path | None = None) -> dict:
     """Check TensorRT and the GPU first, plan, then build. Returns the sidecar."""
@@ -454,7 +450,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, plan: BuildPlan,
     if plan.timing_cache is not None:
         blob = plan.timing_cache.read_bytes() if plan.timing_cache.exists() else b""
         cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise UsageError(f"{plan.timing_cache}: timing cache from another GPU or TensorRT version; delete it "
+                             "or pass another --timing-cache file")
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -480,7 +478,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, plan: BuildPlan,
 
 
 def _tensor_info(tensor) -> TensorInfo:
-    return TensorInfo(tensor.name, [int(d) for d in tensor.shape], str(tensor.dtype).replace("DataType.", "").lower())
+    dtype = getattr(tensor.dtype, "name", str(tensor.dtype).replace("DataType.", ""))
+    return TensorInfo(tensor.name, [int(d) for d in tensor.shape], dtype.lower())
 
 
 def _parser_failure(parser, path: Path, version: TrtVersion) -> str:
@@ -502,8 +501,9 @@ def _parser_failure(parser, path: Path, version: TrtVersion) -> str:
 # --- running engines ---------------------------------------------------------------------------------------------
 
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int32": "int32",
-                 "int64": "int64", "int8": "int8", "uint8": "uint8", "bool": "bool"}
+# TensorRT DataType member names -> torch dtype names.
+_TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
+                 "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 
 
 class TrtRunner:
@@ -535,12 +535,10 @@ class TrtRunner:
         self._outputs: dict[str, Any] = {}
 
     def _torch_dtype(self, name: str):
-        trt_dtype = self.engine.get_tensor_dtype(name)
-        key = str(trt_dtype).replace("DataType.", "").lower()
-        key = {"float": "float32", "half": "float16", "bf16": "bfloat16", "int32": "int32", "int64": "int64",
-               "int8": "int8", "uint8": "uint8", "bool": "bool", "float32": "float32", "float16": "float16",
-               "bfloat16": "bfloat16"}.get(key, key)
-        return getattr(self._torch, _TORCH_DTYPES.get(key, "float32"))
+        trt_name = getattr(self.engine.get_tensor_dtype(name), "name", "FLOAT")
+        if trt_name not in _TORCH_DTYPES:
+            raise UsageError(f"engine tensor '{name}' has type {trt_name}, which TrtRunner cannot hold in torch")
+        return getattr(self._torch, _TORCH_DTYPES[trt_name])
 
     def bind(self, feeds: dict[str, Any]) -> None:
         """Copy feeds (numpy arrays or torch tensors) to the GPU, set shapes, allocate outputs."""
@@ -563,6 +561,7 @@ class TrtRunner:
             tensor = torch.empty(shape, dtype=self._torch_dtype(name), device=self.device)
             self._outputs[name] = tensor
             self.context.set_tensor_address(name, tensor.data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies above ran on that stream
 
     def execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
@@ -594,17 +593,9 @@ class TrtRunner:
         return times
 
 
-def load_sidecar(build_dir: str | Path) -> dict:
-    path = Path(build_dir) / SIDECAR
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"{path}: missing or not valid JSON; rebuild with 'tcexport build --backend trt'") from None
-
-
 __all__ = [
     "BuildPlan", "DeviceInfo", "PluginSpec", "ProfileShape", "TensorInfo", "TrtRunner", "TrtVersion",
-    "build", "build_engine", "builder_flags", "check_device_precision", "converts_graph", "installed_version",
+    "build", "build_engine", "builder_flags", "check_device_precision", "converts_graph",
     "make_plan", "parse_batch_range", "parse_version", "plugin_node_attributes", "profile_shapes",
     "prefers_plugin_over_local_function", "reads_plugin_namespace_from_domain", "register_plugin",
     "require_gpu", "require_tensorrt", "sidecar", "supports_aot_plugins", "supports_python_plugins",
