@@ -213,16 +213,23 @@ def validate(model, samples, seed, atol, rtol, batch_text, json_path):
 @model_spec_options
 def build(source_arg, output, backend, provider, opt_level, threads, opset, precision, batch_range, workspace_mb,
           timing_cache, pretrained, checkpoint, seed, input_shape, seq_len):
-    """Build an optimized engine from an .onnx file or a model spec.
+    """Build an optimized engine from an .onnx file, a model spec, or a YAML recipe.
 
     \b
     ONNX Runtime (default): saves the graph-optimized model and a sidecar JSON
     (tcexport-build.json: backend, provider, versions, options, input shapes, source hash).
 
     \b
+    A recipe (.yaml) runs the whole pipeline: export -> compress -> validate -> build -> bench
+    against the uncompressed model. OUT_DIR gets model.onnx, model.tc.onnx, validate.json,
+    baseline/ and compressed/ builds, bench.json, bench.png, the resolved recipe.yaml and
+    summary.json. The recipe holds every option; a failed stage or validation leaves no OUT_DIR.
+
+    \b
     Example:
       tcexport build vit.onnx -o build/vit-ort
       tcexport build timm:vit_tiny_patch16_224 -o build/vit-ort
+      tcexport build recipes/minilm_tome.yaml -o out/minilm_tome
     """
     from tcexport import pipeline
 

@@ -62,3 +62,37 @@ def minilm_onnx(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
     export.export_to_file(source, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def deit_distilled_onnx(tmp_path_factory) -> Path:
+    from tcexport import export, sources
+
+    source = sources.load("timm:deit_tiny_distilled_patch16_224", seed=3)
+    path = tmp_path_factory.mktemp("deit") / "deit_tiny_distilled.onnx"
+    export.export_to_file(source, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT saved as a transformers directory (what hf:DIR loads offline)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("bert") / "bert"
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bert_onnx(tmp_path_factory, bert_dir) -> Path:
+    from tcexport import export, sources
+
+    source = sources.load(f"hf:{bert_dir}", seq_len=24)
+    path = tmp_path_factory.mktemp("bert_onnx") / "bert.onnx"
+    export.export_to_file(source, path)
+    return path

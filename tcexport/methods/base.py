@@ -55,6 +55,9 @@ class Method(abc.ABC):
     def tokens_out(self, n_in: int, protected: int) -> int:
         """Token count after this method for n_in tokens in, known at rewrite time (no data needed)."""
 
+    def check_fits(self, n_in: int, protected: int) -> None:
+        """Raise UsageError when the parameters ask for more than a block with n_in tokens allows."""
+
     @abc.abstractmethod
     def reference(self, x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor,
                   mask: torch.Tensor | None, protected: int) -> TokenState:

@@ -132,6 +132,12 @@ class ToMe(Method):
     def tokens_out(self, n_in: int, protected: int) -> int:
         return n_in - effective_r(self.r, n_in, protected)
 
+    def check_fits(self, n_in: int, protected: int) -> None:
+        cap = max(0, (n_in - protected) // 2)
+        if self.r > cap:
+            raise UsageError(f"ToMe r={self.r} is more than a block with {n_in} tokens ({protected} protected) can "
+                             f"merge: at most (N - protected) // 2 = {cap}; lower --r")
+
     # ------------------------------------------------------------------ PyTorch reference
 
     def reference(self, x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor,

@@ -1,0 +1,175 @@
+"""`tcexport compress`: plan which method runs at which block, rewrite the graph, check it, record what was done."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from tcexport import inputs as inputs_mod
+from tcexport import metadata, methods, onnxfile
+from tcexport.atomic import atomic_file
+from tcexport.errors import UsageError
+from tcexport.graph import blocks as blocks_mod
+from tcexport.graph import functions, probe
+from tcexport.graph.insert import Stage, insert_stages
+from tcexport.methods import tome
+
+IMPLS = ("subgraph", "function")
+
+
+def parse_layers(text: str, depth: int) -> list[int]:
+    """'all', '5', '0-5', '3,6,9' (and mixes like '0-2,7') -> sorted block indices, each < depth."""
+    text = str(text).strip().lower()
+    if text == "all":
+        return list(range(depth))
+    layers: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part:
+                low, high = (int(p) for p in part.split("-", 1))
+                if low > high:
+                    raise ValueError
+                layers.update(range(low, high + 1))
+            else:
+                layers.add(int(part))
+    except ValueError:
+        raise UsageError(f"--layers must be all, N, A-B or a comma list like 3,6,9; got '{text}'") from None
+    if not layers or min(layers) < 0:
+        raise UsageError(f"--layers must name blocks >= 0; got '{text}'")
+    if max(layers) >= depth:
+        raise UsageError(f"--layers {text}: the model has {depth} blocks (0-{depth - 1})")
+    return sorted(layers)
+
+
+def parse_counts(text: str | int | None, n_layers: int, option: str = "--r") -> list[int]:
+    """One int for every chosen layer, or a comma list with one per chosen layer."""
+    if text is None:
+        raise UsageError(f"{option} is required for this method")
+    try:
+        values = [int(v) for v in str(text).split(",")]
+    except ValueError:
+        raise UsageError(f"{option} must be an integer or a comma list of integers; got '{text}'") from None
+    if any(v < 0 for v in values):
+        raise UsageError(f"{option} must be >= 0; got '{text}'")
+    if len(values) == 1:
+        return values * n_layers
+    if len(values) != n_layers:
+        raise UsageError(f"{option} lists {len(values)} values for {n_layers} chosen layers; give one or one per layer")
+    return values
+
+
+@dataclass
+class Plan:
+    method: str
+    stages: list[Stage]
+    protected: int
+    prop_attn: bool
+    impl: str
+    schedule: str
+    request: dict
+
+    def record(self) -> dict:
+        return {"method": self.method, "layers": [s.block for s in self.stages],
+                "params": [s.method.params for s in self.stages], "protected": self.protected,
+                "prop_attn": self.prop_attn, "impl": self.impl, "schedule": self.schedule, "request": self.request}
+
+
+def plan_tome(depth: int, r: str | int, layers: str = "all", schedule: str = "constant") -> list[Stage]:
+    chosen = parse_layers(layers, depth)
+    if schedule not in tome.SCHEDULES:
+        raise UsageError(f"--schedule must be one of {', '.join(tome.SCHEDULES)}; got '{schedule}'")
+    counts = parse_counts(r, len(chosen))
+    if schedule == "decreasing":
+        if len(set(counts)) != 1:
+            raise UsageError("--schedule decreasing takes one --r value (the schedule spreads it over the layers)")
+        counts = tome.schedule(counts[0], len(chosen), "decreasing")
+    return [Stage(block, methods.get("tome")(r=count)) for block, count in zip(chosen, counts)]
+
+
+def default_protected(model: onnx.ModelProto) -> int:
+    source = metadata.read(model, metadata.SOURCE) or {}
+    return int(source.get("info", {}).get("num_prefix_tokens", 1))
+
+
+def mask_input(graph: ir.Graph, model: onnx.ModelProto) -> ir.Value | None:
+    names = {s.name for s in inputs_mod.specs_from_graph(model) if s.kind == inputs_mod.ATTENTION_MASK}
+    found = [v for v in graph.inputs if v.name in names]
+    return found[0] if found else None
+
+
+def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True) -> tuple[onnx.ModelProto, list[dict]]:
+    """Return the rewritten model and its token schedule."""
+    shapes = probe.concrete_shapes(model)
+    ir_model = ir.from_proto(model)
+    graph = ir_model.graph
+    found = blocks_mod.find_blocks(graph)
+    if plan.stages and max(s.block for s in plan.stages) >= len(found):
+        raise UsageError(f"layer {max(s.block for s in plan.stages)} is beyond the model's {len(found)} blocks")
+    if strict_caps:
+        _check_caps(plan, found, shapes)
+    schedule = insert_stages(graph, found, plan.stages, plan.protected, shapes, prop_attn=plan.prop_attn,
+                             mask_input=mask_input(graph, model))
+    if plan.impl == "function":
+        functions.package_methods(ir_model)
+    proto = ir.to_proto(ir_model)
+    proto = _infer_and_check(proto)
+    metadata.write(proto, metadata.COMPRESSION, plan.record())
+    metadata.write(proto, metadata.TOKENS, schedule)
+    return proto, schedule
+
+
+def _check_caps(plan: Plan, found, shapes) -> None:
+    count = shapes[found[0].hidden.name][1]
+    by_block = {s.block: s for s in plan.stages}
+    for block in found:
+        stage = by_block.get(block.index)
+        if stage is None:
+            continue
+        if plan.schedule == "constant":
+            try:
+                stage.method.check_fits(count, plan.protected)
+            except UsageError as exc:
+                raise UsageError(f"layer {block.index}: {exc}") from None
+        count = stage.method.tokens_out(count, plan.protected)
+
+
+def _infer_and_check(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(inferred)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise UsageError(f"the rewritten graph does not pass the ONNX checker ({first}); please report this "
+                         "model to tcexport") from None
+    return inferred
+
+
+def compress_file(input_path: Path, output: Path, method: str = "tome", r: str | None = None, layers: str = "all",
+                  schedule: str = "constant", prop_attn: bool = True, impl: str = "subgraph",
+                  protected: int | None = None) -> list[dict]:
+    output = Path(output)
+    if output.suffix != ".onnx":
+        raise UsageError(f"output {output} must end with .onnx")
+    if impl not in IMPLS:
+        raise UsageError(f"--impl must be one of {', '.join(IMPLS)}; got '{impl}'")
+    methods.get(method)  # unknown method -> clear error before any work
+    model = onnxfile.load(input_path)
+    if metadata.read(model, metadata.COMPRESSION):
+        raise UsageError(f"{input_path} is already compressed; compress the uncompressed export instead")
+    depth = len(blocks_mod.find_blocks(ir.from_proto(model).graph))
+    if method != "tome":
+        raise UsageError(f"method '{method}' has no compress planner yet")
+    stages = plan_tome(depth, r, layers, schedule)
+    if protected is None:
+        protected = default_protected(model)
+    plan = Plan(method, stages, protected, prop_attn, impl, schedule,
+                {"r": r, "layers": layers, "schedule": schedule})
+    compressed, schedule_out = compress_model(model, plan)
+    # Keep the provenance: validate rebuilds the reference from it.
+    with atomic_file(output) as tmp:
+        onnxfile.save(compressed, tmp)
+    return schedule_out

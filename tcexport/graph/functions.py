@@ -1,0 +1,336 @@
+"""--impl function: package each inserted method stage as one call to a model-local ONNX function.
+
+graph/insert.py emits every method stage as plain ONNX nodes tagged `node.meta["tcexport_stage"] = (block,
+method)`. package_methods() replaces the nodes of each stage by ONE node
+
+    tc_blk{b}_tome = tcexport::ToMeMerge(x, metric, size[, mask]) -> (tc_blk{b}_tome_x_out,
+                                                                      tc_blk{b}_tome_size_out[, ..._mask_out])
+
+calling a function of the same name kept in the model (domain "tcexport", version 1; the function imports the
+model's default opset). The metric (ReduceMean/Transpose, `tc_blk{b}/metric`) stays in the main graph, and the
+call node keeps the stage's name and its output names, so `tcexport validate` still finds each stage's sizes.
+
+Design: ONE function per method, with attributes -- not one function per (n_in, r, protected) signature.
+----------------------------------------------------------------------------------------------------------
+What decides it is how TensorRT's ONNX parser (onnx-tensorrt ModelImporter.cpp, parseNode and
+importLocalFunctions) treats a call node:
+  * local functions are looked up by FunctionProto.name ALONE (a map keyed by name: domain and `overload` are
+    ignored, and of two functions with one name the first wins), and a name that is a built-in op never
+    reaches them;
+  * a plugin is looked up by the node's op_type plus its `plugin_version` / `plugin_namespace` attributes
+    (the namespace from the node domain from 10.10): 10.7-10.14 use a registered plugin instead of a local
+    function of the same name; from 10.15 only when the node has a `plugin_namespace` attribute (or the
+    parser flag kENABLE_PLUGIN_OVERRIDE is set);
+  * a plugin receives only the attributes its creator declares (loadFields iterates the creator's field
+    names), so further node attributes are invisible to it.
+Per-signature functions would need a distinct op_type per block (ToMeMerge_n197_r8, ...; overloads are
+ignored, so a shared name would inline the first body everywhere), hence a plugin registration per signature.
+One function "ToMeMerge" lets one plugin `tcexport::ToMeMerge` v1 with two static attributes serve every block:
+its output shape follows from the input shapes and r, which is all a TensorRT plugin needs.
+
+The body stays the method's own ONNX builder output (methods/tome.py build_onnx, static in N): the stages of a
+model have the same nodes and differ only in Constant values (token indices, K of TopK, slice ends...). Those
+Constant values that differ between the model's stages become tensor attributes of the function (the body
+reads them with ref_attr_name, which ONNX Runtime and TensorRT's function importer both resolve) named
+`const_<label>`, and each call passes its own. So inlining a call reproduces the --impl subgraph nodes exactly.
+Every call node carries:
+    r                 int: tokens this block removes (the effective r, i.e. K of the body's TopK)
+    protected         int: leading tokens never merged
+    plugin_namespace  "tcexport", plugin_version "1" (what the parser needs to pick the plugin, see above)
+    const_*           tensors the body needs; a plugin does not declare them, so the parser never passes them
+If the stages of one method ever differed in structure (not the case for ToMe within a model), each variant
+would get its own function, named <op_type>_2, ...; only the first matches the plugin name.
+
+Names: the body's nodes and values are the stage's with the block taken out (`tc_blk3_tome/scores` ->
+`tome/scores`); formal inputs are `tome_x`, `tome_metric`, `tome_size`, `tome_mask`: distinct from main-graph
+names, since TensorRT's function importer skips binding a formal input whose name already exists outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from tcexport.backends import trt as trt_backend
+from tcexport.errors import UsageError
+
+DOMAIN = trt_backend.PLUGIN_DOMAIN  # "tcexport": the function domain is the plugin namespace
+DOMAIN_VERSION = 1
+STAGE_KEY = "tcexport_stage"  # node.meta key set by graph/insert.py
+CONST_PREFIX = "const_"
+INPUT_ROLES = ("x", "metric", "size", "mask")
+OUTPUT_ROLES = ("x", "size", "mask")
+# Producers of a stage's inputs, as graph/insert.py names them.
+SIZE0_NODE, MASK0_NODE = "tc/size0", "tc/mask0"
+
+
+def _metric_node(block: int) -> str:
+    return f"tc_blk{block}/metric"
+
+
+@dataclass(frozen=True)
+class FunctionOp:
+    """How a method is packaged: its op_type and the static attributes its plugin takes."""
+
+    op_type: str
+    # constants of one stage (label -> value) -> the plugin's attributes
+    plugin_attributes: Callable[[dict[str, np.ndarray]], dict[str, int]]
+
+
+def _tome_attributes(constants: dict[str, np.ndarray]) -> dict[str, int]:
+    # methods/tome.py build_onnx: 'k' is TopK's K = [r_eff], 'n_protected' the protected count (as a float).
+    try:
+        return {"r": int(np.asarray(constants["k"]).reshape(-1)[0]),
+                "protected": int(np.asarray(constants["n_protected"]).reshape(()))}
+    except (KeyError, IndexError, ValueError):
+        raise UsageError("the ToMe nodes lack the constants 'k' and 'n_protected' that --impl function reads r and "
+                         "protected from; please report this to tcexport") from None
+
+
+OPS: dict[str, FunctionOp] = {"tome": FunctionOp("ToMeMerge", _tome_attributes)}
+
+
+def op_type(method: str) -> str:
+    """The call node's op_type (and function name) for a method."""
+    known = OPS.get(method)
+    return known.op_type if known else "".join(part.capitalize() for part in method.split("_"))
+
+
+@dataclass
+class _Stage:
+    block: int
+    method: str
+    nodes: list[ir.Node]  # graph order
+    labels: dict[ir.Node, str]  # node -> name without the stage prefix ('scores')
+    inputs: dict[str, ir.Value]  # role -> value outside the stage
+    outputs: dict[str, ir.Value]  # role -> value used outside the stage
+    constants: dict[str, np.ndarray] = field(default_factory=dict)  # label -> value of each Constant node
+
+    @property
+    def prefix(self) -> str:
+        return f"tc_blk{self.block}_{self.method}"
+
+    @property
+    def in_roles(self) -> list[str]:
+        return [r for r in INPUT_ROLES if r in self.inputs]
+
+    @property
+    def out_roles(self) -> list[str]:
+        return [r for r in OUTPUT_ROLES if r in self.outputs]
+
+
+def package_methods(model: ir.Model) -> None:
+    """Replace every tagged method stage of `model.graph` by a call to a model-local function (in place)."""
+    graph = model.graph
+    stages = _stages(graph)
+    if not stages:
+        return
+    opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx"))
+    groups: dict[tuple, list[_Stage]] = {}
+    for stage in stages:
+        groups.setdefault((stage.method, _structure(stage)), []).append(stage)
+    taken: dict[str, int] = {}
+    replaced: dict[ir.Value, ir.Value] = {}  # a stage's outputs -> the call's (later stages read them)
+    for (method, _), members in groups.items():
+        name = op_type(method)
+        taken[name] = taken.get(name, 0) + 1
+        if taken[name] > 1:
+            name = f"{name}_{taken[name]}"
+        lifted = _lifted(members)
+        function = _function(members[0], name, lifted, opset)
+        model.functions[function.identifier()] = function
+        for stage in members:
+            _replace_by_call(graph, stage, name, lifted, replaced)
+    graph.opset_imports[DOMAIN] = DOMAIN_VERSION
+    graph.sort()
+
+
+# ---------------------------------------------------------------- finding the stages
+
+
+def _stages(graph: ir.Graph) -> list[_Stage]:
+    tagged: dict[tuple[int, str], list[ir.Node]] = {}
+    for node in graph:
+        key = node.meta.get(STAGE_KEY)
+        if key is not None:
+            tagged.setdefault(tuple(key), []).append(node)
+    stages: list[_Stage] = []
+    previous: dict[str, ir.Value] = {}
+    for block, method in sorted(tagged):
+        stage = _stage(graph, block, method, tagged[(block, method)], previous)
+        previous = stage.outputs
+        stages.append(stage)
+    return stages
+
+
+def _stage(graph: ir.Graph, block: int, method: str, nodes: list[ir.Node], previous: dict[str, ir.Value]) -> _Stage:
+    prefix = f"tc_blk{block}_{method}"
+    members = set(nodes)
+    labels = {}
+    for node in nodes:
+        if not (node.name or "").startswith(prefix + "/"):
+            raise _internal(f"node '{node.name}' of the {method} stage at block {block} is not named {prefix}/...")
+        labels[node] = node.name[len(prefix) + 1:]
+    if len(set(labels.values())) != len(labels):
+        raise _internal(f"the {method} stage at block {block} has two nodes of one name")
+    produced = {out for node in nodes for out in node.outputs}
+    external = list(dict.fromkeys(v for node in nodes for v in node.inputs if v is not None and v not in produced))
+    graph_outputs = set(graph.outputs)
+    used_outside = [out for node in nodes for out in node.outputs
+                    if out in graph_outputs or any(user not in members for user, _ in out.uses())]
+
+    # The outputs by the names the method's builder gives them (an output may be unused: the last size).
+    outputs = {}
+    for role in OUTPUT_ROLES:
+        found = [v for v in produced if v.name == f"{prefix}_{role}_out"]
+        if found:
+            outputs[role] = found[0]
+    if not set(used_outside) <= set(outputs.values()) or "x" not in outputs or "size" not in outputs:
+        raise _internal(f"the {method} stage at block {block} is used outside through "
+                        f"{sorted(v.name for v in used_outside)}, expected {prefix}_x_out, _size_out (, _mask_out)")
+
+    def produced_by(value: ir.Value, name: str) -> bool:
+        producer = value.producer()
+        return producer is not None and producer.name == name
+
+    inputs = {}
+    for value in external:
+        if value is previous.get("size") or produced_by(value, SIZE0_NODE):
+            role = "size"
+        elif value is previous.get("mask") or produced_by(value, MASK0_NODE):
+            role = "mask"
+        elif produced_by(value, _metric_node(block)):
+            role = "metric"
+        else:
+            role = "x"
+        if role in inputs:
+            raise _internal(f"the {method} stage at block {block} reads two values as its {role}: "
+                            f"'{inputs[role].name}' and '{value.name}'")
+        inputs[role] = value
+    if set(inputs) - {"mask"} != {"x", "metric", "size"} or ("mask" in inputs) != ("mask" in outputs):
+        raise _internal(f"the {method} stage at block {block} reads {sorted(inputs)}, expected x, metric, size "
+                        "(and mask when it returns one)")
+    stage = _Stage(block, method, nodes, labels, inputs, outputs)
+    for node in nodes:
+        if node.op_type == "Constant" and node.domain == "":
+            value = node.attributes.get("value")
+            if value is None or value.type != ir.AttributeType.TENSOR:
+                raise _internal(f"Constant '{node.name}' does not hold a tensor 'value'")
+            stage.constants[labels[node]] = value.as_tensor().numpy()
+    return stage
+
+
+def _internal(message: str) -> UsageError:
+    return UsageError(f"--impl function: {message}; please report this to tcexport (--impl subgraph works)")
+
+
+# ---------------------------------------------------------------- one body for many stages
+
+
+def _structure(stage: _Stage) -> tuple:
+    """Everything about the stage's nodes except the values of its Constants (their dtype counts)."""
+    roles = {value: role for role, value in stage.inputs.items()}
+    items = []
+    for node in stage.nodes:
+        wiring = []
+        for value in node.inputs:
+            if value is None:
+                wiring.append(None)
+            elif value in roles:
+                wiring.append(("input", roles[value]))
+            else:
+                producer = value.producer()
+                wiring.append(("node", stage.labels[producer], list(producer.outputs).index(value)))
+        if node.op_type == "Constant" and node.domain == "":
+            attrs: tuple = ("value", str(stage.constants[stage.labels[node]].dtype))
+        else:
+            attrs = tuple(sorted((name, ir.serde.serialize_attribute(attr).SerializeToString())
+                                 for name, attr in node.attributes.items()))
+        items.append((stage.labels[node], node.domain, node.op_type, node.overload, tuple(wiring), attrs,
+                      len(node.outputs)))
+    out_labels = tuple((role, stage.labels[value.producer()]) for role, value in stage.outputs.items())
+    return tuple(sorted(items, key=repr)) + (out_labels,)
+
+
+def _lifted(members: list[_Stage]) -> list[str]:
+    """Labels of the Constants whose values differ between the stages: they become function attributes."""
+    first = members[0].constants
+    lifted = []
+    for label, value in first.items():
+        for other in members[1:]:
+            theirs = other.constants[label]
+            if theirs.shape != value.shape or not np.array_equal(theirs, value):
+                lifted.append(label)
+                break
+    return lifted
+
+
+def _local(name: str | None, block: int) -> str | None:
+    """'tc_blk3_tome/scores' -> 'tome/scores'; 'tc_blk3_tome_scores' -> 'tome_scores'."""
+    head = f"tc_blk{block}_"
+    return name[len(head):] if name and name.startswith(head) else name
+
+
+def _function(stage: _Stage, name: str, lifted: list[str], opset: int | None) -> ir.Function:
+    formals = {role: ir.Value(name=f"{stage.method}_{role}") for role in stage.in_roles}
+    mapping: dict[ir.Value, ir.Value] = {stage.inputs[role]: formal for role, formal in formals.items()}
+    body = []
+    for node in stage.nodes:
+        label = stage.labels[node]
+        if node.op_type == "Constant" and node.domain == "" and label in lifted:
+            attributes = [ir.RefAttr("value", CONST_PREFIX + label, ir.AttributeType.TENSOR)]
+        else:
+            attributes = list(node.attributes.values())
+        clone = ir.Node(node.domain, node.op_type, [None if v is None else mapping[v] for v in node.inputs],
+                        attributes=attributes, overload=node.overload, num_outputs=len(node.outputs),
+                        version=node.version, name=_local(node.name, stage.block))
+        for original, copy in zip(node.outputs, clone.outputs):
+            copy.name = _local(original.name, stage.block)
+            mapping[original] = copy
+        body.append(clone)
+    outputs = [mapping[stage.outputs[role]] for role in stage.out_roles]
+    names = [v.name for v in formals.values()] + [out.name for node in body for out in node.outputs]
+    if len(set(names)) != len(names):
+        raise _internal(f"the {stage.method} body would reuse a value name")
+    function_graph = ir.Graph(list(formals.values()), outputs, nodes=body,
+                              opset_imports={"": opset if opset is not None else 18}, name=name)
+    declared = [ir.Attr("r", ir.AttributeType.INT, None), ir.Attr("protected", ir.AttributeType.INT, None),
+                ir.Attr("plugin_namespace", ir.AttributeType.STRING, None),
+                ir.Attr("plugin_version", ir.AttributeType.STRING, None)]
+    if stage.method not in OPS:
+        declared = declared[2:]
+    declared += [ir.Attr(CONST_PREFIX + label, ir.AttributeType.TENSOR, None) for label in lifted]
+    function = ir.Function(DOMAIN, name, graph=function_graph, attributes=declared)
+    function.doc_string = (f"tcexport method '{stage.method}' (inputs {', '.join(stage.in_roles)}; outputs "
+                           f"{', '.join(stage.out_roles)}), the nodes --impl subgraph emits; const_* attributes "
+                           "carry each block's static token indices. A TensorRT plugin of the same name "
+                           f"({DOMAIN}::{name}) can stand in for it.")
+    return function
+
+
+def _replace_by_call(graph: ir.Graph, stage: _Stage, name: str, lifted: list[str],
+                     replaced: dict[ir.Value, ir.Value]) -> None:
+    attributes: list[ir.Attr] = []
+    known = OPS.get(stage.method)
+    if known is not None:
+        attributes += [ir.AttrInt64(k, v) for k, v in known.plugin_attributes(stage.constants).items()]
+    spec = trt_backend.PluginSpec(name)
+    attributes += [ir.AttrString(k, v) for k, v in trt_backend.plugin_node_attributes(spec).items()]
+    attributes += [ir.AttrTensor(CONST_PREFIX + label, ir.tensor(stage.constants[label], name=CONST_PREFIX + label))
+                   for label in lifted]
+    inputs = [replaced.get(stage.inputs[role], stage.inputs[role]) for role in stage.in_roles]
+    call = ir.Node(DOMAIN, name, inputs, attributes=attributes,
+                   num_outputs=len(stage.out_roles), name=stage.prefix)
+    graph.insert_before(stage.nodes[0], call)
+    for role, new in zip(stage.out_roles, call.outputs):
+        old = stage.outputs[role]
+        value_name = old.name
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        old.name = f"{value_name}__packaged"
+        new.name = value_name
+        new.type, new.shape = old.type, old.shape
+        replaced[old] = new
+    graph.remove(stage.nodes, safe=True)

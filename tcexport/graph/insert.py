@@ -1,0 +1,307 @@
+"""Insert token-compression methods into an ONNX graph at chosen blocks and keep every shape consistent.
+
+For each stage (a method at a block), in block order:
+  1. metric = the block's keys (right operand of the logits MatMul, [B, H, d, N]) averaged over heads -> [B, N, d]
+  2. the method's ONNX nodes turn (hidden, metric, size, mask) into fewer tokens
+  3. everything that consumed the block's hidden state now consumes the compressed one
+Then proportional attention adds log(size) to the attention logits of every later block, and one pass of the
+token tracker (graph/tokens.py) follows the new counts downstream, fixing shape constants and rebuilding side
+inputs: the attention mask of later blocks from the current mask, and pooling weights from mask * size (so a
+mean pool over tokens becomes size-weighted, as merging requires).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape
+
+from tcexport.errors import UsageError
+from tcexport.graph.blocks import LOGIT_PATH_OPS, Block
+from tcexport.graph.probe import PROBE_BATCH
+from tcexport.graph.tokens import TokenTracker, Tokens, const_array
+from tcexport.methods.base import Method
+
+MASK_MIN = float(np.finfo(np.float32).min)  # what transformers adds for masked keys
+
+
+@dataclass
+class Stage:
+    block: int
+    method: Method
+
+
+@dataclass
+class TokenState:
+    x: ir.Value
+    size: ir.Value
+    mask: ir.Value | None
+    count: int
+
+
+class _Builder:
+    """Records new nodes with readable names and remembers the run-time shape each new value stands for."""
+
+    def __init__(self, graph: ir.Graph, aliases: dict[ir.Value, tuple[int, ...]]):
+        self.graph = graph
+        self.aliases = aliases
+        self.nodes: list[ir.Node] = []
+
+    def op(self, name: str, op_type: str, inputs: list, shape: tuple[int, ...] | None, **attributes) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes=attributes, name=name)
+        node.outputs[0].name = name.replace("/", "_")
+        self.graph.append(node)
+        self.nodes.append(node)
+        if shape is not None:
+            self.aliases[node.outputs[0]] = shape
+        return node.outputs[0]
+
+    def const(self, name: str, array) -> ir.Value:
+        return self.op(name, "Constant", [], None, value=ir.tensor(np.asarray(array)))
+
+
+def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], protected: int,
+                  shapes: dict[str, tuple[int, ...]], prop_attn: bool = True,
+                  mask_input: ir.Value | None = None) -> list[dict]:
+    """Rewrite `graph` in place. Returns the token schedule: [{block, in, out}] for every block."""
+    stages = sorted(stages, key=lambda s: s.block)
+    first_hidden = shapes.get(blocks[0].hidden.name)
+    if first_hidden is None or len(first_hidden) != 3:
+        raise UsageError("could not measure the hidden state of block 0; tcexport expects [batch, tokens, channels]")
+    n0 = int(first_hidden[1])
+    aliases: dict[ir.Value, tuple[int, ...]] = {}
+    build = _Builder(graph, aliases)
+    skip: set[ir.Node] = set()
+    starts: dict[ir.Value, Tokens] = {}
+    states: list[TokenState] = []
+
+    size = build.op("tc/size0", "ConstantOfShape", [_batch_and(build, blocks[0].hidden, [n0, 1], "tc/size0_shape")],
+                    (PROBE_BATCH, n0, 1), value=ir.tensor(np.ones(1, dtype=np.float32)))
+    mask = None
+    if mask_input is not None:
+        mask = build.op("tc/mask0", "Cast", [mask_input], (PROBE_BATCH, n0), to=ir.DataType.FLOAT)
+
+    # Before any rewrite: the nodes where each block adds its attention mask to the logits.
+    logit_nodes = {node for block in blocks for node in _logit_path(block)}
+    count = n0
+    schedule = []
+    by_block = {s.block: s for s in stages}
+    for block in blocks:
+        stage = by_block.get(block.index)
+        entering = count
+        if states and prop_attn:
+            _add_log_size_bias(build, block, states[-1], shapes)
+        if stage is not None:
+            x = block.hidden
+            metric = _head_mean_keys(build, block, shapes)
+            uses = [(user, i) for user, i in x.uses() if user not in build.nodes]
+            op = tape.Tape()
+            prefix = f"tc_blk{block.index}_{stage.method.name}"
+            x_out, size_out, mask_out = stage.method.build_onnx(op, x, metric, size, mask, count, protected,
+                                                                name_prefix=prefix)
+            for node in op.nodes:
+                graph.append(node)
+                skip.add(node)
+                # --impl function packages exactly these nodes (graph/functions.py).
+                node.meta["tcexport_stage"] = (block.index, stage.method.name)
+            count = stage.method.tokens_out(count, protected)
+            if x_out is not x:
+                for user, index in uses:
+                    user.replace_input_with(index, x_out)
+                stage_index = len(states)
+                hidden_shape = shapes[x.name]
+                aliases[x_out] = hidden_shape
+                aliases[size_out] = (PROBE_BATCH, n0, 1)
+                starts[x_out] = Tokens(frozenset({1}), stage_index)
+                starts[size_out] = Tokens(frozenset({1}), stage_index)
+                if mask_out is not None:
+                    aliases[mask_out] = (PROBE_BATCH, n0)
+                    starts[mask_out] = Tokens(frozenset({1}), stage_index)
+                size, mask = size_out, mask_out
+                states.append(TokenState(x_out, size_out, mask_out, count))
+        schedule.append({"block": block.index, "scope": block.scope, "in": entering, "out": count})
+
+    side_inputs = _SideInputs(build, states, mask_input, logit_nodes, shapes)
+    tracker = TokenTracker(graph, shapes, n0, [s.count for s in states], side_inputs, skip)
+    tracker.alias = aliases
+    side_inputs.tracker = tracker
+    tracker.run(starts)
+    graph.sort()  # side inputs built while tracking were appended at the end
+    _forget_stale_shapes(graph, tracker)
+    return schedule
+
+
+def _batch_and(build: _Builder, like: ir.Value, dims: list[int], name: str) -> ir.Value:
+    """Shape [batch, *dims] with batch read from `like` at run time (dynamic batch survives)."""
+    shape = build.op(f"{name}/shape", "Shape", [like], None, start=0, end=1)
+    return build.op(name, "Concat", [shape, build.const(f"{name}/dims", np.array(dims, dtype=np.int64))], None, axis=0)
+
+
+def _head_mean_keys(build: _Builder, block: Block, shapes) -> ir.Value:
+    keys = block.keys
+    shape = shapes.get(keys.name)
+    if shape is None or len(shape) != 4:
+        raise UsageError(f"block {block.index}: the attention keys '{keys.name}' are not laid out "
+                         "[batch, heads, dim, tokens]; re-export with the dynamo exporter")
+    n = shape[3]
+    prefix = f"tc_blk{block.index}/metric"
+    mean = build.op(f"{prefix}/head_mean", "ReduceMean", [keys, build.const(f"{prefix}/axes", np.array([1]))],
+                    (shape[0], shape[2], n), keepdims=0)
+    return build.op(prefix, "Transpose", [mean], (shape[0], n, shape[2]), perm=[0, 2, 1])
+
+
+def _add_log_size_bias(build: _Builder, block: Block, state: TokenState, shapes) -> None:
+    """Proportional attention: logits + log(size) over the key axis, so a merged token keeps its weight."""
+    prefix = f"tc_blk{block.index}/prop_attn"
+    n0 = build.aliases[state.size][1]
+    log = build.op(f"{prefix}/log_size", "Log", [state.size], (PROBE_BATCH, n0, 1))
+    row = build.op(f"{prefix}/row", "Transpose", [log], (PROBE_BATCH, 1, n0), perm=[0, 2, 1])
+    bias = build.op(f"{prefix}/bias", "Unsqueeze", [row, build.const(f"{prefix}/axes", np.array([1]))],
+                    (PROBE_BATCH, 1, 1, n0))
+    logits = block.softmax.inputs[0]
+    biased = build.op(prefix, "Add", [logits, bias], shapes[logits.name])
+    block.softmax.replace_input_with(0, biased)
+
+
+def _logit_path(block: Block) -> set[ir.Node]:
+    """Nodes between the logits MatMul and the Softmax (where attention masks are added)."""
+    found, stack = set(), [block.softmax.inputs[0]]
+    while stack:
+        value = stack.pop()
+        node = value.producer() if value is not None else None
+        if node is None or node in found or node.op_type not in LOGIT_PATH_OPS:
+            continue
+        found.add(node)
+        stack.extend(node.inputs)
+    return found
+
+
+class _SideInputs:
+    """Replacements for operands that carry the original token axis without descending from a method."""
+
+    def __init__(self, build: _Builder, states: list[TokenState], mask_input: ir.Value | None,
+                 logit_nodes: set[ir.Node], shapes):
+        self.build = build
+        self.states = states
+        self.mask_input = mask_input
+        self.logit_nodes = logit_nodes
+        self.shapes = shapes
+        self.tracker: TokenTracker | None = None
+        self.cache: dict[tuple, ir.Value] = {}
+
+    def __call__(self, node: ir.Node, index: int, stage: int) -> ir.Value:
+        operand = node.inputs[index]
+        if self.mask_input is None or not _descends_from(operand, self.mask_input):
+            raise UsageError(f"{node.op_type} node '{node.name}' combines the compressed tokens with '{operand.name}', "
+                             "which has the original token count and does not come from the attention mask; "
+                             "tcexport cannot rewrite this graph")
+        key = (operand, stage, node in self.logit_nodes)
+        if key not in self.cache:
+            if node in self.logit_nodes:
+                self.cache[key] = self._attention_bias(stage, operand)
+            else:
+                self.cache[key] = self._rebuild(operand, self._weights(stage))
+            self._visit_new(self.cache[key])
+        return self.cache[key]
+
+    def _attention_bias(self, stage: int, like: ir.Value) -> ir.Value:
+        """Additive key mask from the current mask: 0 for real tokens, float32 min for padding."""
+        state, build = self.states[stage], self.build
+        n0 = build.aliases[state.mask][1]
+        prefix = f"tc_stage{stage}/attention_mask"
+        real = build.op(f"{prefix}/is_real", "Greater", [state.mask, build.const(f"{prefix}/half", np.float32(0.5))],
+                        (PROBE_BATCH, n0))
+        row = build.op(f"{prefix}/row", "Unsqueeze", [real, build.const(f"{prefix}/axes", np.array([1, 2]))],
+                       (PROBE_BATCH, 1, 1, n0))
+        zero = build.const(f"{prefix}/zero", np.float32(0.0))
+        low = build.const(f"{prefix}/min", np.float32(MASK_MIN))
+        return build.op(prefix, "Where", [row, zero, low], (PROBE_BATCH, 1, 1, n0))
+
+    def _weights(self, stage: int) -> ir.Value:
+        """mask * size as the attention_mask input's dtype: how many real original tokens each token holds."""
+        key = ("weights", stage)
+        if key not in self.cache:
+            state, build = self.states[stage], self.build
+            n0 = build.aliases[state.mask][1]
+            prefix = f"tc_stage{stage}/weights"
+            flat = build.op(f"{prefix}/size", "Squeeze", [state.size, build.const(f"{prefix}/axes", np.array([2]))],
+                            (PROBE_BATCH, n0))
+            weighted = build.op(f"{prefix}/mul", "Mul", [state.mask, flat], (PROBE_BATCH, n0))
+            rounded = build.op(f"{prefix}/round", "Round", [weighted], (PROBE_BATCH, n0))
+            self.cache[key] = build.op(prefix, "Cast", [rounded], (PROBE_BATCH, n0), to=self.mask_input.dtype)
+        return self.cache[key]
+
+    def _rebuild(self, operand: ir.Value, weights: ir.Value) -> ir.Value:
+        """Clone the chain that computes `operand` from the mask input, feeding it `weights` instead."""
+        if operand is self.mask_input:
+            return weights
+        producer = operand.producer()
+        inputs = []
+        for value in producer.inputs:
+            if value is not None and const_array(value) is None and _descends_from(value, self.mask_input):
+                inputs.append(self._rebuild(value, weights))
+            else:
+                inputs.append(value)
+        clone = ir.Node(producer.domain, producer.op_type, inputs, attributes=list(producer.attributes.values()),
+                        num_outputs=len(producer.outputs), name=f"{producer.name}/tokens")
+        for out, original in zip(clone.outputs, producer.outputs):
+            out.name = f"{original.name}_tokens"
+            if original.name in self.shapes:
+                self.build.aliases[out] = self.shapes[original.name]
+        self.build.graph.append(clone)
+        self.build.nodes.append(clone)
+        return clone.outputs[list(producer.outputs).index(operand)]
+
+    def _visit_new(self, value: ir.Value) -> None:
+        """Let the tracker see freshly built nodes (producers first) so their constants get fixed too."""
+        order: list[ir.Node] = []
+        seen: set[ir.Node] = set()
+
+        def walk(v: ir.Value | None) -> None:
+            node = v.producer() if v is not None else None
+            if node is None or node in seen or node not in self.build.nodes:
+                return
+            seen.add(node)
+            for i in node.inputs:
+                walk(i)
+            order.append(node)
+
+        walk(value)
+        for node in order:
+            self.tracker.visit(node)
+
+
+def _descends_from(value: ir.Value, root: ir.Value) -> bool:
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v is root:
+            return True
+        if v is None or v in seen:
+            continue
+        seen.add(v)
+        producer = v.producer()
+        if producer is not None:
+            stack.extend(producer.inputs)
+    return False
+
+
+def _forget_stale_shapes(graph: ir.Graph, tracker: TokenTracker) -> None:
+    """Shapes recorded by the exporter still say the old token count: drop them for shape inference to redo,
+    and give graph outputs that hold tokens their new count (the others keep their declared shape)."""
+    outputs = set(graph.outputs)
+    for node in graph:
+        for out in node.outputs:
+            if out not in outputs:
+                out.type = None
+                out.shape = None
+    for out in outputs:
+        tokens = tracker.tracked.get(out)
+        if tokens is None or out.shape is None:
+            continue
+        dims = list(out.shape)
+        for axis in tokens.axes:
+            dims[axis] = tracker.stage_counts[tokens.stage] + tokens.delta
+        out.shape = ir.Shape(dims)

@@ -1,0 +1,376 @@
+"""Track the token axis through a graph after a block changed the token count, and fix what hard-codes it.
+
+A static export bakes the token count into shape constants (Reshape to [-1, 197, 3, 3, 64], Expand shapes,
+Slice ends). After a method shrinks the tokens, every such constant downstream must change, and only those:
+a 197 that is not on the token axis stays. So the tracker follows the token axis value by value, op by op,
+from the method's outputs, using the shapes the original graph had at run time (graph/probe.py) to align axes,
+and rewrites a constant only where the axis it tracks lands in it.
+
+Values carry a stage: the index of the last method they descend from, which says how many tokens they hold.
+Operands that carry the original token axis but do not descend from any method (an attention mask computed
+from the model input, the mask used for mean pooling) are "side inputs": the caller supplies a replacement
+with the current token count, or the rewrite stops with a message naming the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from tcexport.errors import UsageError
+
+UNARY = {"Identity", "Cast", "CastLike", "Erf", "Relu", "Gelu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Neg",
+         "Abs", "Reciprocal", "Softmax", "LogSoftmax", "LayerNormalization", "Dropout", "IsNaN", "IsInf", "Not",
+         "Clip", "HardSigmoid", "HardSwish", "Softplus", "Floor", "Ceil", "Round", "Sign", "Elu", "LeakyRelu",
+         "SkipLayerNormalization", "RMSNormalization", "Mish", "BiasGelu", "FastGelu"}
+BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Equal", "Less", "LessOrEqual",
+             "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Where", "PRelu", "Mod", "BitwiseAnd", "BitwiseOr"}
+REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin"}
+# Inputs of UNARY ops beyond the first that never carry tokens (scale, bias, min/max, ratio).
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Where a value holds tokens: its token axes, the method stage it descends from, and an offset.
+
+    The value holds stage_counts[stage] + delta tokens (delta < 0 after e.g. x[:, 1:] drops the CLS token);
+    in the original graph it held n0 + delta.
+    """
+
+    axes: frozenset[int]
+    stage: int
+    delta: int = 0
+
+
+SideInputHandler = Callable[[ir.Node, int, int], ir.Value]
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The value's constant data, from an initializer or a Constant node; None when it is computed."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        return producer.attributes["value"].as_tensor().numpy()
+    return None
+
+
+class TokenTracker:
+    """Follows token axes from the values in `starts` through `graph`, fixing constants as it goes.
+
+    shapes: run-time shapes of the original graph (value -> shape); new values borrow the shape of the value
+            they stand in for via `alias`.
+    n0:     the token count in the original graph; stage_counts[s] is the count after method stage s.
+    """
+
+    def __init__(self, graph: ir.Graph, shapes: dict[str, tuple[int, ...]], n0: int, stage_counts: list[int],
+                 side_input: SideInputHandler, skip: set[ir.Node]):
+        self.graph = graph
+        self.shapes_by_name = shapes
+        self.alias: dict[ir.Value, tuple[int, ...]] = {}
+        self.n0 = n0
+        self.stage_counts = stage_counts
+        self.side_input = side_input
+        self.skip = skip
+        self.tracked: dict[ir.Value, Tokens] = {}
+        self.fixed_constants = 0
+
+    # ------------------------------------------------------------------------------------------ shapes
+
+    def shape(self, value: ir.Value) -> tuple[int, ...] | None:
+        if value in self.alias:
+            return self.alias[value]
+        return self.shapes_by_name.get(value.name)
+
+    def rank(self, value: ir.Value) -> int:
+        shape = self.shape(value)
+        if shape is None:
+            raise UsageError(f"no run-time shape for value '{value.name}'; tcexport cannot follow the token axis")
+        return len(shape)
+
+    # ------------------------------------------------------------------------------------------ driver
+
+    def run(self, starts: dict[ir.Value, Tokens]) -> None:
+        self.tracked.update(starts)
+        self.graph.sort()
+        for node in list(self.graph):
+            self.visit(node)
+
+    def visit(self, node: ir.Node) -> None:
+        if node in self.skip:
+            return
+        tracked_inputs = {i: self.tracked[v] for i, v in enumerate(node.inputs) if v is not None and v in self.tracked}
+        if not tracked_inputs:
+            return
+        stages = {(t.stage, t.delta) for t in tracked_inputs.values()}
+        if len(stages) > 1:
+            raise UsageError(f"node '{node.name}' ({node.op_type}) mixes token sets of different sizes (e.g. a skip "
+                             "connection across a compressed block); tcexport cannot rewrite this graph")
+        stage, self.delta = stages.pop()
+        self.out_delta = self.delta
+        rule = getattr(self, f"_rule_{node.op_type}", None)
+        if rule is None:
+            if node.op_type in UNARY:
+                rule = self._rule_unary
+            elif node.op_type in BROADCAST:
+                rule = self._rule_broadcast
+            elif node.op_type in REDUCE:
+                rule = self._rule_reduce
+            else:
+                rule = self._rule_unknown
+        out_axes = rule(node, tracked_inputs, stage)
+        for out, axes in zip(node.outputs, out_axes):
+            if axes:
+                self.tracked[out] = Tokens(frozenset(axes), stage, self.out_delta)
+
+    # ------------------------------------------------------------------------------------------ helpers
+
+    def count(self, stage: int) -> int:
+        """Tokens held now by a value of this stage (and the node being visited's delta)."""
+        return self.stage_counts[stage] + self.delta
+
+    @property
+    def original(self) -> int:
+        """Tokens the value held in the original graph."""
+        return self.n0 + self.delta
+
+    def _replace_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+        constant = ir.node("Constant", [], attributes={"value": ir.tensor(array)},
+                           name=f"{node.name}/tokens_const{index}")
+        constant.outputs[0].name = f"{node.name}_tokens_const{index}"
+        self.graph.insert_before(node, constant)
+        node.replace_input_with(index, constant.outputs[0])
+        self.fixed_constants += 1
+
+    def _fail(self, node: ir.Node, why: str) -> None:
+        raise UsageError(f"cannot carry the token axis through {node.op_type} node '{node.name}': {why}")
+
+    # ------------------------------------------------------------------------------------------ rules
+    # Each rule returns, per output, the set of token axes (empty: the output carries no tokens).
+
+    def _rule_unary(self, node, tracked, stage):
+        if 0 not in tracked:
+            return [set() for _ in node.outputs]
+        return [set(tracked[0].axes)] + [set() for _ in node.outputs[1:]]
+
+    def _rule_broadcast(self, node, tracked, stage):
+        out_rank = self.rank(node.outputs[0])
+        axes = set()
+        for index, tokens in tracked.items():
+            shift = out_rank - self.rank(node.inputs[index])
+            axes |= {a + shift for a in tokens.axes}
+        for index, operand in enumerate(node.inputs):
+            if operand is None or index in tracked:
+                continue
+            shape = self.shape(operand)
+            if shape is None:
+                continue
+            shift = out_rank - len(shape)
+            hits = [a for a in axes if a - shift >= 0 and shape[a - shift] == self.original != 1]
+            if not hits:
+                continue
+            if const_array(operand) is not None:
+                self._fail(node, f"constant operand {index} has the token count {self.original} on the token axis "
+                                 "(e.g. a position embedding added after the compressed block)")
+            replacement = self.side_input(node, index, stage)
+            node.replace_input_with(index, replacement)
+        return [axes] + [set() for _ in node.outputs[1:]]
+
+    def _rule_Transpose(self, node, tracked, stage):
+        perm = list(node.attributes["perm"].as_ints()) if "perm" in node.attributes else None
+        rank = self.rank(node.inputs[0])
+        perm = perm or list(reversed(range(rank)))
+        return [{perm.index(a) for a in tracked[0].axes}]
+
+    def _rule_MatMul(self, node, tracked, stage):
+        out_rank = self.rank(node.outputs[0])
+        axes = set()
+        if 0 in tracked:
+            rank = self.rank(node.inputs[0])
+            for a in tracked[0].axes:
+                if a == rank - 2:
+                    axes.add(out_rank - 2)
+                elif a < rank - 2:
+                    axes.add(a + out_rank - rank)
+        if 1 in tracked:
+            rank = self.rank(node.inputs[1])
+            for a in tracked[1].axes:
+                if a == rank - 1:
+                    axes.add(out_rank - 1)
+                elif a < rank - 2:
+                    axes.add(a + out_rank - rank)
+        return [axes]
+
+    def _rule_Reshape(self, node, tracked, stage):
+        if 0 not in tracked:
+            self._fail(node, "the token count flows into a Reshape's shape input")
+        in_shape, out_shape = self.shape(node.inputs[0]), self.shape(node.outputs[0])
+        axes = set()
+        for a in tracked[0].axes:
+            before = int(np.prod(in_shape[:a]))
+            matches = [j for j in range(len(out_shape))
+                       if out_shape[j] == in_shape[a] and int(np.prod(out_shape[:j])) == before]
+            if not matches:
+                self._fail(node, f"the token axis is folded into another axis ({list(in_shape)} -> {list(out_shape)})")
+            axes.add(matches[0])
+        target = const_array(node.inputs[1])
+        if target is not None:
+            fixed = target.copy()
+            for j in axes:
+                if fixed[j] > 0:
+                    fixed[j] = self.count(stage)
+            if not np.array_equal(fixed, target):
+                self._replace_constant(node, 1, fixed)
+        return [axes]
+
+    def _rule_Expand(self, node, tracked, stage):
+        if 0 not in tracked:
+            self._fail(node, "the token count flows into an Expand's shape input")
+        out_rank = self.rank(node.outputs[0])
+        shift = out_rank - self.rank(node.inputs[0])
+        axes = {a + shift for a in tracked[0].axes}
+        target = const_array(node.inputs[1])
+        if target is not None:
+            fixed = target.copy()
+            for j in axes:
+                if fixed[j] > 1:
+                    fixed[j] = self.count(stage)
+            if not np.array_equal(fixed, target):
+                self._replace_constant(node, 1, fixed)
+        return [axes]
+
+    def _axes_input(self, node, position: int, attribute: str = "axes") -> list[int] | None:
+        if len(node.inputs) > position and node.inputs[position] is not None:
+            array = const_array(node.inputs[position])
+            if array is None:
+                self._fail(node, "its axes are computed at run time")
+            return [int(a) for a in array.reshape(-1)]
+        if attribute in node.attributes:
+            return list(node.attributes[attribute].as_ints())
+        return None
+
+    def _rule_Unsqueeze(self, node, tracked, stage):
+        out_rank = self.rank(node.outputs[0])
+        inserted = sorted(a % out_rank for a in self._axes_input(node, 1))
+        axes = set()
+        for a in tracked[0].axes:
+            position, kept = 0, -1
+            for j in range(out_rank):
+                if j in inserted:
+                    continue
+                kept += 1
+                if kept == a:
+                    position = j
+                    break
+            axes.add(position)
+        return [axes]
+
+    def _rule_Squeeze(self, node, tracked, stage):
+        rank = self.rank(node.inputs[0])
+        removed = self._axes_input(node, 1)
+        if removed is None:
+            removed = [j for j, d in enumerate(self.shape(node.inputs[0])) if d == 1]
+        removed = {a % rank for a in removed}
+        if removed & set(tracked[0].axes):
+            self._fail(node, "it squeezes the token axis")
+        return [{a - sum(1 for r in removed if r < a) for a in tracked[0].axes}]
+
+    def _rule_Slice(self, node, tracked, stage):
+        if 0 not in tracked:
+            self._fail(node, "the token count flows into Slice bounds")
+        rank = self.rank(node.inputs[0])
+        starts, ends = const_array(node.inputs[1]), const_array(node.inputs[2])
+        has_axes = len(node.inputs) > 3 and node.inputs[3] is not None
+        axes_array = const_array(node.inputs[3]) if has_axes else None
+        steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+        if starts is None or ends is None or (has_axes and axes_array is None):
+            self._fail(node, "its bounds are computed at run time")
+        sliced = [int(a) % rank for a in (axes_array if axes_array is not None else range(len(starts)))]
+        axes = set()
+        for a in tracked[0].axes:
+            if a not in sliced:
+                axes.add(a)
+                continue
+            k = sliced.index(a)
+            start, end = int(starts[k]), int(ends[k])
+            if steps is not None and int(steps[k]) != 1:
+                self._fail(node, "it slices the token axis with a stride")
+            if start < 0 or end < 0:
+                self._fail(node, "it slices the token axis from the end")
+            if end >= self.original:
+                # To the end (Slice clamps ends, so no constant changes): tokens minus a fixed prefix.
+                axes.add(a)
+                self.out_delta = self.delta - start
+            elif end > self.count(stage):
+                self._fail(node, f"it takes tokens up to {end}, more than the {self.count(stage)} left")
+            # else: a fixed prefix such as x[:, 0:1]; protected tokens stay first, so it stays right.
+        return [axes]
+
+    def _rule_Gather(self, node, tracked, stage):
+        if 0 not in tracked:
+            self._fail(node, "token-carrying indices")
+        axis = int(node.attributes["axis"].as_int()) if "axis" in node.attributes else 0
+        rank = self.rank(node.inputs[0])
+        axis %= rank
+        index_rank = self.rank(node.inputs[1])
+        axes = set()
+        for a in tracked[0].axes:
+            if a == axis:
+                indices = const_array(node.inputs[1])
+                if indices is None or indices.size == self.original:
+                    self._fail(node, "it gathers along the token axis with run-time or full-length indices")
+                if (indices >= self.count(stage)).any():
+                    self._fail(node, f"it gathers token {int(indices.max())}, beyond the {self.count(stage)} left")
+            elif a < axis:
+                axes.add(a)
+            else:
+                axes.add(a - 1 + index_rank)
+        return [axes]
+
+    def _rule_reduce(self, node, tracked, stage):
+        rank = self.rank(node.inputs[0])
+        reduced = self._axes_input(node, 1) if node.op_type.startswith("Reduce") else None
+        if node.op_type.startswith("Arg"):
+            reduced = [int(node.attributes["axis"].as_int()) if "axis" in node.attributes else 0]
+        if reduced is None:
+            reduced = list(range(rank))
+        reduced = {a % rank for a in reduced}
+        keepdims = node.attributes["keepdims"].as_int() if "keepdims" in node.attributes else 1
+        token_axes = set(tracked[0].axes)
+        if reduced & token_axes and node.op_type == "ReduceMean":
+            self._fail(node, "it averages over tokens; merged tokens would need a size-weighted average")
+        axes = set()
+        for a in token_axes - reduced:
+            axes.add(a if keepdims else a - sum(1 for r in reduced if r < a))
+        return [axes]
+
+    def _rule_Concat(self, node, tracked, stage):
+        axis = int(node.attributes["axis"].as_int()) % self.rank(node.outputs[0])
+        axes = set().union(*(t.axes for t in tracked.values()))
+        if axis in axes:
+            self._fail(node, "it concatenates along the token axis")
+        return [axes]
+
+    def _rule_Split(self, node, tracked, stage):
+        axis = int(node.attributes["axis"].as_int()) if "axis" in node.attributes else 0
+        axis %= self.rank(node.inputs[0])
+        if axis in tracked[0].axes:
+            self._fail(node, "it splits the token axis")
+        return [set(tracked[0].axes) for _ in node.outputs]
+
+    def _rule_Shape(self, node, tracked, stage):
+        return [set()]  # shape data adapts at run time; it carries no token axis itself
+
+    def _rule_unknown(self, node, tracked, stage):
+        for out in node.outputs:
+            shape = self.shape(out)
+            if shape and self.original in shape:
+                self._fail(node, "tcexport has no rule for this op")
+        return [set() for _ in node.outputs]

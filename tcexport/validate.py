@@ -1,0 +1,252 @@
+"""`tcexport validate`: compare an ONNX model (or ONNX Runtime build) with its PyTorch reference.
+
+The reference is rebuilt from the file alone: tcexport.source says how to recreate the PyTorch model (spec and
+weights, checked by hash) and tcexport.compression says which methods run at which blocks, applied in eager
+PyTorch (tcexport.reference). Both run on the same random inputs (text models get random padding), and the
+report gives, per output, max abs/rel error and cosine against the reference, plus fidelity against the
+uncompressed model (cosine; top-1 agreement for classifiers).
+
+Token choices are discrete: when a near-tie between two candidate merges falls the other way in fp32, the two
+sides legitimately pick different tokens and their outputs differ by more than rounding. Such samples are
+detected (each stage's token sizes, exposed from the ONNX graph, differ from the reference's) and reported as
+discrete divergence, apart from numeric error. The check fails (exit 1) when a sample without divergence
+exceeds the tolerance, or when every sample diverged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from tcexport import artifacts, metadata, methods, onnxfile, sources
+from tcexport.atomic import atomic_file
+from tcexport.errors import UsageError, ValidationFailed
+from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS, random_feeds
+
+SIZE_OUTPUT = re.compile(r"^tc_blk(\d+)_[a-z_]+_size_out$")
+METRIC_OUTPUT = "tc_blk{}_metric"
+
+
+@dataclass
+class ValidationReport:
+    model: str
+    atol: float
+    rtol: float
+    samples: list[dict] = field(default_factory=list)
+
+    @property
+    def diverged(self) -> list[dict]:
+        return [s for s in self.samples if s["discrete_divergence"]]
+
+    @property
+    def numeric_failures(self) -> list[dict]:
+        return [s for s in self.samples if not s["discrete_divergence"] and not s["within_tolerance"]]
+
+    @property
+    def passed(self) -> bool:
+        return not self.numeric_failures and len(self.diverged) < len(self.samples)
+
+    def worst(self, key: str) -> float:
+        values = [o[key] for s in self.samples if not s["discrete_divergence"] for o in s["outputs"].values()]
+        return max(values) if values else float("nan")
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "atol": self.atol, "rtol": self.rtol, "passed": self.passed,
+                "samples": self.samples, "discrete_divergences": len(self.diverged),
+                "numeric_failures": len(self.numeric_failures),
+                "max_abs": self.worst("max_abs"), "max_rel": self.worst("max_rel")}
+
+
+def compare(reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> dict:
+    if reference.shape != actual.shape:
+        return {"shape_mismatch": [list(reference.shape), list(actual.shape)], "max_abs": float("inf"),
+                "max_rel": float("inf"), "cosine": float("nan"), "within_tolerance": False}
+    ref = reference.astype(np.float64)
+    act = actual.astype(np.float64)
+    diff = np.abs(ref - act)
+    flat_ref, flat_act = ref.reshape(ref.shape[0], -1), act.reshape(act.shape[0], -1)
+    cosine = np.sum(flat_ref * flat_act, axis=1) / np.maximum(
+        np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_act, axis=1), 1e-30)
+    return {"max_abs": float(diff.max()), "max_rel": float((diff / np.maximum(np.abs(ref), 1e-6)).max()),
+            "cosine": float(cosine.min()), "within_tolerance": bool(np.all(diff <= atol + rtol * np.abs(ref)))}
+
+
+def plan_from_record(record: dict | None) -> tuple[dict, bool]:
+    """{block: Method} and prop_attn from a tcexport.compression record (empty plan when uncompressed)."""
+    if not record:
+        return {}, True
+    names = record.get("methods") or [record["method"]] * len(record["layers"])
+    plan = {int(block): methods.get(name)(**params)
+            for block, name, params in zip(record["layers"], names, record["params"])}
+    return plan, bool(record.get("prop_attn", True))
+
+
+def sample_feeds(specs, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs; text inputs get a random real length per row (padding at the end) so masks matter."""
+    feeds = random_feeds(specs, batch, seed)
+    rng = np.random.default_rng(seed + 10_000)
+    masks = [s for s in specs if s.kind == ATTENTION_MASK]
+    ids = [s for s in specs if s.kind == TOKEN_IDS]
+    for spec in masks:
+        mask = feeds[spec.name]
+        seq = mask.shape[1]
+        for row in range(batch):
+            length = int(rng.integers(max(2, seq // 4), seq + 1))
+            mask[row, length:] = 0
+        for id_spec in ids:
+            feeds[id_spec.name] = np.where(mask > 0, feeds[id_spec.name], 0).astype(feeds[id_spec.name].dtype)
+    return feeds
+
+
+def _records(artifact: artifacts.Artifact) -> tuple[dict | None, dict | None]:
+    if artifact.sidecar:
+        records = artifact.sidecar.get("records", {})
+        return records.get(metadata.SOURCE), records.get(metadata.COMPRESSION)
+    model = onnxfile.load(artifact.model_path, load_external_data=False)
+    return metadata.read(model, metadata.SOURCE), metadata.read(model, metadata.COMPRESSION)
+
+
+def _session_with_sizes(artifact: artifacts.Artifact, threads: int | None):
+    """An ORT session that also returns each stage's size tensor (when the graph still names them)."""
+    from tcexport.backends import ort as ort_backend
+
+    model = onnxfile.load(artifact.model_path)
+    known = {o.name for o in model.graph.output}
+    produced = {out for node in model.graph.node for out in node.output}
+    sizes = sorted({out for out in produced if SIZE_OUTPUT.match(out)} - known,
+                   key=lambda name: int(SIZE_OUTPUT.match(name).group(1)))
+    metrics = [METRIC_OUTPUT.format(SIZE_OUTPUT.match(name).group(1)) for name in sizes]
+    extra = sizes + [m for m in metrics if m in produced]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
+    provider = "cpu"
+    if artifact.sidecar.get("provider"):
+        provider = {v: k for k, v in ort_backend.PROVIDERS.items()}.get(artifact.sidecar["provider"], "cpu")
+    options = ort_backend.session_options(threads)
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=[ort_backend.provider_name(provider)])
+    except Exception as exc:  # noqa: BLE001 - ORT raises several types; the user needs one line
+        raise UsageError(f"{artifact.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    return session, sizes
+
+
+def validate(path: Path, samples: int = 4, seed: int = 0, atol: float = 1e-4, rtol: float = 1e-4,
+             batches: tuple[int, ...] = (1, 3), threads: int | None = None) -> ValidationReport:
+    artifact = artifacts.resolve(path)
+    if artifact.backend != "ort":
+        raise UsageError(f"{path}: validating {artifact.backend} engines needs that backend's runtime; "
+                         "validate the ONNX file it was built from here")
+    source_record, compression_record = _records(artifact)
+    if not source_record:
+        raise UsageError(f"{path} has no tcexport.source record; validate needs a model exported by 'tcexport export'")
+    source = sources.load_from_record(source_record)
+    plan, prop_attn = plan_from_record(compression_record)
+    if plan:
+        from tcexport.reference import compressed_reference
+
+        reference = compressed_reference(source, plan, prop_attn=prop_attn)
+    else:
+        reference = source.model
+    session, size_names = _session_with_sizes(artifact, threads)
+    outputs = source.outputs
+    report = ValidationReport(str(path), atol, rtol)
+    for index in range(samples):
+        batch = batches[index % len(batches)]
+        feeds = sample_feeds(source.inputs, batch, seed + index)
+        tensors = [torch.from_numpy(feeds[spec.name]) for spec in source.inputs]
+        with torch.no_grad():
+            expected = _as_tuple(reference(*tensors))
+            baseline = _as_tuple(source.model(*tensors)) if plan else expected
+        results = session.run(None, feeds)
+        actual = dict(zip([o.name for o in session.get_outputs()], results))
+        sample = {"index": index, "batch": batch, "seed": seed + index, "outputs": {}, "fidelity": {}}
+        for name, ref, base in zip(outputs, expected, baseline):
+            sample["outputs"][name] = compare(ref.numpy(), actual[name], atol, rtol)
+            sample["fidelity"][name] = _fidelity(base.numpy(), actual[name])
+        sample["within_tolerance"] = all(o["within_tolerance"] for o in sample["outputs"].values())
+        sample["discrete_divergence"] = not sample["within_tolerance"] and _diverged(reference, actual, size_names)
+        report.samples.append(sample)
+    return report
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _fidelity(uncompressed: np.ndarray, actual: np.ndarray) -> dict:
+    """How close the compressed output stays to the uncompressed model's."""
+    if uncompressed.shape != actual.shape:
+        return {"note": f"shape {list(actual.shape)} vs uncompressed {list(uncompressed.shape)}"}
+    base = uncompressed.reshape(uncompressed.shape[0], -1).astype(np.float64)
+    act = actual.reshape(actual.shape[0], -1).astype(np.float64)
+    cosine = np.sum(base * act, axis=1) / np.maximum(np.linalg.norm(base, axis=1) * np.linalg.norm(act, axis=1), 1e-30)
+    result = {"cosine_vs_uncompressed": float(cosine.mean())}
+    if uncompressed.ndim == 2 and uncompressed.shape[1] > 1:
+        result["top1_agreement"] = float(np.mean(uncompressed.argmax(1) == actual.argmax(1)))
+    return result
+
+
+def _diverged(reference, actual: dict, size_names: list[str], tolerance: float = 1e-4) -> bool:
+    """True when the two sides merged different tokens from (numerically) the same inputs: a near-tie flip.
+
+    Each stage's size tensor fingerprints its token choices. At the first stage whose sizes differ, the
+    metric the method decided on must still agree; if it does not, an error upstream changed the choice, and
+    that is a numeric failure, not a divergence.
+    """
+    flow = getattr(reference, "flow", None)
+    stage_sizes = getattr(flow, "stage_sizes", None)
+    stage_metrics = getattr(flow, "stage_metrics", None)
+    if not size_names or not stage_sizes:
+        return False
+    for stage, (name, expected) in enumerate(zip(size_names, stage_sizes)):
+        got = actual.get(name)
+        if got is not None and got.shape == tuple(expected.shape) and np.array_equal(got, expected.numpy()):
+            continue
+        metric_name = METRIC_OUTPUT.format(SIZE_OUTPUT.match(name).group(1))
+        if stage_metrics is None or metric_name not in actual or stage >= len(stage_metrics):
+            return False
+        want, have = stage_metrics[stage].numpy(), actual[metric_name]
+        if want.shape != have.shape:
+            return False
+        scale = max(float(np.abs(want).max()), 1e-6)
+        return float(np.abs(want - have).max()) <= tolerance * scale
+    return False
+
+
+def format_report(report: ValidationReport) -> str:
+    lines = [f"validate {report.model}: {len(report.samples)} samples, atol {report.atol:g}, rtol {report.rtol:g}"]
+    for sample in report.samples:
+        flag = "DIVERGED (different tokens chosen)" if sample["discrete_divergence"] else (
+            "ok" if sample["within_tolerance"] else "EXCEEDS TOLERANCE")
+        parts = []
+        for name, o in sample["outputs"].items():
+            fid = sample["fidelity"][name]
+            extra = "".join(f", {k} {v:.4f}" for k, v in fid.items() if isinstance(v, float))
+            parts.append(f"{name}: max abs {o['max_abs']:.2e}, max rel {o['max_rel']:.2e}, cosine {o['cosine']:.6f}{extra}")
+        lines.append(f"  sample {sample['index']} (batch {sample['batch']}): {'; '.join(parts)} [{flag}]")
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines.append(f"{verdict}: {len(report.numeric_failures)} numeric failure(s), "
+                 f"{len(report.diverged)} discrete divergence(s)")
+    return "\n".join(lines)
+
+
+def write_json(report: ValidationReport, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+
+
+def run(path: Path, json_path: Path | None = None, **options) -> ValidationReport:
+    report = validate(path, **options)
+    if json_path:
+        write_json(report, json_path)
+    if not report.passed:
+        raise ValidationFailed(format_report(report), report.to_json())
+    return report
