@@ -14,6 +14,11 @@ def paragraphs() -> list[str]:
     return [p.strip().replace("\n", " ") for p in text.split("\n\n") if p.strip()]
 
 
+def queries() -> list[str]:
+    """One search query per paragraph, in the same order (for retrieval checks)."""
+    return _lines("queries.txt")
+
+
 def _lines(name: str) -> list[str]:
     text = resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]

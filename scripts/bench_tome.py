@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""ToMe on ViT-B/16 with ONNX Runtime (CPU): measured speedup vs the FLOP-ideal speedup of the token schedule,
+and the share of compressed latency spent in the ops tcexport inserted (from ORT's profiler).
+
+    python scripts/bench_tome.py [--out out/bench_tome] [--r 8,13,16] [--batch 1,8] [--iters 12]
+
+FLOP-ideal speedup = FLOPs(baseline) / FLOPs(compressed model's own ops): what a perfect engine would gain
+from the fewer tokens alone. The inserted ops (names starting with "tc_") are excluded there and measured
+separately: their profiler time over all node time. Weights are seeded random (timing does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+
+from tcexport import bench, compress, export, flops, inputs, sources
+from tcexport.backends import ort as ort_backend
+
+INSERTED_PREFIX = "tc_"
+
+
+def inserted_share(model_path: Path, batch: int, runs: int, threads: int | None) -> dict:
+    """Run with ORT's profiler; return the share of node time in inserted ops, and which of them cost most."""
+    options = ort_backend.session_options(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "profile")
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        model = ort_backend.onnxfile.load(model_path, load_external_data=False)
+        feeds = inputs.random_feeds(inputs.specs_from_graph(model), batch)
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    node_time, inserted_time, by_op = 0, 0, {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        name = event["name"].removesuffix("_kernel_time")
+        node_time += event["dur"]
+        if name.startswith(INSERTED_PREFIX):
+            inserted_time += event["dur"]
+            op = event.get("args", {}).get("op_name", "?")
+            by_op[op] = by_op.get(op, 0) + event["dur"]
+    top = sorted(by_op.items(), key=lambda kv: -kv[1])[:4]
+    return {"share": inserted_time / node_time if node_time else 0.0,
+            "top_ops": [{"op": op, "share": t / node_time} for op, t in top]}
+
+
+def model_flops(path: Path, batch: int) -> tuple[float, float]:
+    """(FLOPs of the model's own ops, FLOPs of the inserted ops) at this batch."""
+    result = flops.estimate(path, batch=batch)
+    inserted = sum(n.flops for n in result.nodes if n.name.startswith(INSERTED_PREFIX))
+    return result.total_flops - inserted, inserted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="timm:vit_base_patch16_224")
+    parser.add_argument("--out", default="out/bench_tome", type=Path)
+    parser.add_argument("--r", default="8,13,16")
+    parser.add_argument("--batch", default="1,8")
+    parser.add_argument("--iters", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--profile-runs", type=int, default=5)
+    args = parser.parse_args()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    batches = [int(b) for b in args.batch.split(",")]
+    rs = [int(r) for r in args.r.split(",")]
+
+    base = out / "base.onnx"
+    if not base.exists():
+        export.export_to_file(sources.load(args.model, seed=0), base)
+    builds = {"base": out / "base-ort"}
+    ort_backend.build(base, builds["base"], threads=args.threads)
+    schedules = {}
+    for r in rs:
+        path = out / f"tome_r{r}.onnx"
+        schedules[r] = compress.compress_file(base, path, r=str(r))
+        builds[f"r{r}"] = out / f"tome_r{r}-ort"
+        ort_backend.build(path, builds[f"r{r}"], threads=args.threads)
+
+    timing = bench.run([str(p) for p in builds.values()], batches=batches, threads=args.threads,
+                       warmup=args.warmup, iters=args.iters)
+    bench.print_table(timing)
+    bench.write_json(timing, out / "bench.json")
+    medians = {(e["artifact"], e["batch"]): e["latency_ms"]["median"] for e in timing["results"]}
+
+    rows = []
+    for batch in batches:
+        base_flops, _ = model_flops(base, batch)
+        for r in rs:
+            own, inserted = model_flops(out / f"tome_r{r}.onnx", batch)
+            ideal = base_flops / own
+            measured = medians[("base-ort", batch)] / medians[(f"tome_r{r}-ort", batch)]
+            profile = inserted_share(builds[f"r{r}"] / "model.onnx", batch, args.profile_runs, args.threads)
+            rows.append({"r": r, "batch": batch, "tokens_out": schedules[r][-1]["out"],
+                         "gflops_base": base_flops / 1e9, "gflops_compressed": own / 1e9,
+                         "gflops_inserted": inserted / 1e9, "flop_ideal_speedup": ideal,
+                         "measured_speedup": measured, "fraction_of_ideal": measured / ideal,
+                         "base_median_ms": medians[("base-ort", batch)],
+                         "compressed_median_ms": medians[(f"tome_r{r}-ort", batch)],
+                         "inserted_share": profile["share"], "inserted_top_ops": profile["top_ops"]})
+    (out / "results.json").write_text(json.dumps({"rows": rows, "environment": timing["environment"]}, indent=2))
+    print("\n| r | batch | tokens (last block) | GFLOPs base → ToMe | FLOP-ideal | measured | of ideal | "
+          "base ms | ToMe ms | inserted ops |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['r']} | {row['batch']} | {row['tokens_out']} | {row['gflops_base']:.1f} → "
+              f"{row['gflops_compressed']:.1f} | {row['flop_ideal_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
+              f"{100 * row['fraction_of_ideal']:.0f}% | {row['base_median_ms']:.1f} | "
+              f"{row['compressed_median_ms']:.1f} | {100 * row['inserted_share']:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""YAML recipes: schema errors (one line, exit 2, nothing written), the shipped recipes, and one end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, run_cli
+from tcexport import recipes
+from tcexport.errors import UsageError
+
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+GOOD = "model:\n  spec: timm:vit_tiny_patch16_224\n"
+
+# Run through the CLI in a fresh process, as a user would: name -> (recipe text, words the one-line error must hold)
+BAD_RECIPES = {
+    "unknown_field": (GOOD + "  seqlen: 3\n", ["model.seqlen", "unknown field", "seq_len"]),
+    "negative_r": (GOOD + "compress: {r: -1}\n", ["compress.r", "must be >= 0"]),
+    "bad_layers_type": (GOOD + "compress: {r: 4, layers: {first: 1}}\n", ["compress.layers", "must be 'all'"]),
+    "missing_spec": ("model:\n  seq_len: 8\n", ["model.spec", "required"]),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad recipe in its own `python -m tcexport.cli build` process, all at once (each pays the torch import)."""
+    work = tmp_path_factory.mktemp("bad_recipes")
+    procs = {}
+    for name, (text, _) in BAD_RECIPES.items():
+        (work / name).mkdir()
+        (work / name / "bad.yaml").write_text(text)
+        procs[name] = subprocess.Popen([sys.executable, "-m", "tcexport.cli", "build", f"{name}/bad.yaml", "-o",
+                                        f"{name}/out"], cwd=work, text=True, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
+    results = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return work, results
+
+
+@pytest.mark.parametrize("name", list(BAD_RECIPES))
+def test_bad_recipe_is_one_line_exit_2_and_writes_nothing(bad_runs, name):
+    work, results = bad_runs
+    result = results[name]
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: {name}/bad.yaml: "), lines[0]  # names the file, then the field
+    for word in BAD_RECIPES[name][1]:
+        assert word in lines[0], (word, lines[0])
+    if name == "negative_r":
+        assert lines[0] == "error: negative_r/bad.yaml: compress.r: must be >= 0 (got -1)"
+    assert [p.name for p in (work / name).iterdir()] == ["bad.yaml"]  # no out, no temporary directory
+
+
+# ---------------------------------------------------------------------------------------------- schema, in process
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_recipe_validates(path):
+    recipe = recipes.load(path)
+    assert recipe.name == path.stem
+    assert recipe.compress is not None and recipe.validation is not None and recipe.bench is not None
+    # The resolved form written into OUT_DIR/recipe.yaml is itself a valid recipe, equal to the original.
+    again = recipes.parse(yaml.safe_load(recipe.to_yaml()), "resolved")
+    assert again.model_dump() == recipe.model_dump()
+
+
+def test_the_expected_recipes_ship():
+    assert {p.stem for p in SHIPPED} >= {"vit_b16_tome_r16", "deit_s_tome_r13", "minilm_tome", "vit_tiny_tome_r8"}
+    minilm = recipes.load(ROOT / "recipes" / "minilm_tome.yaml")
+    assert minilm.model.spec == "st:all-MiniLM-L6-v2" and minilm.model.seq_len == 128
+    assert minilm.bench.batch == [1, 8]
+    vit_b = recipes.load(ROOT / "recipes" / "vit_b16_tome_r16.yaml")
+    assert vit_b.model.seed == 0 and vit_b.compress.r[0] == 16
+
+
+@pytest.mark.parametrize("text, words", [
+    ("model: {spec: 'timm:x', seed: true}", ["model.seed", "integer"]),
+    ("model: {spec: foo}", ["model.spec", "unknown model spec"]),
+    ("model: {spec: 'timm:x', pretrained: true, checkpoint: w.pth}", ["model:", "not both"]),
+    ("model: {spec: 'timm:x'}\nvalidate: {atol: -1.0e-3}", ["validate.atol", "must be >= 0"]),
+    ("model: {spec: 'timm:x'}\nbuild: {opt_level: max}", ["build.opt_level", "'all'"]),
+    ("model: {spec: 'timm:x'}\nbuild: {backend: trt}", ["build.backend", "--backend trt"]),
+    ("model: {spec: 'timm:x'}\nexport: {batch: 4}\nbench: {batch: [1, 8]}", ["bench.batch", "fixed batch of 4"]),
+    ("model: {spec: 'timm:x'}\ncompress: {r: [1, 2], layers: 0-2}", ["compress", "2 values for 3"]),
+    ("model: {spec: 'timm:x'}\ncompress: {r: 4, layers: 5-2}", ["compress.layers", "backwards"]),
+    ("model: {spec: 'timm:x'}\nbench: {iters: 5, duration: 2}", ["bench", "not both"]),
+    ("model: {spec: 'timm:x'}\nvalidation: {}", ["validation", "did you mean 'validate'"]),
+    ("model: {spec: 'timm:x'}\ncompress: {r: [4, -2]}", ["compress.r", "must be >= 0 (got -2 at position 1)"]),
+    ("model: {spec: 'timm:x'}\nmodel: {spec: 'timm:y'}", [":2:1: invalid YAML", "appears twice"]),
+    ("model:\n  spec: [timm:x", ["invalid YAML"]),
+    ("", ["the recipe is empty"]),
+    ("- model", ["must be a mapping"]),
+])
+def test_schema_errors_name_the_field(tmp_path, text, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(UsageError) as info:
+        recipes.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:") and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_missing_recipe_file_and_cli_options_beside_a_recipe(tmp_path):
+    from tcexport import pipeline
+
+    with pytest.raises(UsageError, match="no such recipe file"):
+        recipes.load(tmp_path / "nope.yaml")
+    path = tmp_path / "ok.yaml"
+    path.write_text(GOOD)
+    with pytest.raises(UsageError, match="--opt-level, --seq-len cannot be combined with a recipe"):
+        pipeline.build(str(path), tmp_path / "out", opt_level="basic", seq_len=8)
+    assert not (tmp_path / "out").exists()
+
+
+def test_defaults_skips_and_relative_checkpoint(tmp_path):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.pth").write_bytes(b"")
+    path = tmp_path / "my recipe.yaml"
+    path.write_text("model: {spec: 'timm:x', checkpoint: weights/w.pth}\nvalidate: false\nbench: false\n"
+                    "export: {atol: 1e-4}\n")  # PyYAML reads 1e-4 as a string; the schema takes it as a number
+    recipe = recipes.load(path)
+    assert recipe.name == "my_recipe"
+    assert recipe.model.checkpoint == str((tmp_path / "weights" / "w.pth").resolve())
+    assert recipe.validation is None and recipe.bench is None and recipe.compress is None
+    assert recipe.export.atol == 1e-4
+    dumped = yaml.safe_load(recipe.to_yaml())
+    assert dumped["validate"] is False and dumped["bench"] is False and "compress" not in dumped
+
+    path.write_text("model: {spec: 'hf:./bert'}\n")
+    assert recipes.load(path).model.spec == f"hf:{(tmp_path / 'bert').resolve()}"
+    path.write_text("model: {spec: 'st:all-MiniLM-L6-v2'}\n")
+    assert recipes.load(path).model.spec == "st:all-MiniLM-L6-v2"
+
+    recipe = recipes.parse({"model": {"spec": "timm:x"}, "export": {"batch": 2}})
+    assert recipe.validation.batch == [2] and recipe.bench.batch == [2]
+    recipe = recipes.parse({"model": {"spec": "timm:x"}})
+    assert recipe.validation.batch == [1, 3] and recipe.bench.batch == [1, 8]
+
+
+def test_output_dir_that_is_not_a_recipe_output_is_refused(tmp_path):
+    recipe = recipes.parse({"model": {"spec": "timm:x"}})
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not the output of a recipe"):
+        recipes.run(recipe, tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+LAYOUT = {"model.onnx", "model.tc.onnx", "validate.json", "baseline", "compressed", "bench.json", "bench.png",
+          "recipe.yaml", "summary.json"}
+
+
+@pytest.fixture(scope="module")
+def vit_tiny_run(tmp_path_factory):
+    """The shipped vit_tiny recipe, run once through the CLI with a short bench."""
+    work = tmp_path_factory.mktemp("vit_tiny_recipe")
+    data = yaml.safe_load((ROOT / "recipes" / "vit_tiny_tome_r8.yaml").read_text())
+    data["bench"].update(iters=3, warmup=1)
+    data["validate"].update(samples=2)  # one sample at batch 1, one at batch 3
+    recipe = work / "vit_tiny_short.yaml"
+    recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = work / "out"
+    result = run_cli("build", recipe, "-o", out)
+    return result, out, work
+
+
+def test_vit_tiny_recipe_end_to_end(vit_tiny_run):
+    result, out, work = vit_tiny_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {p.name for p in out.iterdir()} == LAYOUT
+    assert [p.name for p in work.iterdir() if p.name.startswith(".")] == []  # the temporary directory is gone
+    for build in ("baseline", "compressed"):
+        sidecar = json.loads((out / build / "tcexport-build.json").read_text())
+        assert sidecar["backend"] == "ort"
+        assert Path(sidecar["source_model"]) == out.resolve() / ("model.onnx" if build == "baseline" else "model.tc.onnx")
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["name"] == "vit_tiny_tome_r8"
+    assert summary["tokens"]["in"] == 197 and summary["tokens"]["out"] == 197 - 12 * 8
+    assert summary["validation"]["passed"] is True and summary["validation"]["samples"] == 2
+    assert [s["batch"] for s in summary["speedup"]] == [1, 8]
+    assert all(s["speedup"] > 0 for s in summary["speedup"])
+
+    bench = json.loads((out / "bench.json").read_text())
+    assert [a["label"] for a in bench["artifacts"]] == ["baseline", "compressed"]
+    assert bench["settings"]["iters"] == 3
+    assert json.loads((out / "validate.json").read_text())["passed"] is True
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+    # recipe.yaml is the resolved recipe: it loads again and says what ran.
+    resolved = recipes.load(out / "recipe.yaml")
+    assert resolved.bench.iters == 3 and resolved.compress.r == 8 and resolved.validation.batch == [1, 3]
+
+    # Progress lines, then the bench table and the validation summary.
+    for text in ("[1/5] export", "[2/5] compress", "[3/5] validate", "[4/5] build", "[5/5] bench",
+                 "latency in ms", "PASSED", "speedup at batch 8"):
+        assert text in result.stdout, (text, result.stdout)
+
+
+def test_failed_validation_exits_1_and_leaves_no_dir(vit_tiny_run, tmp_path):
+    _, out, _ = vit_tiny_run
+    # Start from the export the end-to-end run made (an .onnx spec skips the export stage), relative to the recipe.
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "vit_tiny.onnx").symlink_to(out / "model.onnx")
+    recipe = tmp_path / "strict.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"spec": "in/vit_tiny.onnx"},
+        "compress": {"r": 8},
+        "validate": {"samples": 1, "atol": 0.0, "rtol": 0.0},  # float32 rounding alone exceeds zero tolerance
+        "bench": False,
+    }))
+    result = run_cli("build", recipe, "-o", tmp_path / "out")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "[1/4] export" in result.stdout and "already exported" in result.stdout
+    assert "validation failed" in result.stderr and "EXCEEDS TOLERANCE" in result.stderr
+    assert "nothing written" in result.stderr and ".tmp" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "strict.yaml"]
