@@ -11,6 +11,13 @@ sides legitimately pick different tokens and their outputs differ by more than r
 detected (each stage's token sizes, exposed from the ONNX graph, differ from the reference's) and reported as
 discrete divergence, apart from numeric error. The check fails (exit 1) when a sample without divergence
 exceeds the tolerance, or when every sample diverged.
+
+A TensorRT build directory (sidecar backend "trt") runs through tcexport.backends.trt.TrtRunner instead of ONNX
+Runtime, which needs tensorrt and a GPU (else one UsageError line naming what is missing). Its tolerances follow
+its precision (tolerances_for) unless --atol/--rtol/--min-cosine are given, and the report says which were used
+and why. Divergence detection needs the per-stage size tensors that only an ONNX Runtime session can expose, so
+for engines it is reported as unavailable: a near-tie flip there counts as a numeric failure (validate the ONNX
+file the engine was built from to tell the two apart).
 """
 
 from __future__ import annotations
@@ -32,6 +39,50 @@ from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS, random_feeds
 SIZE_OUTPUT = re.compile(r"^tc_blk(\d+)_[a-z_]+_size_out$")
 METRIC_OUTPUT = "tc_blk{}_metric"
 
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4
+# (atol, rtol, min_cosine) per engine precision; fp32 keeps the defaults and no cosine floor. A sample passes
+# when every output is within atol + rtol * |reference| elementwise and, where a floor is set, its per-row
+# cosine similarity to the reference is at least min_cosine.
+PRECISION_TOLERANCES: dict[str, tuple[float, float, float | None]] = {
+    "fp32": (DEFAULT_ATOL, DEFAULT_RTOL, None),
+    "fp16": (1e-2, 1e-2, 0.999),
+    "bf16": (5e-2, 5e-2, 0.995),
+}
+PRECISION_WHY = {
+    "fp32": "float32 arithmetic, so only summation-order rounding differs",
+    "fp16": "float16 keeps about 3 significant digits (unit roundoff 4.9e-4) and errors add up across layers",
+    "bf16": "bfloat16 keeps about 2 significant digits (unit roundoff 3.9e-3) and errors add up across layers",
+}
+ENGINE_DIVERGENCE_NOTE = ("not checked for TensorRT engines (it needs the per-stage size tensors only an ONNX "
+                          "Runtime session exposes); a near-tie flip counts as a numeric failure here: validate "
+                          "the ONNX file the engine was built from to tell them apart")
+
+
+def tolerances_for(precision: str, atol: float | None = None, rtol: float | None = None,
+                   min_cosine: float | None = None) -> tuple[float, float, float | None]:
+    """(atol, rtol, min_cosine) for outputs computed at `precision`; values given explicitly win."""
+    if precision not in PRECISION_TOLERANCES:
+        raise UsageError(f"unknown precision '{precision}' in the sidecar; expected one of "
+                         f"{', '.join(PRECISION_TOLERANCES)}; rebuild with 'tcexport build'")
+    default_atol, default_rtol, default_cosine = PRECISION_TOLERANCES[precision]
+    return (default_atol if atol is None else float(atol), default_rtol if rtol is None else float(rtol),
+            default_cosine if min_cosine is None else float(min_cosine))
+
+
+def tolerance_reason(precision: str, engine: bool, atol: float | None = None, rtol: float | None = None,
+                     min_cosine: float | None = None) -> str:
+    """Why the tolerances are what they are, for the report: given on the command line, or this precision's."""
+    given = [name for name, value in (("--atol", atol), ("--rtol", rtol), ("--min-cosine", min_cosine))
+             if value is not None]
+    what = f"{precision} engine" if engine else f"{precision} ONNX Runtime run"
+    if len(given) == 3:
+        return "all given on the command line"
+    defaults = f"defaults for a {what}: {PRECISION_WHY[precision]}"
+    if given:
+        return f"{', '.join(given)} given, the rest {defaults}"
+    return defaults
+
 
 @dataclass
 class ValidationReport:
@@ -39,6 +90,10 @@ class ValidationReport:
     atol: float
     rtol: float
     samples: list[dict] = field(default_factory=list)
+    min_cosine: float | None = None
+    backend: str = "ort"
+    precision: str = "fp32"
+    tolerance_reason: str = ""
 
     @property
     def diverged(self) -> list[dict]:
@@ -56,14 +111,26 @@ class ValidationReport:
         values = [o[key] for s in self.samples if not s["discrete_divergence"] for o in s["outputs"].values()]
         return max(values) if values else float("nan")
 
+    @property
+    def divergence_check(self) -> str:
+        return "ONNX Runtime size tensors" if self.backend == "ort" else ENGINE_DIVERGENCE_NOTE
+
     def to_json(self) -> dict:
         return {"model": self.model, "atol": self.atol, "rtol": self.rtol, "passed": self.passed,
                 "samples": self.samples, "discrete_divergences": len(self.diverged),
                 "numeric_failures": len(self.numeric_failures),
-                "max_abs": self.worst("max_abs"), "max_rel": self.worst("max_rel")}
+                "max_abs": self.worst("max_abs"), "max_rel": self.worst("max_rel"),
+                "backend": self.backend, "precision": self.precision, "min_cosine": self.min_cosine,
+                "tolerances": {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine,
+                               "reason": self.tolerance_reason},
+                "divergence_check": self.divergence_check}
 
 
-def compare(reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float) -> dict:
+def compare(reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float,
+            min_cosine: float | None = None) -> dict:
+    """Max abs/rel error and the lowest per-row cosine; within_tolerance needs every element within
+    atol + rtol * |reference| and, when min_cosine is set, every row's cosine at least min_cosine (rows that are
+    zero on both sides count as matching)."""
     if reference.shape != actual.shape:
         return {"shape_mismatch": [list(reference.shape), list(actual.shape)], "max_abs": float("inf"),
                 "max_rel": float("inf"), "cosine": float("nan"), "within_tolerance": False}
@@ -71,10 +138,14 @@ def compare(reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float)
     act = actual.astype(np.float64)
     diff = np.abs(ref - act)
     flat_ref, flat_act = ref.reshape(ref.shape[0], -1), act.reshape(act.shape[0], -1)
-    cosine = np.sum(flat_ref * flat_act, axis=1) / np.maximum(
-        np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_act, axis=1), 1e-30)
+    norm_ref, norm_act = np.linalg.norm(flat_ref, axis=1), np.linalg.norm(flat_act, axis=1)
+    cosine = np.sum(flat_ref * flat_act, axis=1) / np.maximum(norm_ref * norm_act, 1e-30)
+    within = bool(np.all(diff <= atol + rtol * np.abs(ref)))
+    if min_cosine is not None:
+        both_zero = (norm_ref == 0) & (norm_act == 0)
+        within = within and bool(np.all((cosine >= min_cosine) | both_zero))
     return {"max_abs": float(diff.max()), "max_rel": float((diff / np.maximum(np.abs(ref), 1e-6)).max()),
-            "cosine": float(cosine.min()), "within_tolerance": bool(np.all(diff <= atol + rtol * np.abs(ref)))}
+            "cosine": float(cosine.min()), "within_tolerance": within}
 
 
 def plan_from_record(record: dict | None) -> tuple[dict, bool]:
@@ -138,12 +209,25 @@ def _session_with_sizes(artifact: artifacts.Artifact, threads: int | None):
     return session, sizes
 
 
-def validate(path: Path, samples: int = 4, seed: int = 0, atol: float = 1e-4, rtol: float = 1e-4,
-             batches: tuple[int, ...] = (1, 3), threads: int | None = None) -> ValidationReport:
+def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = None, rtol: float | None = None,
+             batches: tuple[int, ...] = (1, 3), threads: int | None = None,
+             min_cosine: float | None = None) -> ValidationReport:
+    """Compare `path` with its PyTorch reference. atol/rtol/min_cosine left as None follow the precision the
+    outputs are computed at (tolerances_for): 1e-4, 1e-4 and no cosine floor for ONNX Runtime and fp32 engines."""
     artifact = artifacts.resolve(path)
-    if artifact.backend != "ort":
-        raise UsageError(f"{path}: validating {artifact.backend} engines needs that backend's runtime; "
-                         "validate the ONNX file it was built from here")
+    if artifact.backend not in ("ort", "trt"):
+        raise UsageError(f"{path}: unknown backend '{artifact.backend}' in the sidecar; rebuild with 'tcexport build'")
+    engine = artifact.backend == "trt"
+    precision = str(artifact.sidecar.get("precision") or "fp32") if engine else "fp32"
+    reason = tolerance_reason(precision, engine, atol, rtol, min_cosine)
+    atol, rtol, min_cosine = tolerances_for(precision, atol, rtol, min_cosine)
+    runner = None
+    if engine:
+        from tcexport.backends import trt as trt_backend
+
+        trt_backend.require_engine_runtime(path)  # before anything slow: the one line saying what is missing
+        for batch in dict.fromkeys(batches[:samples]):
+            trt_backend.check_batch_in_profile(artifact.sidecar.get("profile"), batch, str(path))
     source_record, compression_record = _records(artifact)
     if not source_record:
         raise UsageError(f"{path} has no tcexport.source record; validate needs a model exported by 'tcexport export'")
@@ -155,9 +239,14 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float = 1e-4, rt
         reference = compressed_reference(source, plan, prop_attn=prop_attn)
     else:
         reference = source.model
-    session, size_names = _session_with_sizes(artifact, threads)
+    if engine:
+        runner = trt_backend.open_engine_runner(artifact)
+        session, size_names = None, []
+    else:
+        session, size_names = _session_with_sizes(artifact, threads)
     outputs = source.outputs
-    report = ValidationReport(str(path), atol, rtol)
+    report = ValidationReport(str(path), atol, rtol, min_cosine=min_cosine, backend=artifact.backend,
+                              precision=precision, tolerance_reason=reason)
     for index in range(samples):
         batch = batches[index % len(batches)]
         feeds = sample_feeds(source.inputs, batch, seed + index)
@@ -165,14 +254,25 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float = 1e-4, rt
         with torch.no_grad():
             expected = _as_tuple(reference(*tensors))
             baseline = _as_tuple(source.model(*tensors)) if plan else expected
-        results = session.run(None, feeds)
-        actual = dict(zip([o.name for o in session.get_outputs()], results))
+        if runner is not None:
+            actual = runner.infer(feeds)
+            missing = [name for name in outputs if name not in actual]
+            if missing:
+                raise UsageError(f"{path}: the engine has no output {', '.join(repr(m) for m in missing)} (it has "
+                                 f"{', '.join(actual) or 'none'}); rebuild it from the exported ONNX file")
+        else:
+            results = session.run(None, feeds)
+            actual = dict(zip([o.name for o in session.get_outputs()], results))
         sample = {"index": index, "batch": batch, "seed": seed + index, "outputs": {}, "fidelity": {}}
         for name, ref, base in zip(outputs, expected, baseline):
-            sample["outputs"][name] = compare(ref.numpy(), actual[name], atol, rtol)
-            sample["fidelity"][name] = _fidelity(base.numpy(), actual[name])
+            sample["outputs"][name] = compare(ref.numpy(), actual[name], atol, rtol, min_cosine)
+            sample["fidelity"][name] = _fidelity(name, base.numpy(), actual[name])
         sample["within_tolerance"] = all(o["within_tolerance"] for o in sample["outputs"].values())
-        sample["discrete_divergence"] = not sample["within_tolerance"] and _diverged(reference, actual, size_names)
+        if runner is not None:
+            sample["discrete_divergence"] = None  # unknown: see ENGINE_DIVERGENCE_NOTE
+        else:
+            sample["discrete_divergence"] = not sample["within_tolerance"] and _diverged(reference, actual,
+                                                                                          size_names)
         report.samples.append(sample)
     return report
 
@@ -181,7 +281,7 @@ def _as_tuple(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _fidelity(uncompressed: np.ndarray, actual: np.ndarray) -> dict:
+def _fidelity(name: str, uncompressed: np.ndarray, actual: np.ndarray) -> dict:
     """How close the compressed output stays to the uncompressed model's."""
     if uncompressed.shape != actual.shape:
         return {"note": f"shape {list(actual.shape)} vs uncompressed {list(uncompressed.shape)}"}
@@ -189,7 +289,7 @@ def _fidelity(uncompressed: np.ndarray, actual: np.ndarray) -> dict:
     act = actual.reshape(actual.shape[0], -1).astype(np.float64)
     cosine = np.sum(base * act, axis=1) / np.maximum(np.linalg.norm(base, axis=1) * np.linalg.norm(act, axis=1), 1e-30)
     result = {"cosine_vs_uncompressed": float(cosine.mean())}
-    if uncompressed.ndim == 2 and uncompressed.shape[1] > 1:
+    if "logit" in name and uncompressed.ndim == 2 and uncompressed.shape[1] > 1:  # classifiers only
         result["top1_agreement"] = float(np.mean(uncompressed.argmax(1) == actual.argmax(1)))
     return result
 
@@ -222,7 +322,13 @@ def _diverged(reference, actual: dict, size_names: list[str], tolerance: float =
 
 
 def format_report(report: ValidationReport) -> str:
-    lines = [f"validate {report.model}: {len(report.samples)} samples, atol {report.atol:g}, rtol {report.rtol:g}"]
+    what = f" (TensorRT {report.precision} engine)" if report.backend == "trt" else ""
+    cosine = f", min cosine {report.min_cosine:g}" if report.min_cosine is not None else ""
+    lines = [f"validate {report.model}{what}: {len(report.samples)} samples, atol {report.atol:g}, "
+             f"rtol {report.rtol:g}{cosine}"]
+    if report.backend == "trt":
+        lines.append(f"  tolerances: {report.tolerance_reason}")
+        lines.append(f"  discrete divergence: {ENGINE_DIVERGENCE_NOTE}")
     for sample in report.samples:
         flag = "DIVERGED (different tokens chosen)" if sample["discrete_divergence"] else (
             "ok" if sample["within_tolerance"] else "EXCEEDS TOLERANCE")
@@ -233,8 +339,9 @@ def format_report(report: ValidationReport) -> str:
             parts.append(f"{name}: max abs {o['max_abs']:.2e}, max rel {o['max_rel']:.2e}, cosine {o['cosine']:.6f}{extra}")
         lines.append(f"  sample {sample['index']} (batch {sample['batch']}): {'; '.join(parts)} [{flag}]")
     verdict = "PASSED" if report.passed else "FAILED"
-    lines.append(f"{verdict}: {len(report.numeric_failures)} numeric failure(s), "
-                 f"{len(report.diverged)} discrete divergence(s)")
+    divergences = ("discrete divergence not checked" if report.backend == "trt"
+                   else f"{len(report.diverged)} discrete divergence(s)")
+    lines.append(f"{verdict}: {len(report.numeric_failures)} numeric failure(s), {divergences}")
     return "\n".join(lines)
 
 

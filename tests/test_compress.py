@@ -59,6 +59,22 @@ def test_vit_tiny_matches_reference(vit_onnx, tmp_path, options):
     _assert_matches_reference(out, seed=len(str(options)))
 
 
+def test_tome_graph_lints_clean_for_tensorrt_10_3(vit_onnx, minilm_onnx, tmp_path):
+    """The default (subgraph) ToMe graph needs no plugin library: TensorRT 10.3 (JetPack 6) can parse it."""
+    from tcexport import lint
+
+    for source in (vit_onnx, minilm_onnx):
+        report = lint.lint_file(_compress(source, tmp_path, f"{source.stem}_tome.onnx", r="8"), "10.3")
+        assert not report.errors, report.errors
+
+
+def test_ruinous_r_is_capped_per_block_like_tome(vit_onnx, tmp_path):
+    """r=16 on all 12 blocks: the last blocks merge what they can, (N - 1) // 2, as ToMe does."""
+    out = _compress(vit_onnx, tmp_path, r="16")
+    tokens = metadata.read(onnx.load(str(out)), metadata.TOKENS)
+    assert [b["out"] for b in tokens][-2:] == [21, 11]
+
+
 def test_token_schedule_follows_tome_rules(vit_onnx, tmp_path):
     out = _compress(vit_onnx, tmp_path, r="8")
     model = onnx.load(str(out))

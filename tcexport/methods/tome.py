@@ -33,11 +33,12 @@ Inputs as in `tcexport.methods.base`: x [B,N,C], metric [B,N,Ck], size [B,N,1], 
 Proportional attention (adding log(size) to the attention logits of later blocks) is the rewriter's job;
 `log_size_bias` gives that bias for the PyTorch reference model.
 
-ONNX form: GEMM-based, standard opset-18 ops, no Scatter*, static output shapes, dynamic batch. Every input
-token gets an output slot t (protected: its own index; unmerged A: protected + running count of the unmerged
-unprotected A tokens before it (CumSum); B: a static slot; merged A: the slot of its node_idx B token
-(Gather on the static B slots)). M = (t == range(N_out)) is a one-hot assignment matrix [B, N_out, N] and
-x' = M @ (x * size) / (M @ size).
+ONNX form: standard opset-18 ops, no Scatter*, static output shapes, dynamic batch. The unmerged A tokens are
+copied by index (TopK picks the n_unmerged smallest "merged-last" keys, so they come out in original order;
+GatherND with batch_dims=1 copies them), and only the r merged A tokens go through a GEMM: a one-hot matrix
+D [B, Nb, r] (D[j, k] = 1 when merge k lands on B token j) adds them into B as
+x'_B = (x_B * size_B + D @ (x_src * size_src)) / (size_B + D @ size_src). That costs O(Nb * r * C) instead of
+the O(N^2 * C) of a full assignment matrix, which matters at batch 1 on a CPU.
 """
 
 from __future__ import annotations
@@ -215,9 +216,6 @@ class ToMe(Method):
         pos_a, pos_b = np.arange(0, n, 2), np.arange(1, n, 2)
         prot_a, prot_b = pos_a < p, pos_b < p
         n_unmerged = n_a - int(prot_a.sum()) - r  # unprotected A tokens that stay
-        # Static output slot of every B token: protected ones keep their index, the rest follow the
-        # protected tokens and the unmerged A tokens, in order.
-        slot_b = np.where(prot_b, pos_b, p + n_unmerged + np.arange(n_b) - int(prot_b.sum()))
 
         # Steps 2-5: scores [B, Na, Nb].
         norm = g.op("norm", "ReduceL2", metric, g.i64("axis_last", [-1]), keepdims=1)
@@ -253,39 +251,65 @@ class ToMe(Method):
         merged = g.op("merged", "ReduceMax", g.op("src_hits_f", "Cast", hits, to=ir.DataType.FLOAT),
                       g.i64("axis1_r", [1]), keepdims=0)  # [B, Na], 1 = merged
 
-        # Step 8: output slot of every token (float32: small exact integers; keeps int64 out of engines).
-        stays = g.op("stays", "Mul", g.op("not_merged", "Sub", g.const("one_f", 1.0, np.float32), merged),
-                     g.const("unprotected_a", ~prot_a, np.float32))
-        before = g.op("stays_before", "CumSum", stays, g.i64("axis1_scalar", 1), exclusive=1)
-        slot_stay = g.op("slot_stay", "Add", before, g.const("n_protected", float(p), np.float32))
-        slot_dst = g.op("slot_dst", "Gather", g.const("slot_b", slot_b, np.float32), node_idx, axis=0)
-        is_merged = g.op("is_merged", "Cast", merged, to=ir.DataType.BOOL)
-        slot_a = g.op("slot_a", "Where", is_merged, slot_dst, slot_stay)
-        if prot_a.any():
-            slot_a = g.op("slot_a_locked", "Where", g.const("protected_a", prot_a, np.bool_),
-                          g.const("pos_a", pos_a, np.float32), slot_a)
-        batch = g.op("batch", "Shape", x, start=0, end=1)
-        b_shape = g.op("slot_b_shape", "Concat", batch, g.i64("n_b", [n_b]), axis=0)
-        slot_b_rows = g.op("slot_b_rows", "Expand", g.const("slot_b_row", slot_b[None], np.float32), b_shape)
-        slot_ab = g.op("slot_ab", "Concat", slot_a, slot_b_rows, axis=1)  # [B, N], A tokens then B tokens
-        ab_index = np.where(np.arange(n) % 2 == 0, np.arange(n) // 2, n_a + np.arange(n) // 2)
-        slot = g.op("slot", "Gather", slot_ab, g.i64("ab_index", ab_index), axis=1)  # [B, N], token order
+        # Steps 8-9, gather form: unmerged A tokens are copied by index and only the r merged ones go through
+        # a (small) one-hot GEMM into their B tokens, so the cost is O(Nb * r * C), not O(N^2 * C).
+        # Unmerged unprotected A tokens in original order: the n_unmerged smallest keys, where merged and
+        # protected tokens are pushed past every index (float32 keys: small exact integers).
+        a_index = np.arange(n_a, dtype=np.float32)
+        push = g.op("push", "Mul", merged, g.const("push_by", float(2 * n_a), np.float32))
+        key = g.op("unmerged_key", "Add", push, g.const("a_key", a_index + 2 * n_a * prot_a, np.float32))
+        _, unm_idx = g.op_multi("unmerged", "TopK", 2, g.op("neg_key", "Neg", key),
+                                g.i64("k_unmerged", [n_unmerged]), axis=-1, largest=1, sorted=1)
+        x_a = g.every_other("x_a", x, 0, n)
+        x_b = g.every_other("x_b", x, 1, n)
+        size_a = g.every_other("size_a", size, 0, n)
+        size_b = g.every_other("size_b", size, 1, n)
 
-        # Step 9: one-hot assignment and size-weighted merge by MatMul.
-        slot_row = g.op("slot_row", "Unsqueeze", slot, g.i64("axis1_s", [1]))  # [B, 1, N]
-        out_ids = g.const("out_ids", np.arange(n_out)[:, None], np.float32)  # [N_out, 1]
-        assign = g.op("assign", "Cast", g.op("assign_b", "Equal", slot_row, out_ids),
-                      to=_ir_dtype(x))  # [B, N_out, N]
-        weighted = g.op("weighted", "Mul", x, size)
-        size_new = g.op("size_out", "MatMul", assign, size)
-        x_new = g.op("x_out", "Div", g.op("x_sum", "MatMul", assign, weighted), size_new)
+        def rows(label: str, value: ir.Value, index: ir.Value) -> ir.Value:
+            """value[b, index[b, k], :] for every batch row b: GatherND with batch_dims=1."""
+            column = g.op(f"{label}_index", "Unsqueeze", index, g.i64(f"{label}_axis", [2]))
+            return g.op(label, "GatherND", value, column, batch_dims=1)
+
+        x_unm = rows("x_unmerged", x_a, unm_idx)
+        size_unm = rows("size_unmerged", size_a, unm_idx)
+        # Merged A tokens, weighted by size, and the B token each lands on.
+        weighted_src = rows("x_src", g.op("x_a_weighted", "Mul", x_a, size_a), src_idx)
+        size_src = rows("size_src", size_a, src_idx)
+        dst_idx = g.op("dst_idx", "GatherElements", node_idx, src_idx, axis=1)  # [B, r] into B
+        lands = g.op("lands", "Equal", g.op("dst_row", "Unsqueeze", dst_idx, g.i64("axis1_d", [1])),
+                     g.i64("b_index", np.arange(n_b)[:, None]))  # [B, Nb, r]
+        lands = g.op("lands_f", "Cast", lands, to=_ir_dtype(x))
+        size_b_new = g.op("size_b_new", "Add", size_b, g.op("size_in", "MatMul", lands, size_src))
+        x_b_sum = g.op("x_b_sum", "Add", g.op("x_b_weighted", "Mul", x_b, size_b),
+                       g.op("x_in", "MatMul", lands, weighted_src))
+        x_b_new = g.op("x_b_new", "Div", x_b_sum, size_b_new)
+        keep_b = int(prot_b.sum())  # protected B tokens come first among B and never receive a merge
+
+        def layout(label: str, protected_part: ir.Value, unmerged: ir.Value, b_part: ir.Value) -> ir.Value:
+            """[protected tokens, unmerged A tokens, unprotected B tokens] along the token axis."""
+            parts = [unmerged, b_part]
+            if keep_b:
+                parts[1] = g.op(f"{label}_b_tail", "Slice", b_part, g.i64(f"{label}_b_start", [keep_b]),
+                                g.i64(f"{label}_b_end", [n_b]), g.i64(f"{label}_b_axis", [1]))
+            if p:
+                parts.insert(0, g.op(f"{label}_protected", "Slice", protected_part, g.i64(f"{label}_p0", [0]),
+                                     g.i64(f"{label}_p1", [p]), g.i64(f"{label}_paxis", [1])))
+            return g.op(label, "Concat", *parts, axis=1)
+
+        x_new = layout("x_out", x, x_unm, x_b_new)
+        size_new = layout("size_out", size, size_unm, size_b_new)
         mask_new = None
         if mask is not None:
-            mask_col = g.op("mask_col", "Unsqueeze", mask, g.i64("axis2_m", [2]))
-            hits = g.op("mask_hits", "MatMul", assign, mask_col)
-            real = g.op("mask_any", "Greater", g.op("mask_hits_flat", "Squeeze", hits, g.i64("axis2_q", [2])),
-                        g.const("zero", 0.0))
-            mask_new = g.op("mask_out", "Cast", real, to=_ir_dtype(mask))
+            mask_col = g.op("mask_col", "Unsqueeze", mask, g.i64("axis2_m", [2]))  # [B, N, 1]
+            mask_a = g.every_other("mask_a", mask_col, 0, n)
+            mask_b = g.every_other("mask_b", mask_col, 1, n)
+            mask_unm = rows("mask_unmerged", mask_a, unm_idx)
+            real_in = g.op("mask_in", "MatMul", lands, rows("mask_src", mask_a, src_idx))
+            mask_b_new = g.op("mask_b_any", "Cast", g.op("mask_b_real", "Greater",
+                                                         g.op("mask_b_sum", "Add", mask_b, real_in),
+                                                         g.const("zero", 0.0)), to=_ir_dtype(mask))
+            mask_out = layout("mask_out_col", mask_col, mask_unm, mask_b_new)
+            mask_new = g.op("mask_out", "Squeeze", mask_out, g.i64("axis2_q", [2]))
         _set_type(x_new, x, n_out)
         _set_type(size_new, size, n_out)
         if mask_new is not None:
