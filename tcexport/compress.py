@@ -64,7 +64,7 @@ def parse_counts(text: str | int | None, n_layers: int, option: str = "--r") -> 
 
 @dataclass
 class Plan:
-    method: str
+    method: str  # the method name, or "+"-joined names for a multi-stage plan
     stages: list[Stage]
     protected: int
     prop_attn: bool
@@ -74,6 +74,7 @@ class Plan:
 
     def record(self) -> dict:
         return {"method": self.method, "layers": [s.block for s in self.stages],
+                "methods": [s.method.name for s in self.stages],
                 "params": [s.method.params for s in self.stages], "protected": self.protected,
                 "prop_attn": self.prop_attn, "impl": self.impl, "schedule": self.schedule, "request": self.request}
 
@@ -88,6 +89,65 @@ def plan_tome(depth: int, r: str | int, layers: str = "all", schedule: str = "co
             raise UsageError("--schedule decreasing takes one --r value (the schedule spreads it over the layers)")
         counts = tome.schedule(counts[0], len(chosen), "decreasing")
     return [Stage(block, methods.get("tome")(r=count)) for block, count in zip(chosen, counts)]
+
+
+def plan_method(name: str, depth: int, layers: str = "all", params: dict | None = None, r: str | int | None = None,
+                schedule: str = "constant") -> list[Stage]:
+    """Stages for one method over the chosen layers. ToMe's r may be per layer and follow a schedule."""
+    cls = methods.get(name)
+    params = dict(params or {})
+    if name == "tome":
+        if params:
+            r = params.pop("r", r)
+            if params:
+                raise UsageError(f"unknown ToMe parameter(s) {', '.join(sorted(params))}; ToMe takes r")
+        return plan_tome(depth, r, layers, schedule)
+    if r is not None:
+        params.setdefault("r", int(r) if str(r).isdigit() else r)
+    if schedule != "constant":
+        raise UsageError(f"--schedule applies to tome only, not to '{name}'")
+    method = cls(**params)  # parameters checked once, with a clear error
+    return [Stage(block, cls(**method.params)) for block in parse_layers(layers, depth)]
+
+
+def parse_stage(text: str) -> tuple[str, dict, str]:
+    """'METHOD[:key=value,...]@LAYERS' (e.g. 'tome:r=8@0-5', 'topk:keep=0.7@6,9') -> (method, params, layers)."""
+    head, at, layers = text.partition("@")
+    name, _, args = head.partition(":")
+    if not at or not name.strip() or not layers.strip():
+        raise UsageError(f"--stage '{text}' must look like METHOD:key=value,...@LAYERS, e.g. tome:r=8@0-5")
+    params = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UsageError(f"--stage '{text}': parameter '{item}' must be key=value")
+        params[key.strip().replace("-", "_")] = _parse_value(value.strip())
+    return name.strip(), params, layers.strip()
+
+
+def _parse_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def plan_stages(depth: int, specs: list[str]) -> list[Stage]:
+    """Several methods at different layers, applied in layer order; token counts chain through them."""
+    stages: list[Stage] = []
+    for text in specs:
+        name, params, layers = parse_stage(text)
+        stages.extend(plan_method(name, depth, layers, params))
+    blocks = [s.block for s in stages]
+    if len(set(blocks)) != len(blocks):
+        twice = sorted({b for b in blocks if blocks.count(b) > 1})
+        raise UsageError(f"--stage: block(s) {twice} get more than one method; give each block one method")
+    return sorted(stages, key=lambda s: s.block)
 
 
 def default_protected(model: onnx.ModelProto) -> int:
@@ -149,24 +209,30 @@ def _infer_and_check(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def compress_file(input_path: Path, output: Path, method: str = "tome", r: str | None = None, layers: str = "all",
                   schedule: str = "constant", prop_attn: bool = True, impl: str = "subgraph",
-                  protected: int | None = None) -> list[dict]:
+                  protected: int | None = None, params: dict | None = None,
+                  stages: list[str] | None = None) -> list[dict]:
+    """Compress IN.onnx into OUTPUT. One method (method, r/params, layers, schedule) or several (`stages`)."""
     output = Path(output)
     if output.suffix != ".onnx":
         raise UsageError(f"output {output} must end with .onnx")
     if impl not in IMPLS:
         raise UsageError(f"--impl must be one of {', '.join(IMPLS)}; got '{impl}'")
-    methods.get(method)  # unknown method -> clear error before any work
+    if not stages:
+        methods.get(method)  # unknown method -> clear error before any work
     model = onnxfile.load(input_path)
     if metadata.read(model, metadata.COMPRESSION):
         raise UsageError(f"{input_path} is already compressed; compress the uncompressed export instead")
     depth = len(blocks_mod.find_blocks(ir.from_proto(model).graph))
-    if method != "tome":
-        raise UsageError(f"method '{method}' has no compress planner yet")
-    stages = plan_tome(depth, r, layers, schedule)
+    if stages:
+        planned = plan_stages(depth, stages)
+        request = {"stages": list(stages)}
+    else:
+        planned = plan_method(method, depth, layers, params, r, schedule)
+        request = {"r": r, "layers": layers, "schedule": schedule, **({"params": params} if params else {})}
     if protected is None:
         protected = default_protected(model)
-    plan = Plan(method, stages, protected, prop_attn, impl, schedule,
-                {"r": r, "layers": layers, "schedule": schedule})
+    names = list(dict.fromkeys(s.method.name for s in planned))
+    plan = Plan("+".join(names), planned, protected, prop_attn, impl, schedule, request)
     compressed, schedule_out = compress_model(model, plan)
     # Keep the provenance: validate rebuilds the reference from it.
     with atomic_file(output) as tmp:

@@ -36,7 +36,7 @@ from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError, ValidationFailed
 from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS, random_feeds
 
-SIZE_OUTPUT = re.compile(r"^tc_blk(\d+)_[a-z_]+_size_out$")
+SIZE_OUTPUT = re.compile(r"^tc_blk(\d+)_[a-z_-]+_size_out$")
 METRIC_OUTPUT = "tc_blk{}_metric"
 
 DEFAULT_ATOL = 1e-4

@@ -13,7 +13,8 @@ import torch
 
 from tcexport.errors import UsageError
 from tcexport.methods import METHODS, get
-from tcexport.methods.tome import ToMe, build_standalone_model, log_size_bias, schedule
+from tcexport.methods.standalone import build_standalone_model
+from tcexport.methods.tome import ToMe, log_size_bias, schedule
 
 C, CK = 24, 16
 SHAPES = [(197, 1), (198, 2), (64, 0), (11, 1), (5, 1)]  # (tokens, protected)

@@ -95,12 +95,14 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
             _add_log_size_bias(build, block, states[-1], shapes)
         if stage is not None:
             x = block.hidden
-            metric = _head_mean_keys(build, block, shapes)
+            needs = stage.method.needs
+            metric = _head_mean_keys(build, block, shapes) if "keys" in needs else None
+            signals = {"cls_attention": _cls_attention(build, block, shapes)} if "cls_attention" in needs else {}
             uses = [(user, i) for user, i in x.uses() if user not in build.nodes]
             op = tape.Tape()
             prefix = f"tc_blk{block.index}_{stage.method.name}"
             x_out, size_out, mask_out = stage.method.build_onnx(op, x, metric, size, mask, count, protected,
-                                                                name_prefix=prefix)
+                                                                name_prefix=prefix, signals=signals)
             for node in op.nodes:
                 graph.append(node)
                 skip.add(node)
@@ -150,6 +152,22 @@ def _head_mean_keys(build: _Builder, block: Block, shapes) -> ir.Value:
     mean = build.op(f"{prefix}/head_mean", "ReduceMean", [keys, build.const(f"{prefix}/axes", np.array([1]))],
                     (shape[0], shape[2], n), keepdims=0)
     return build.op(prefix, "Transpose", [mean], (shape[0], n, shape[2]), perm=[0, 2, 1])
+
+
+def _cls_attention(build: _Builder, block: Block, shapes) -> ir.Value:
+    """How much the CLS token (query 0) attends to each token, averaged over heads: [B, N].
+
+    Taken from this block's Softmax output, so masks and proportional attention are already in it."""
+    probs = block.softmax.outputs[0]
+    shape = shapes.get(probs.name)
+    if shape is None or len(shape) != 4:
+        raise UsageError(f"block {block.index}: the attention probabilities '{probs.name}' are not laid out "
+                         "[batch, heads, queries, keys]; re-export with the dynamo exporter")
+    prefix = f"tc_blk{block.index}/cls_attention"
+    row = build.op(f"{prefix}/row", "Gather", [probs, build.const(f"{prefix}/query0", np.array(0))],
+                   (shape[0], shape[1], shape[3]), axis=2)
+    return build.op(prefix, "ReduceMean", [row, build.const(f"{prefix}/axes", np.array([1]))],
+                    (shape[0], shape[3]), keepdims=0)
 
 
 def _add_log_size_bias(build: _Builder, block: Block, state: TokenState, shapes) -> None:

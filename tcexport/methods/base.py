@@ -38,6 +38,10 @@ class Method(abc.ABC):
     """
 
     name: ClassVar[str]
+    # What the method decides with, besides the token state. "keys": the block's attention keys averaged over
+    # heads (the `metric` argument, [B, N, d]); "cls_attention": the CLS token's attention over all tokens,
+    # averaged over heads ([B, N], in signals). The rewriter builds only what a method asks for.
+    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
 
     def __init__(self, **params: Any):
         self.params: dict[str, Any] = self.check_params(dict(params))
@@ -59,14 +63,14 @@ class Method(abc.ABC):
         """Raise UsageError when the parameters ask for more than a block with n_in tokens allows."""
 
     @abc.abstractmethod
-    def reference(self, x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor,
-                  mask: torch.Tensor | None, protected: int) -> TokenState:
+    def reference(self, x: torch.Tensor, metric: torch.Tensor | None, size: torch.Tensor,
+                  mask: torch.Tensor | None, protected: int, signals: dict | None = None) -> TokenState:
         """Eager PyTorch implementation: the ground truth the ONNX graph is validated against."""
 
     @abc.abstractmethod
-    def build_onnx(self, op: tape.Tape, x: ir.Value, metric: ir.Value, size: ir.Value,
+    def build_onnx(self, op: tape.Tape, x: ir.Value, metric: ir.Value | None, size: ir.Value,
                    mask: ir.Value | None, n_in: int, protected: int,
-                   name_prefix: str = "tc") -> TokenState:
+                   name_prefix: str = "tc", signals: dict | None = None) -> TokenState:
         """Record the method as standard ONNX nodes on `op` and return the output values.
 
         Only nodes are recorded (constants are Constant nodes, no initializers), every node and value name

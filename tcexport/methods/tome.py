@@ -142,7 +142,7 @@ class ToMe(Method):
     # ------------------------------------------------------------------ PyTorch reference
 
     def reference(self, x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor,
-                  mask: torch.Tensor | None, protected: int) -> TokenState:
+                  mask: torch.Tensor | None, protected: int, signals: dict | None = None) -> TokenState:
         n_in = x.shape[1]
         r = effective_r(self.r, n_in, protected)
         if r == 0:
@@ -206,7 +206,7 @@ class ToMe(Method):
 
     def build_onnx(self, op: tape.Tape, x: ir.Value, metric: ir.Value, size: ir.Value,
                    mask: ir.Value | None, n_in: int, protected: int,
-                   name_prefix: str = "tome") -> TokenState:
+                   name_prefix: str = "tome", signals: dict | None = None) -> TokenState:
         r = effective_r(self.r, n_in, protected)
         if r == 0:
             return TokenState(x, size, mask)
@@ -364,32 +364,3 @@ def _set_type(out: ir.Value, like: ir.Value, n_out: int) -> None:
         dims = list(like.shape.dims)
         dims[1] = n_out
         out.shape = ir.Shape(dims)
-
-
-def build_standalone_model(method: Method, n: int, c: int, ck: int, protected: int,
-                           with_mask: bool, name_prefix: str = "tome") -> onnx.ModelProto:
-    """A model running only `method`: inputs x, metric, size (, mask) with dynamic batch 'batch'; opset 18.
-
-    Outputs x_out, size_out (, mask_out). For tests and micro-benchmarks.
-    """
-    def tensor_input(name: str, *dims: Any) -> ir.Value:
-        return ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", *dims]))
-
-    inputs = [tensor_input("x", n, c), tensor_input("metric", n, ck), tensor_input("size", n, 1)]
-    mask = tensor_input("mask", n) if with_mask else None
-    if mask is not None:
-        inputs.append(mask)
-    op = tape.Tape()
-    result = method.build_onnx(op, inputs[0], inputs[1], inputs[2], mask, n, protected, name_prefix=name_prefix)
-    outputs = []
-    for label, value in zip(("x_out", "size_out", "mask_out"), result):
-        if value is None:
-            continue
-        if value in inputs:  # nothing merged: a graph output must be produced by a node
-            out = op.op("Identity", [value], name=f"{name_prefix}/{label}")
-            out.dtype, out.shape = value.dtype, value.shape
-            value = out
-        value.name = label
-        outputs.append(value)
-    graph = ir.Graph(inputs, outputs, nodes=op.nodes, opset_imports={"": OPSET}, name=f"{method.name}_op")
-    return ir.to_proto(ir.Model(graph, ir_version=10, producer_name="tcexport"))

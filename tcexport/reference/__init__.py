@@ -106,13 +106,18 @@ class TokenFlow:
             bias = size_bias if bias is None else bias + size_bias
         return bias
 
-    def compress(self, index: int, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        """Apply the method planned for block `index` (if any) to the state; return the new x."""
+    def compress(self, index: int, x: torch.Tensor, metric: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the method planned for block `index` (if any) to the state; return the new x.
+
+        metric: the block's keys averaged over heads [B,N,d]; probs: its attention probabilities [B,H,N,N]."""
         method = self.plan.get(index)
         if method is None:
             return x
         n_in = x.shape[1]
-        x, self.size, self.mask = method.reference(x, metric, self.size, self.mask, self.protected)
+        signals = {}
+        if "cls_attention" in method.needs:
+            signals["cls_attention"] = probs[:, :, 0, :].mean(dim=1)
+        x, self.size, self.mask = method.reference(x, metric, self.size, self.mask, self.protected, signals=signals)
         if x.shape[1] != n_in:  # the ONNX graph names a size output only where the method changed the count
             self.stage_sizes.append(self.size.detach().clone())
             self.stage_metrics.append(metric.detach().clone())

@@ -75,16 +75,17 @@ class CompressedLayer(torch.nn.Module):
         else:
             dtype = hidden_states.dtype
             bias = flow.attention_bias(index, additive_mask(attention_mask, dtype), dtype)
-            context, metric = self_attention(layer.attention.self, hidden_states, bias)
+            context, metric, probs = self_attention(layer.attention.self, hidden_states, bias)
             x = layer.attention.output(context, hidden_states)  # dense, dropout, LayerNorm(x + residual)
-            x = flow.compress(index, x, metric)
+            x = flow.compress(index, x, metric, probs)
             out = layer.output(layer.intermediate(x), x)
         flow.leave(index, out)
         return out
 
 
 def self_attention(attn: torch.nn.Module, hidden: torch.Tensor, bias: torch.Tensor | None):
-    """BertSelfAttention with eager attention written out; returns (context [B,N,C], mean keys [B,N,d])."""
+    """BertSelfAttention with eager attention written out; returns (context [B,N,C], mean keys [B,N,d],
+    probs [B,H,N,N])."""
     batch, tokens, _ = hidden.shape
     shape = (batch, tokens, -1, attn.attention_head_size)
     q = attn.query(hidden).view(shape).transpose(1, 2)
@@ -96,7 +97,7 @@ def self_attention(attn: torch.nn.Module, hidden: torch.Tensor, bias: torch.Tens
     probs = torch.nn.functional.softmax(logits, dim=-1)
     probs = torch.nn.functional.dropout(probs, p=attn.dropout.p, training=attn.training)
     context = torch.matmul(probs, v).transpose(1, 2).reshape(batch, tokens, -1)
-    return context, k.mean(dim=1)
+    return context, k.mean(dim=1), probs
 
 
 def _patch_pooling(st: torch.nn.Module, flow: TokenFlow) -> None:

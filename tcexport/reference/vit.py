@@ -74,16 +74,16 @@ class CompressedBlock(torch.nn.Module):
             x = block(x)
         else:
             bias = flow.attention_bias(index, None, x.dtype)
-            attended, metric = attention(block.attn, block.norm1(x), bias)
+            attended, metric, probs = attention(block.attn, block.norm1(x), bias)
             x = x + block.drop_path1(block.ls1(attended))
-            x = flow.compress(index, x, metric)
+            x = flow.compress(index, x, metric, probs)
             x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         flow.leave(index, x)
         return x
 
 
 def attention(attn: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None):
-    """timm Attention.forward written out; returns (output [B,N,C], head-averaged keys [B,N,d])."""
+    """timm Attention.forward written out; returns (output [B,N,C], head-averaged keys [B,N,d], probs [B,H,N,N])."""
     batch, tokens, channels = x.shape
     head_dim = getattr(attn, "head_dim", channels // attn.num_heads)
     attn_dim = getattr(attn, "attn_dim", attn.num_heads * head_dim)
@@ -101,7 +101,7 @@ def attention(attn: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None)
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, k.mean(dim=1)
+    return out, k.mean(dim=1), probs
 
 
 def _size_weighted_pool(model, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
