@@ -7,11 +7,23 @@ drift (thermal throttling, a noisy neighbour) lands on all artifacts alike and n
 Results are plain dicts and lists, ready for json.dumps:
 
     {"tool", "environment": {...}, "settings": {...},
-     "artifacts": [{"label", "path", "model_path", "backend", "provider", "opt_level", "threads"}],
+     "artifacts": [{"label", "path", "model_path", "backend", "provider", "opt_level", "threads", ...}],
      "results": [{"artifact", "batch", "iters", "latency_ms": {min, max, mean, median, p90, p95, p99, std},
-                  "throughput_qps", "throughput_samples_per_s", "speedup"}]}
+                  "throughput_qps", "throughput_samples_per_s", "speedup",
+                  ["gpu_compute_ms", "h2d_ms", "d2h_ms"]: {same statistics}}]}
 
-speedup is the median latency of the first artifact at the same batch size divided by this one's median.
+latency_ms is host wall time around each run, for every backend (an engine run waits for its stream, so it
+covers the same work as a synchronous ONNX Runtime run); speedup is the median latency of the first artifact at
+the same batch size divided by this one's median, and throughput comes from the mean of latency_ms.
+
+TensorRT engine directories (sidecar backend "trt") run through tcexport.backends.trt.TrtRunner, which also
+reports device times measured with CUDA events on its stream, per run, so they sit next to latency_ms:
+gpu_compute_ms is trtexec's "GPU Compute Time" (execute_async_v3 or the CUDA graph replaying it), and with
+include_copies h2d_ms / d2h_ms are its "H2D Latency" / "D2H Latency" (trtexec's "Host Latency" is their sum with
+gpu_compute_ms; its "Throughput" is runs over host wall time, as throughput_qps here). Without include_copies the
+inputs stay on the GPU between runs, like trtexec --noDataTransfers. ONNX Runtime entries keep only the host
+fields. Engine artifacts add "precision", "tensorrt_version", "gpu_name", "include_copies", "cuda_graph" and
+"cuda_graph_note" to their artifact entry.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
@@ -42,7 +54,13 @@ PERCENTILES = {"p90": 90, "p95": 95, "p99": 99}
 
 
 class Runner(Protocol):
-    """One loaded artifact that can be run on a feed. A TensorRT runner plugs in by providing the same two things."""
+    """One loaded artifact that can be run on a feed.
+
+    Optional extras, looked up with getattr so ONNX Runtime's runner needs none of them:
+    stage(feeds) prepares runs on a feed outside the timed region (called before the warm-up of each batch);
+    device_fields names the device times each run records (e.g. ("gpu_compute_ms",)), and pop_device_times()
+    returns {field: [ms per run]} for the runs since the last call. TrtRunner provides all three.
+    """
 
     name: str
 
@@ -72,8 +90,9 @@ class Prepared:
     label: str
     runner: Runner
     specs: list[inputs.InputSpec]
-    provider: str
+    provider: str | None
     opt_level: str | None
+    info: dict = field(default_factory=dict)  # backend-specific facts for the artifact entry
 
 
 # ---------------------------------------------------------------------------------------------- opening artifacts
@@ -138,10 +157,25 @@ def input_specs(artifact: Artifact) -> list[inputs.InputSpec]:
     return inputs.specs_from_graph(onnxfile.load(artifact.model_path, load_external_data=False))
 
 
-def prepare(artifact: Artifact, label: str, threads: int | None) -> Prepared:
+def check_engine_options(artifacts: Sequence[Artifact], include_copies: bool, cuda_graph: bool) -> None:
+    """--include-copies/--cuda-graph shape how TensorRT engines are timed; with no engine to time they are a mistake."""
+    given = [name for name, on in (("--include-copies", include_copies), ("--cuda-graph", cuda_graph)) if on]
+    if given and not any(a.backend == "trt" for a in artifacts):
+        verb = "applies" if len(given) == 1 else "apply"
+        raise UsageError(f"{'/'.join(given)} {verb} to TensorRT engine directories ('tcexport build --backend trt') "
+                         "and none of the artifacts is one; drop the option or add an engine")
+
+
+def prepare(artifact: Artifact, label: str, threads: int | None, include_copies: bool = False,
+            cuda_graph: bool = False) -> Prepared:
     if artifact.backend == "trt":
-        raise UsageError(f"{artifact.path}: TensorRT engines need the tensorrt package and an NVIDIA GPU, and "
-                         "tcexport cannot run them yet; bench an ONNX Runtime build ('tcexport build --backend ort')")
+        from tcexport.backends import trt as trt_backend
+
+        runner = trt_backend.open_engine_runner(artifact, label, include_copies=include_copies, cuda_graph=cuda_graph)
+        sidecar = artifact.sidecar
+        info = {"precision": sidecar.get("precision"), "tensorrt_version": sidecar.get("tensorrt_version"),
+                "gpu_name": sidecar.get("gpu_name"), "include_copies": include_copies}
+        return Prepared(artifact, label, runner, input_specs(artifact), None, None, info)
     if artifact.backend != "ort":
         raise UsageError(f"{artifact.path}: unknown backend '{artifact.backend}' in the sidecar; rebuild with 'tcexport build'")
     specs = input_specs(artifact)  # before opening the session: a broken .onnx fails with onnxfile's clear message
@@ -159,6 +193,10 @@ def feeds_for_batch(prepared: Prepared, batch: int) -> dict[str, np.ndarray]:
         fixed = min(static_batches)
         raise UsageError(f"{prepared.label}: the model has a fixed batch size of {fixed}, cannot bench it at batch "
                          f"{batch}; use --batch {fixed} or re-export with '--batch dynamic'")
+    if prepared.artifact.backend == "trt":
+        from tcexport.backends import trt as trt_backend
+
+        trt_backend.check_batch_in_profile(prepared.artifact.sidecar.get("profile"), batch, prepared.label)
     return inputs.random_feeds(prepared.specs, batch, seed=0)
 
 
@@ -179,8 +217,12 @@ def time_interleaved(runners: Sequence[Runner], feeds: Sequence[dict], warmup: i
     if iters is None and duration is None:
         iters = DEFAULT_ITERS
     for runner, feed in zip(runners, feeds):
+        stage = getattr(runner, "stage", None)
+        if stage is not None:
+            stage(feed)
         for _ in range(warmup):
             runner.run(feed)
+        pop_device_times(runner)  # warm-up runs are not samples
     latencies_ns: list[list[int]] = [[] for _ in runners]
     deadline_ns = None if duration is None else time.perf_counter_ns() + int(duration * 1e9)
     round_index = 0
@@ -247,13 +289,56 @@ def latency_stats(latencies_ms: Sequence[float]) -> dict[str, float]:
     return stats
 
 
-def summarize(label: str, batch: int, latencies_ns: Sequence[int]) -> dict:
-    """One result entry (speedup is filled in by add_speedups once every artifact at this batch is known)."""
+# Device-time fields a runner may report, in table/report order. Each one is a latency_stats dict in a result.
+DEVICE_FIELDS = ("gpu_compute_ms", "h2d_ms", "d2h_ms")
+
+
+def device_fields_of(runner: Runner) -> tuple[str, ...]:
+    """The device times `runner` reports per run (none for ONNX Runtime)."""
+    fields = tuple(getattr(runner, "device_fields", ()) or ())
+    unknown = [f for f in fields if f not in DEVICE_FIELDS]
+    if unknown:
+        raise ValueError(f"{getattr(runner, 'name', runner)}: unknown device time fields {unknown}")
+    return fields
+
+
+def pop_device_times(runner: Runner) -> dict[str, list[float]]:
+    """Device times recorded by `runner` since the last call, limited to its declared fields ({} when none)."""
+    fields = device_fields_of(runner)
+    if not fields:
+        return {}
+    recorded = runner.pop_device_times()  # type: ignore[attr-defined]
+    return {f: list(recorded.get(f, [])) for f in fields}
+
+
+def merge_device_stats(entry: dict, device_times: dict[str, Sequence[float]] | None) -> dict:
+    """Add one latency_stats dict per device field to `entry`, next to its host latency_ms.
+
+    Each field must hold exactly one time per timed run (entry["iters"]), so host and device statistics describe
+    the same runs; a runner that reports fewer or more is a bug, not something to average over.
+    """
+    for name in DEVICE_FIELDS:
+        values = (device_times or {}).get(name)
+        if values is None:
+            continue
+        if len(values) != entry["iters"]:
+            raise ValueError(f"{entry['artifact']}: {len(values)} {name} samples for {entry['iters']} timed runs "
+                             f"at batch {entry['batch']}")
+        entry[name] = latency_stats(values)
+    return entry
+
+
+def summarize(label: str, batch: int, latencies_ns: Sequence[int],
+              device_times: dict[str, Sequence[float]] | None = None) -> dict:
+    """One result entry (speedup is filled in by add_speedups once every artifact at this batch is known).
+
+    device_times ({field: [ms per run]}) adds device statistics for runners that measure them.
+    """
     if not latencies_ns:
         raise ValueError(f"{label}: no timed runs at batch {batch}")
     latency_ms = latency_stats(np.asarray(latencies_ns, dtype=np.float64) / 1e6)
     runs_per_s = 1000.0 / latency_ms["mean"] if latency_ms["mean"] > 0 else float("inf")
-    return {
+    entry = {
         "artifact": label,
         "batch": batch,
         "iters": len(latencies_ns),
@@ -262,6 +347,7 @@ def summarize(label: str, batch: int, latencies_ns: Sequence[int]) -> dict:
         "throughput_samples_per_s": batch * runs_per_s,
         "speedup": None,
     }
+    return merge_device_stats(entry, device_times)
 
 
 def add_speedups(entries: list[dict]) -> list[dict]:
@@ -276,6 +362,21 @@ def add_speedups(entries: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+
+
+def artifact_entry(prepared: Prepared, threads: int | None) -> dict:
+    """The report's description of one artifact: how it was opened, plus engine facts for TensorRT."""
+    artifact = prepared.artifact
+    entry = {"label": prepared.label, "path": str(artifact.path), "model_path": str(artifact.model_path),
+             "backend": artifact.backend, "provider": prepared.provider, "opt_level": prepared.opt_level,
+             "threads": threads if artifact.backend == "ort" else None}
+    if artifact.backend == "trt":
+        entry.update(prepared.info)
+        runner = prepared.runner
+        entry["cuda_graph"] = bool(getattr(runner, "cuda_graph_used", False))
+        entry["cuda_graph_note"] = getattr(runner, "cuda_graph_note", "off")
+        entry["device_fields"] = list(device_fields_of(runner))
+    return entry
 
 
 def environment(threads: int | None) -> dict:
@@ -300,8 +401,12 @@ def environment(threads: int | None) -> dict:
 
 
 def run(paths: Sequence[str | Path], batches: Sequence[int] = (1,), threads: int | None = None, warmup: int = 10,
-        iters: int | None = None, duration: float | None = None) -> dict:
-    """Time every artifact at every batch size, interleaved; return the results structure (see module doc)."""
+        iters: int | None = None, duration: float | None = None, include_copies: bool = False,
+        cuda_graph: bool = False) -> dict:
+    """Time every artifact at every batch size, interleaved; return the results structure (see module doc).
+
+    include_copies / cuda_graph apply to TensorRT engines: time H2D/D2H copies every run, replay a CUDA graph.
+    """
     if iters is not None and duration is not None:
         raise UsageError("give iters or duration, not both")
     if iters is not None and iters < 1:
@@ -320,8 +425,9 @@ def run(paths: Sequence[str | Path], batches: Sequence[int] = (1,), threads: int
 
     # Resolve every path before loading anything, so a typo in the last one fails at once.
     artifacts = [resolve(p) for p in paths]
+    check_engine_options(artifacts, include_copies, cuda_graph)
     labels = unique_labels(artifacts)
-    prepared = [prepare(a, label, threads) for a, label in zip(artifacts, labels)]
+    prepared = [prepare(a, label, threads, include_copies, cuda_graph) for a, label in zip(artifacts, labels)]
     runners = [p.runner for p in prepared]
 
     if duration is None:
@@ -346,19 +452,20 @@ def run(paths: Sequence[str | Path], batches: Sequence[int] = (1,), threads: int
                     advance(min(now - start[0], duration))
                     start[0] = now
             latencies = time_interleaved(runners, feeds, warmup, iters=iters, duration=duration, on_round=on_round)
-            entries.extend(summarize(p.label, batch, lat) for p, lat in zip(prepared, latencies))
+            entries.extend(summarize(p.label, batch, lat, pop_device_times(p.runner))
+                           for p, lat in zip(prepared, latencies))
     add_speedups(entries)
 
+    settings = {"batches": batches, "warmup": warmup, "iters": iters, "duration_s": duration,
+                "threads": threads, "interleaved": True, "ort_intra_op_spinning": False}
+    if any(p.artifact.backend == "trt" for p in prepared):
+        settings.update(include_copies=include_copies, cuda_graph=cuda_graph,
+                        device_timing="CUDA events on the engine's stream, one sample per timed run")
     return {
         "tool": f"tcexport {__version__}",
         "environment": environment(threads),
-        "settings": {"batches": batches, "warmup": warmup, "iters": iters, "duration_s": duration,
-                     "threads": threads, "interleaved": True, "ort_intra_op_spinning": False},
-        "artifacts": [
-            {"label": p.label, "path": str(p.artifact.path), "model_path": str(p.artifact.model_path),
-             "backend": p.artifact.backend, "provider": p.provider, "opt_level": p.opt_level, "threads": threads}
-            for p in prepared
-        ],
+        "settings": settings,
+        "artifacts": [artifact_entry(p, threads) for p in prepared],
         "results": entries,
     }
 
@@ -388,6 +495,55 @@ def _fmt_rate(value: float) -> str:
 
 
 TABLE_COLUMNS = ("artifact", "batch", "min", "median", "mean", "p90", "p95", "p99", "qps", "samples/s", "speedup")
+# Device columns (median of each device field), shown only when some entry has that field; placed after p99.
+DEVICE_COLUMNS = {"gpu_compute_ms": "gpu", "h2d_ms": "h2d", "d2h_ms": "d2h"}
+MISSING_CELL = "-"
+
+
+def table_columns(results: dict) -> tuple[str, ...]:
+    """The table's columns: the host ones always, plus a device column per field any entry reports.
+
+    A mixed run (ONNX Runtime next to TensorRT) shows the device columns, with MISSING_CELL in ORT rows.
+    """
+    present = [column for name, column in DEVICE_COLUMNS.items()
+               if any(name in entry for entry in results["results"])]
+    split = TABLE_COLUMNS.index("p99") + 1
+    return TABLE_COLUMNS[:split] + tuple(present) + TABLE_COLUMNS[split:]
+
+
+def table_row(entry: dict, columns: Sequence[str]) -> list[str]:
+    """The cells of one result entry under `columns` (see table_columns)."""
+    latency = entry["latency_ms"]
+    field_by_column = {column: name for name, column in DEVICE_COLUMNS.items()}
+    cells = []
+    for column in columns:
+        if column == "artifact":
+            cells.append(entry["artifact"])
+        elif column == "batch":
+            cells.append(str(entry["batch"]))
+        elif column in ("min", "median", "mean", "p90", "p95", "p99"):
+            cells.append(_fmt_ms(latency[column]))
+        elif column in field_by_column:
+            stats = entry.get(field_by_column[column])
+            cells.append(_fmt_ms(stats["median"]) if stats else MISSING_CELL)
+        elif column == "qps":
+            cells.append(_fmt_rate(entry["throughput_qps"]))
+        elif column == "samples/s":
+            cells.append(_fmt_rate(entry["throughput_samples_per_s"]))
+        elif column == "speedup":
+            cells.append(f"{entry['speedup']:.2f}x")
+        else:
+            raise ValueError(f"unknown table column {column!r}")
+    return cells
+
+
+def table_caption(columns: Sequence[str]) -> str:
+    caption = "speedup = first artifact's median / median, same batch"
+    device = [c for c in columns if c in DEVICE_COLUMNS.values()]
+    if device:
+        caption += (f"; {'/'.join(device)} = median device time (CUDA events, TensorRT engines; "
+                    f"{MISSING_CELL} = not measured)")
+    return caption
 
 
 def results_table(results: dict, compact: bool = False):
@@ -396,21 +552,13 @@ def results_table(results: dict, compact: bool = False):
     from rich.table import Table
 
     style = dict(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0)) if compact else {}
-    table = Table(title="latency in ms (interleaved runs)",
-                  caption="speedup = first artifact's median / median, same batch", **style)
-    table.add_column(TABLE_COLUMNS[0], overflow="fold")
-    for name in TABLE_COLUMNS[1:]:
+    columns = table_columns(results)
+    table = Table(title="latency in ms (interleaved runs)", caption=table_caption(columns), **style)
+    table.add_column(columns[0], overflow="fold")
+    for name in columns[1:]:
         table.add_column(name, justify="right", no_wrap=True)
     for entry in results["results"]:
-        latency = entry["latency_ms"]
-        table.add_row(
-            entry["artifact"],
-            str(entry["batch"]),
-            *(_fmt_ms(latency[k]) for k in ("min", "median", "mean", "p90", "p95", "p99")),
-            _fmt_rate(entry["throughput_qps"]),
-            _fmt_rate(entry["throughput_samples_per_s"]),
-            f"{entry['speedup']:.2f}x",
-        )
+        table.add_row(*table_row(entry, columns))
     return table
 
 

@@ -129,8 +129,21 @@ def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkp
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx file.")
-@click.option("--method", default="tome", show_default=True, help="Compression method (tome).")
-@click.option("--r", "r", default=None, help="Tokens removed per chosen layer: one int or a comma list, one per layer.")
+@click.option("--method", default="tome", show_default=True,
+              help="Compression method: tome, topk, prune-merge, adjacent, pool, query, random, uniform "
+                   "(those registered in this version).")
+@click.option("--r", "r", default=None, help="tome/adjacent: tokens removed per chosen layer (one int, or one per layer).")
+@click.option("--keep", type=float, default=None, help="topk/random/uniform/query: fraction of tokens kept.")
+@click.option("--keep-count", type=int, default=None, help="topk/random/uniform/query: number of tokens kept.")
+@click.option("--fuse/--no-fuse", default=None, help="topk: add one token, the attention-weighted sum of the dropped ones (EViT).")
+@click.option("--keep-order/--no-keep-order", default=None, help="topk: keep surviving tokens in their original order.")
+@click.option("--dominant", type=int, default=None, help="prune-merge: tokens kept by CLS attention.")
+@click.option("--contextual", type=int, default=None, help="prune-merge: tokens the rest are merged into.")
+@click.option("--kernel", type=int, default=None, help="pool: pooling kernel (k x k on the patch grid, k on sequences).")
+@click.option("--seed", "method_seed", type=int, default=None, help="random: seed of the fixed subset.")
+@click.option("--stage", "stages", multiple=True, metavar="METHOD:k=v,...@LAYERS",
+              help="Several methods in one model, applied in layer order, e.g. --stage tome:r=8@0-5 "
+                   "--stage topk:keep=0.7@6,9 (replaces --method/--r/--layers).")
 @click.option("--layers", default="all", show_default=True, help="Blocks to compress: all, 5, 0-5 or 3,6,9.")
 @click.option("--schedule", type=click.Choice(["constant", "decreasing"]), default="constant", show_default=True,
               help="ToMe schedule; decreasing spreads r as ToMe's (r, -1): 2r at the first chosen layer to 0.")
@@ -140,7 +153,8 @@ def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkp
               help="Inline standard ONNX ops, or one model-local ONNX function per op.")
 @click.option("--protected", type=click.IntRange(min=0), default=None,
               help="Leading tokens never merged (default: from the export's provenance, else 1 for CLS).")
-def compress(model, output, method, r, layers, schedule, prop_attn, impl, protected):
+def compress(model, output, method, r, keep, keep_count, fuse, keep_order, dominant, contextual, kernel,
+             method_seed, stages, layers, schedule, prop_attn, impl, protected):
     """Insert token compression into an ONNX graph at chosen blocks.
 
     Finds the transformer blocks (module scopes when present, graph structure otherwise), inserts the method
@@ -155,8 +169,14 @@ def compress(model, output, method, r, layers, schedule, prop_attn, impl, protec
     """
     from tcexport import compress as compress_mod
 
+    given = {"keep": keep, "keep_count": keep_count, "fuse": fuse, "keep_order": keep_order, "dominant": dominant,
+             "contextual": contextual, "kernel": kernel, "seed": method_seed}
+    params = {key: value for key, value in given.items() if value is not None}
+    if stages and (params or r is not None):
+        raise UsageError("--stage carries each method's parameters; drop --r/--keep/... when using --stage")
     schedule_out = compress_mod.compress_file(model, output, method=method, r=r, layers=layers, schedule=schedule,
-                                              prop_attn=prop_attn, impl=impl, protected=protected)
+                                              prop_attn=prop_attn, impl=impl, protected=protected, params=params,
+                                              stages=list(stages))
     counts = " -> ".join([str(schedule_out[0]["in"])] + [str(s["out"]) for s in schedule_out])
     click.echo(f"wrote {output} (tokens per block: {counts})")
 
@@ -165,27 +185,41 @@ def compress(model, output, method, r, layers, schedule, prop_attn, impl, protec
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--samples", type=click.IntRange(min=1), default=4, show_default=True, help="Random inputs to compare.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
+              help="Max abs error (default 1e-4; TensorRT fp16/bf16 engines: 1e-2/5e-2).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Max error relative to the reference (default 1e-4; TensorRT fp16/bf16 engines: 1e-2/5e-2).")
+@click.option("--min-cosine", type=click.FloatRange(min=-1, max=1), default=None,
+              help="Lowest cosine per sample row (default: none; TensorRT fp16/bf16 engines: 0.999/0.995).")
 @click.option("--batch", "batch_text", default="1,3", show_default=True, help="Batch sizes, used in turn.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-def validate(model, samples, seed, atol, rtol, batch_text, json_path):
-    """Compare an ONNX model (or ORT build) with the PyTorch reference rebuilt from its provenance.
+def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, json_path):
+    """Compare an ONNX model, ORT build or TensorRT engine directory with the PyTorch reference.
 
     The reference is the source model (spec and weights from tcexport.source, checked by hash) with the
     same compression applied in eager PyTorch. Reports max abs/rel error and cosine per output, fidelity
     against the uncompressed model, and samples where a near-tie made the two sides choose different tokens
-    (discrete divergence). Exits 1 when a tolerance is exceeded.
+    (discrete divergence; ONNX Runtime only). Exits 1 when a tolerance is exceeded.
+
+    A TensorRT engine directory ('tcexport build --backend trt') runs on the GPU (needs tcexport[trt]) with
+    tolerances for its precision unless --atol/--rtol/--min-cosine are given; the report says which.
 
     \b
     Example:
       tcexport validate vit_tome.onnx --samples 6 --json report.json
+      tcexport validate build/vit-trt-fp16
     """
-    from tcexport import validate as validate_mod
+    from tcexport import artifacts
 
     batches = tuple(_positive_int_list(batch_text, "--batch"))
+    if artifacts.resolve(model).backend == "trt":  # say what is missing before the slow PyTorch import
+        from tcexport.backends import trt as trt_backend
+
+        trt_backend.require_engine_runtime(model)
+    from tcexport import validate as validate_mod
+
     report = validate_mod.run(model, json_path=json_path, samples=samples, seed=seed, atol=atol, rtol=rtol,
-                              batches=batches)
+                              min_cosine=min_cosine, batches=batches)
     click.echo(validate_mod.format_report(report))
 
 
@@ -276,15 +310,22 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
               help="Time budget in seconds per batch size instead of --iters.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a latency plot (.png).")
-def bench(artifacts, batch_text, threads, warmup, iters, duration, json_path, plot_path):
-    """Time artifacts side by side (.onnx files or build directories).
+@click.option("--include-copies", is_flag=True,
+              help="TensorRT engines: copy inputs in and outputs out every run and time them (h2d/d2h).")
+@click.option("--cuda-graph", is_flag=True,
+              help="TensorRT engines: replay a CUDA graph of each run where the engine allows capture.")
+def bench(artifacts, batch_text, threads, warmup, iters, duration, json_path, plot_path, include_copies, cuda_graph):
+    """Time artifacts side by side (.onnx files or build directories, ONNX Runtime or TensorRT).
 
     Runs are interleaved (one run of each artifact in turn) so machine drift hits all of them equally.
-    Reports latency min/mean/median/p90/p95/p99 (ms), throughput, and speedup against the first artifact.
+    Reports latency min/mean/median/p90/p95/p99 (ms, host wall time), throughput, and speedup against the
+    first artifact. TensorRT engines also report CUDA-event device times as trtexec does: GPU compute time,
+    and H2D/D2H copy times with --include-copies (without it, inputs stay on the GPU between runs).
 
     \b
     Example:
       tcexport bench base.onnx build/vit-ort --batch 1,8 --iters 100 --plot bench.png
+      tcexport bench build/vit-ort build/vit-trt --include-copies --cuda-graph
     """
     from tcexport import bench as bench_mod
 
@@ -294,7 +335,7 @@ def bench(artifacts, batch_text, threads, warmup, iters, duration, json_path, pl
         raise UsageError(f"--plot {plot_path}: the plot is written as PNG; give a .png path")
     batches = _positive_int_list(batch_text, "--batch")
     results = bench_mod.run(list(artifacts), batches=batches, threads=threads, warmup=warmup,
-                            iters=iters, duration=duration)
+                            iters=iters, duration=duration, include_copies=include_copies, cuda_graph=cuda_graph)
     bench_mod.print_table(results)
     if json_path:
         bench_mod.write_json(results, json_path)

@@ -282,3 +282,205 @@ def test_cli_bench_iters_and_duration(small_onnx, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+# ---------------------------------------------------------------------------------------------- device timing
+
+
+class FakeDeviceRunner:
+    """A runner that reports device times like TrtRunner: synthetic, known values per run."""
+
+    def __init__(self, name: str, fields=("gpu_compute_ms",), start_ms: float = 1.0):
+        self.name = name
+        self.device_fields = tuple(fields)
+        self.next_ms = start_ms
+        self.staged: list[dict] = []
+        self.runs = 0
+        self._times: dict[str, list[float]] = {f: [] for f in self.device_fields}
+        self.cuda_graph_used, self.cuda_graph_note = False, "off"
+
+    def stage(self, feeds):
+        self.staged.append(feeds)
+
+    def run(self, feeds):
+        self.runs += 1
+        for name in self.device_fields:
+            self._times[name].append(self.next_ms if name == "gpu_compute_ms" else 0.1)
+        self.next_ms += 1.0
+        return None
+
+    def pop_device_times(self):
+        times = {k: list(v) for k, v in self._times.items()}
+        for v in self._times.values():
+            v.clear()
+        return times
+
+
+def test_device_fields_of_runners():
+    assert bench.device_fields_of(RecordingRunner("ort", [])) == ()
+    assert bench.pop_device_times(RecordingRunner("ort", [])) == {}
+    assert bench.device_fields_of(FakeDeviceRunner("trt", ("h2d_ms", "gpu_compute_ms", "d2h_ms"))) == \
+        ("h2d_ms", "gpu_compute_ms", "d2h_ms")
+    with pytest.raises(ValueError, match="unknown device time fields"):
+        bench.device_fields_of(FakeDeviceRunner("odd", ("power_w",)))
+
+
+def test_time_interleaved_stages_and_drops_warmup_device_times():
+    calls: list[str] = []
+    device = FakeDeviceRunner("trt")
+    feeds = [{}, {"x": 1}]
+    latencies = bench.time_interleaved([RecordingRunner("ort", calls), device], feeds, warmup=2, iters=3)
+    assert device.staged == [feeds[1]]  # staged once, before its warm-up
+    assert device.runs == 5 and [len(lat) for lat in latencies] == [3, 3]
+    # The warm-up runs (1 ms, 2 ms) were dropped; what is left lines up with the three timed runs.
+    assert bench.pop_device_times(device) == {"gpu_compute_ms": [3.0, 4.0, 5.0]}
+
+
+def test_summarize_merges_device_stats_next_to_host_latency():
+    entry = bench.summarize("trt", 2, [4_000_000, 5_000_000, 6_000_000],
+                            {"gpu_compute_ms": [1.0, 2.0, 3.0], "h2d_ms": [0.1, 0.1, 0.4], "d2h_ms": [0.2] * 3})
+    assert entry["latency_ms"]["median"] == pytest.approx(5.0)  # host wall time is untouched
+    assert entry["gpu_compute_ms"] == bench.latency_stats([1.0, 2.0, 3.0])
+    assert entry["h2d_ms"]["max"] == pytest.approx(0.4) and entry["d2h_ms"]["median"] == pytest.approx(0.2)
+    assert entry["throughput_qps"] == pytest.approx(1000 / 5.0)  # throughput stays host-based, as trtexec's
+    plain = bench.summarize("ort", 2, [4_000_000, 5_000_000, 6_000_000], {})
+    assert not set(bench.DEVICE_FIELDS) & set(plain)
+    assert bench.summarize("ort", 2, [1, 2, 3]).keys() == plain.keys()
+    with pytest.raises(ValueError, match="2 gpu_compute_ms samples for 3 timed runs"):
+        bench.summarize("trt", 1, [1, 2, 3], {"gpu_compute_ms": [1.0, 2.0]})
+
+
+@pytest.fixture()
+def mixed_results() -> dict:
+    entries = [bench.summarize("ort", 1, [2_000_000, 2_000_000]),
+               bench.summarize("trt", 1, [1_000_000, 1_000_000], {"gpu_compute_ms": [0.25, 0.75]}),
+               bench.summarize("trt-copies", 1, [1_500_000, 1_500_000],
+                               {"gpu_compute_ms": [0.5, 0.5], "h2d_ms": [0.125, 0.125], "d2h_ms": [0.0625, 0.0625]})]
+    return {"artifacts": [], "environment": {}, "settings": {}, "results": bench.add_speedups(entries)}
+
+
+def test_table_columns_for_each_mix(fake_results, mixed_results):
+    assert bench.table_columns(fake_results) == bench.TABLE_COLUMNS  # ONNX Runtime only: as before
+    assert bench.table_columns(mixed_results) == ("artifact", "batch", "min", "median", "mean", "p90", "p95", "p99",
+                                                  "gpu", "h2d", "d2h", "qps", "samples/s", "speedup")
+    compute_only = {"results": mixed_results["results"][:2]}
+    assert bench.table_columns(compute_only)[8:10] == ("gpu", "qps")
+    columns = bench.table_columns(mixed_results)
+    ort_row, trt_row, copies_row = (bench.table_row(e, columns) for e in mixed_results["results"])
+    assert ort_row[8:11] == [bench.MISSING_CELL] * 3 and ort_row[-1] == "1.00x"
+    assert trt_row[8:11] == ["0.5000", "-", "-"] and trt_row[-1] == "2.00x"
+    assert copies_row[8:11] == ["0.5000", "0.1250", "0.0625"]
+    assert "gpu/h2d/d2h = median device time" in bench.table_caption(columns)
+    assert bench.table_caption(bench.TABLE_COLUMNS) == "speedup = first artifact's median / median, same batch"
+
+
+def test_print_table_mixed(mixed_results, capsys):
+    bench.print_table(mixed_results)
+    out = capsys.readouterr().out
+    assert "gpu" in out and "h2d" in out and "0.5000" in out and "0.0625" in out and "2.00x" in out
+
+
+def make_engine_dir(tmp_path: Path, onnx_path: Path, name: str = "engine", batch_max: int = 4) -> Path:
+    """A directory that resolves as a TensorRT build (the runner is faked, so the engine bytes never load)."""
+    from tcexport import inputs as inputs_mod
+
+    specs = inputs_mod.specs_from_graph(onnx.load(str(onnx_path)))
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "model.engine").write_bytes(b"\0")
+    profile = {s.name: {"min": [1, *s.shape[1:]], "opt": [1, *s.shape[1:]], "max": [batch_max, *s.shape[1:]]}
+               for s in specs}
+    (directory / "tcexport-build.json").write_text(json.dumps({
+        "backend": "trt", "model_file": "model.engine", "precision": "fp16", "tensorrt_version": "10.13.0.35",
+        "gpu_name": "Fake GPU", "inputs": [s.to_json() for s in specs], "profile": profile}))
+    return directory
+
+
+@pytest.fixture()
+def fake_engines(monkeypatch):
+    """bench opens engine directories with FakeDeviceRunner; returns the options each was opened with."""
+    from tcexport.backends import trt
+
+    opened = []
+
+    def open_engine_runner(artifact, label=None, *, include_copies=False, cuda_graph=False):
+        opened.append({"label": label, "include_copies": include_copies, "cuda_graph": cuda_graph})
+        fields = ("h2d_ms", "gpu_compute_ms", "d2h_ms") if include_copies else ("gpu_compute_ms",)
+        runner = FakeDeviceRunner(label, fields)
+        runner.cuda_graph_used, runner.cuda_graph_note = cuda_graph, "on" if cuda_graph else "off"
+        return runner
+
+    monkeypatch.setattr(trt, "open_engine_runner", open_engine_runner)
+    return opened
+
+
+def test_run_mixed_ort_and_engine(small_onnx, tmp_path, fake_engines):
+    engine = make_engine_dir(tmp_path, small_onnx)
+    results = bench.run([small_onnx, engine], batches=[1, 2], warmup=2, iters=4, cuda_graph=True)
+    json.dumps(results)
+    assert fake_engines == [{"label": "engine", "include_copies": False, "cuda_graph": True}]
+    ort_artifact, engine_artifact = results["artifacts"]
+    assert ort_artifact["provider"] == "cpu" and "cuda_graph" not in ort_artifact
+    assert engine_artifact["backend"] == "trt" and engine_artifact["provider"] is None
+    assert engine_artifact["precision"] == "fp16" and engine_artifact["cuda_graph"] is True
+    assert engine_artifact["device_fields"] == ["gpu_compute_ms"] and engine_artifact["threads"] is None
+    assert results["settings"]["cuda_graph"] is True and results["settings"]["include_copies"] is False
+    by_key = {(e["artifact"], e["batch"]): e for e in results["results"]}
+    assert set(by_key) == {(a, b) for a in ("small", "engine") for b in (1, 2)}
+    for batch in (1, 2):
+        assert "gpu_compute_ms" not in by_key[("small", batch)]
+        assert by_key[("engine", batch)]["speedup"] > 0 and by_key[("small", batch)]["speedup"] == 1.0
+    # Synthetic device times count up by 1 ms per run; warm-ups (2 per batch) are not samples.
+    first, second = by_key[("engine", 1)]["gpu_compute_ms"], by_key[("engine", 2)]["gpu_compute_ms"]
+    assert (first["min"], first["max"]) == (3.0, 6.0)
+    assert second["min"] == 9.0 and by_key[("engine", 2)]["iters"] == 4
+
+
+def test_run_engine_with_copies_reports_h2d_d2h(small_onnx, tmp_path, fake_engines):
+    engine = make_engine_dir(tmp_path, small_onnx)
+    results = bench.run([engine, small_onnx], batches=[1], warmup=0, iters=2, include_copies=True)
+    entry = results["results"][0]
+    assert entry["artifact"] == "engine" and entry["h2d_ms"]["median"] == pytest.approx(0.1)
+    assert {"gpu_compute_ms", "h2d_ms", "d2h_ms"} <= set(entry) and "h2d_ms" not in results["results"][1]
+
+
+def test_run_engine_batch_outside_profile(small_onnx, tmp_path, fake_engines):
+    engine = make_engine_dir(tmp_path, small_onnx, batch_max=4)
+    with pytest.raises(UsageError, match="engine: batch 8 is outside the engine's optimization profile"):
+        bench.run([small_onnx, engine], batches=[1, 8], warmup=0, iters=1)
+
+
+def test_engine_options_need_an_engine(small_onnx):
+    for options in ({"cuda_graph": True}, {"include_copies": True}):
+        with pytest.raises(UsageError, match="apply|applies"):
+            bench.run([small_onnx], batches=[1], warmup=0, iters=1, **options)
+
+
+def test_cli_engine_option_without_engine(small_onnx, tmp_path):
+    proc = run_cli(str(small_onnx), "--include-copies", "--cuda-graph", "--iters", "1", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --include-copies/--cuda-graph apply to TensorRT")
+
+
+def test_cli_cuda_provider_build_on_a_cpu_only_machine(small_onnx, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this ONNX Runtime has the CUDA provider; the missing-provider path is not reachable")
+    from tcexport.backends import ort as ort_backend
+
+    build_dir = tmp_path / "cuda-build"
+    ort_backend.build(small_onnx, build_dir)  # a real build, then recorded as made for CUDA
+    sidecar_path = build_dir / "tcexport-build.json"
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["provider"] = "CUDAExecutionProvider"
+    sidecar_path.write_text(json.dumps(sidecar))
+    with pytest.raises(UsageError, match="built for CUDAExecutionProvider"):
+        bench.run([build_dir], batches=[1], warmup=0, iters=1)
+    proc = run_cli(str(small_onnx), str(build_dir), "--iters", "1", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith(f"error: {build_dir}: built for CUDAExecutionProvider")
+    assert "'cuda' is not available" in lines[0] and "tcexport[gpu]" in lines[0]

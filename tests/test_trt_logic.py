@@ -294,3 +294,517 @@ def test_cli_build_writes_engine_dir(tiny_onnx, tmp_path):
     assert result.returncode == 0, result.stderr
     assert artifacts.resolve(out).backend == "trt"
 
+
+
+# --- running engines: the decisions ------------------------------------------------------------------------------
+
+
+def test_tolerances_for_each_precision():
+    from tcexport import validate
+
+    assert validate.tolerances_for("fp32") == (1e-4, 1e-4, None)
+    assert validate.tolerances_for("fp16") == (1e-2, 1e-2, 0.999)
+    atol, rtol, cosine = validate.tolerances_for("bf16")
+    assert atol > 1e-2 and rtol > 1e-2 and cosine < 0.999  # looser than fp16
+    # Explicit values win, one by one; the rest keep the precision's.
+    assert validate.tolerances_for("fp32", 1e-3, 2e-3) == (1e-3, 2e-3, None)
+    assert validate.tolerances_for("fp16", atol=5e-2) == (5e-2, 1e-2, 0.999)
+    assert validate.tolerances_for("fp16", min_cosine=0.99) == (1e-2, 1e-2, 0.99)
+    assert validate.tolerances_for("fp16", 0.0, 0.0) == (0.0, 0.0, 0.999)  # 0 is a value, not "not given"
+    with pytest.raises(UsageError, match="int8"):
+        validate.tolerances_for("int8")
+
+
+def test_tolerance_reason_says_where_each_value_comes_from():
+    from tcexport import validate
+
+    default = validate.tolerance_reason("fp16", engine=True)
+    assert "defaults for a fp16 engine" in default and "float16" in default
+    partial = validate.tolerance_reason("fp16", engine=True, atol=1e-3)
+    assert partial.startswith("--atol given") and "fp16 engine" in partial
+    assert validate.tolerance_reason("fp32", False, 1e-3, 1e-3, 0.9) == "all given on the command line"
+    assert "ONNX Runtime" in validate.tolerance_reason("fp32", engine=False)
+
+
+def test_compare_with_a_cosine_floor():
+    from tcexport import validate
+
+    reference = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    rotated = np.array([[1.0, 0.05, 0.0], [0.0, 0.0, 0.0]])  # within atol 0.1, but cosine 0.9988
+    assert validate.compare(reference, rotated, 0.1, 0.0)["within_tolerance"]
+    assert validate.compare(reference, rotated, 0.1, 0.0, min_cosine=0.99)["within_tolerance"]
+    assert not validate.compare(reference, rotated, 0.1, 0.0, min_cosine=0.999)["within_tolerance"]
+    # Rows that are zero on both sides have no direction to compare; they match.
+    assert validate.compare(reference, reference, 0.0, 0.0, min_cosine=0.999)["within_tolerance"]
+    # Without a floor the result is what it always was.
+    assert validate.compare(reference, rotated, 0.1, 0.0) == validate.compare(reference, rotated, 0.1, 0.0, None)
+
+
+def test_engine_mismatch():
+    sidecar = {"tensorrt_version": "10.13.0.35", "compute_capability": "8.7", "gpu_name": "Orin (nvgpu)"}
+    orin = trt.DeviceInfo("Orin (nvgpu)", (8, 7))
+    assert trt.engine_mismatch(sidecar, "10.13.0.35", orin) is None
+    assert trt.engine_mismatch(sidecar, "10.13.0.post1", orin) is None  # same release, other packaging
+    assert trt.engine_mismatch({}, "10.3", orin) is None  # nothing recorded: let TensorRT decide
+    version = trt.engine_mismatch(sidecar, "10.3.0.26", orin)
+    assert "TensorRT 10.13.0.35" in version and "10.3.0.26" in version and "tcexport build --backend trt" in version
+    gpu = trt.engine_mismatch(sidecar, "10.13.0.35", trt.DeviceInfo("Tesla T4", (7, 5)))
+    assert "compute capability 8.7" in gpu and "Tesla T4 is 7.5" in gpu and "TensorRT" not in gpu.split(";")[0]
+    both = trt.engine_mismatch(sidecar, "10.3", trt.DeviceInfo("Tesla T4", (7, 5)))
+    assert "TensorRT 10.13.0.35" in both and "compute capability" in both and "\n" not in both
+
+
+def test_check_batch_in_profile():
+    profile = {"x": {"min": [1, 4, 16], "opt": [2, 4, 16], "max": [8, 4, 16]},
+               "scalar": {"min": [], "opt": [], "max": []}}
+    for batch in (1, 2, 8):
+        trt.check_batch_in_profile(profile, batch, "engine")
+    with pytest.raises(UsageError, match=r"engine: batch 9 is outside .* batches 1 to 8"):
+        trt.check_batch_in_profile(profile, 9, "engine")
+    with pytest.raises(UsageError, match=r"takes batch 4\)"):
+        trt.check_batch_in_profile({"x": {"min": [4, 3], "max": [4, 3]}}, 1, "engine")
+    trt.check_batch_in_profile(None, 100, "no profile recorded")
+
+
+def test_device_fields_and_graph_note():
+    assert trt.device_fields(False) == ("gpu_compute_ms",)
+    assert trt.device_fields(True) == ("h2d_ms", "gpu_compute_ms", "d2h_ms")
+    assert set(trt.TRTEXEC_FIELDS) == set(trt.device_fields(True))
+    assert trt.TRTEXEC_FIELDS["gpu_compute_ms"] == "GPU Compute Time"
+    assert trt.cuda_graph_note(False, False) == "off"
+    assert trt.cuda_graph_note(True, True).startswith("on")
+    note = trt.cuda_graph_note(True, False, "operation not permitted\nwhen stream is capturing")
+    assert note.startswith("unsupported") and "operation not permitted when stream" in note and "\n" not in note
+
+
+# --- running engines: TrtRunner, validate and bench on a fake TensorRT and CUDA ----------------------------------
+#
+# The fakes stand in for the tensorrt module and for TorchCuda (the only code that touches CUDA): the engine is an
+# ONNX Runtime session over the ONNX bytes stored as "model.engine", device memory is numpy arrays looked up by
+# address, and a synthetic clock makes every CUDA-event time known in advance. What runs for real is TrtRunner's
+# control flow (bind / stage / copies / events / graph capture and fallback), validate's engine path and bench's
+# handling of engine directories.
+
+
+class FakeEvent:
+    time: float | None = None
+
+
+class FakeCuda:
+    """TorchCuda's interface on numpy arrays. Each engine execution advances the clock by compute_ms (a graph
+    replay by graph_ms), each copy by copy_ms; events read the clock."""
+
+    stream_handle = 0xC0DA
+
+    def __init__(self, compute_ms=2.0, graph_ms=1.5, copy_ms=0.25, capturable=True):
+        self.compute_ms, self.graph_ms, self.copy_ms, self.capturable = compute_ms, graph_ms, copy_ms, capturable
+        self.clock = 0.0
+        self.memory: dict[int, np.ndarray] = {}
+        self.calls: list[str] = []
+        self.capturing = self.replaying = False
+
+    def _keep(self, array):
+        self.memory[id(array)] = array
+        return array
+
+    def to_device(self, value, dtype):
+        return self._keep(np.array(value, dtype=dtype))
+
+    def empty(self, shape, dtype):
+        return self._keep(np.zeros(shape, dtype=dtype))
+
+    def pinned(self, value, dtype):
+        return np.array(value, dtype=dtype)
+
+    def pinned_empty(self, shape, dtype):
+        return np.zeros(shape, dtype=dtype)
+
+    @staticmethod
+    def address(array):
+        return id(array)
+
+    def after_uploads(self):
+        pass
+
+    def copy_async(self, dst, src):
+        dst[...] = src
+        self.clock += self.copy_ms
+        self.calls.append("copy")
+
+    def event(self):
+        return FakeEvent()
+
+    def record(self, event):
+        event.time = self.clock
+
+    @staticmethod
+    def elapsed_ms(start, end):
+        return end.time - start.time
+
+    def synchronize(self):
+        self.calls.append("sync")
+
+    def capture(self, launch):
+        if not self.capturable:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        self.capturing = True
+        try:
+            launch()
+        finally:
+            self.capturing = False
+        self.calls.append("capture")
+        return launch
+
+    def replay(self, graph):
+        self.replaying = True
+        try:
+            graph()
+        finally:
+            self.replaying = False
+
+    @staticmethod
+    def to_numpy(array):
+        return np.array(array)
+
+
+_ORT_TO_TRT = {"tensor(float)": "FLOAT", "tensor(float16)": "HALF", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+
+
+class FakeEngine:
+    def __init__(self, blob: bytes, state):
+        import onnxruntime as ort
+
+        self.state = state
+        self.session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.types = {t.name: t.type for t in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        self.num_io_tensors = len(self.inputs) + len(self.outputs)
+
+    def get_tensor_name(self, index):
+        return [*self.inputs, *self.outputs][index]
+
+    def get_tensor_mode(self, name):
+        return "INPUT" if name in self.inputs else "OUTPUT"
+
+    def get_tensor_dtype(self, name):
+        return type("DataType", (), {"name": _ORT_TO_TRT[self.types[name]]})()
+
+    def create_execution_context(self):
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine):
+        self.engine, self.shapes, self.addresses = engine, {}, {}
+
+    def set_input_shape(self, name, shape):
+        low, high = self.engine.state.batch_range
+        if not low <= shape[0] <= high:
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    def _compute(self) -> dict[str, np.ndarray]:
+        memory = self.engine.state.cuda.memory
+        results = self.engine.session.run(None, {n: memory[self.addresses[n]] for n in self.engine.inputs})
+        scale = 1 + self.engine.state.relative_error  # a reduced-precision engine's error, in a known size
+        return {n: (r * scale).astype(r.dtype) for n, r in zip(self.engine.outputs, results)}
+
+    def get_tensor_shape(self, name):
+        return self.shapes[name] if name in self.shapes else self._compute()[name].shape
+
+    def execute_async_v3(self, stream_handle):
+        cuda = self.engine.state.cuda
+        assert stream_handle == cuda.stream_handle
+        if cuda.capturing:  # captured work is recorded, not run
+            cuda.calls.append("captured")
+            return True
+        for name, value in self._compute().items():
+            cuda.memory[self.addresses[name]][...] = value
+        cuda.clock += cuda.graph_ms if cuda.replaying else cuda.compute_ms
+        cuda.calls.append("graph" if cuda.replaying else "execute")
+        return True
+
+
+def make_fake_tensorrt(state):
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, blob):
+            try:
+                return FakeEngine(blob, state)
+            except Exception:  # noqa: BLE001 - not an engine: TensorRT returns None
+                return None
+
+    return type("tensorrt", (), {"__version__": state.tensorrt_version, "Logger": Logger, "Runtime": Runtime,
+                                 "init_libnvinfer_plugins": staticmethod(lambda logger, namespace: True),
+                                 "TensorIOMode": type("TensorIOMode", (), {"INPUT": "INPUT", "OUTPUT": "OUTPUT"})})
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """tensorrt, the GPU and TorchCuda replaced by fakes; tweak the returned state before opening a runner."""
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(cuda=FakeCuda(), batch_range=(1, 8), relative_error=0.0, tensorrt_version="10.13.0.35",
+                            device=trt.DeviceInfo("Fake GPU", (8, 7), 8 << 30))
+    fake = make_fake_tensorrt(state)
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt, "require_gpu", lambda index=0, purpose="build": state.device)
+    monkeypatch.setattr(trt, "TorchCuda", lambda device_index=0: state.cuda)
+    return state
+
+
+def make_engine_dir(directory: Path, onnx_path: Path, precision="fp16", version="10.13", compute_capability=(8, 7),
+                    batch="1,1,8") -> Path:
+    """A build directory as build_engine writes it, with the ONNX bytes as the (fake) engine."""
+    from tcexport import metadata
+
+    model = onnx.load(str(onnx_path))
+    plan = trt.make_plan(model, version, precision, batch)
+    specs = inputs.specs_from_graph(model)
+    data = trt.sidecar(plan, device=trt.DeviceInfo("Fake GPU", compute_capability), tensorrt_version=f"{version}.0.35",
+                       engine_inputs=[trt.TensorInfo(s.name, [-1, *s.shape[1:]], "float") for s in specs],
+                       engine_outputs=[trt.TensorInfo(o.name, [], "float") for o in model.graph.output],
+                       source_model=onnx_path, source_sha256="ab" * 32, records=metadata.all_records(model))
+    directory.mkdir(parents=True)
+    (directory / trt.ENGINE_FILE).write_bytes(onnx_path.read_bytes())
+    (directory / artifacts.SIDECAR).write_text(json.dumps(data))
+    return directory
+
+
+def test_fake_runner_times_compute_only(fake_gpu, tiny_onnx, tmp_path):
+    engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
+    runner = trt.open_engine_runner(artifacts.resolve(engine_dir), "tiny-trt")
+    assert runner.name == "tiny-trt" and runner.device_fields == ("gpu_compute_ms",)
+    x = np.random.default_rng(0).standard_normal((2, 4, 16)).astype(np.float32)
+    feeds = {"x": x}
+    for _ in range(3):
+        outputs = runner.run(feeds)
+    np.testing.assert_allclose(outputs["y"], _ort_reference(tiny_onnx, x), rtol=1e-6)
+    # Staged once (one untimed execution), then three timed executions; no copies without include_copies.
+    assert fake_gpu.cuda.calls.count("execute") == 4 and "copy" not in fake_gpu.cuda.calls
+    assert runner.pop_device_times() == {"gpu_compute_ms": [2.0, 2.0, 2.0]}
+    assert runner.pop_device_times() == {"gpu_compute_ms": []}  # popped means gone
+    assert runner.cuda_graph_used is False and runner.cuda_graph_note == "off"
+    assert runner.time_ms(feeds, warmup=2, iters=4) == [2.0] * 4
+    np.testing.assert_allclose(runner.infer({"x": x})["y"], _ort_reference(tiny_onnx, x), rtol=1e-6)
+
+
+def test_fake_runner_with_copies_and_cuda_graph(fake_gpu, tiny_onnx, tmp_path):
+    engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
+    runner = trt.open_engine_runner(artifacts.resolve(engine_dir), include_copies=True, cuda_graph=True)
+    assert runner.device_fields == ("h2d_ms", "gpu_compute_ms", "d2h_ms")
+    x = np.random.default_rng(1).standard_normal((3, 4, 16)).astype(np.float32)
+    feeds = {"x": x}
+    runner.stage(feeds)
+    assert runner.cuda_graph_used and runner.cuda_graph_note.startswith("on")
+    calls = fake_gpu.cuda.calls
+    assert calls[calls.index("capture") - 1] == "captured"  # captured, not run, during capture
+    runner.pop_device_times()
+    outputs = runner.run(feeds)
+    times = runner.pop_device_times()
+    assert times == {"h2d_ms": [0.25], "gpu_compute_ms": [1.5], "d2h_ms": [0.25]}  # replayed graph: graph_ms
+    assert calls[-4:] == ["copy", "graph", "copy", "sync"]  # H2D, replay, D2H, then wait for the stream
+    np.testing.assert_allclose(outputs["y"], _ort_reference(tiny_onnx, x), rtol=1e-6)  # host buffer, copied back
+    # A new feed (another batch) is staged again and gets its own graph.
+    runner.run({"x": x[:1]})
+    assert calls.count("capture") == 2
+
+
+def test_fake_runner_falls_back_when_capture_fails(fake_gpu, tiny_onnx, tmp_path):
+    fake_gpu.cuda.capturable = False
+    engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
+    runner = trt.open_engine_runner(artifacts.resolve(engine_dir), cuda_graph=True)
+    runner.run({"x": np.zeros((1, 4, 16), np.float32)})
+    assert runner.cuda_graph_used is False
+    assert runner.cuda_graph_note.startswith("unsupported") and "operation not permitted" in runner.cuda_graph_note
+    assert runner.pop_device_times() == {"gpu_compute_ms": [2.0]}  # timed with plain execute_async_v3
+
+
+def test_fake_runner_refusals(fake_gpu, tiny_onnx, tmp_path):
+    engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
+    runner = trt.open_engine_runner(artifacts.resolve(engine_dir))
+    with pytest.raises(UsageError, match="outside the engine's profile"):
+        runner.run({"x": np.zeros((9, 4, 16), np.float32)})
+    with pytest.raises(UsageError, match="missing inputs for the engine: x"):
+        runner.run({"other": np.zeros((1, 4, 16), np.float32)})
+    (engine_dir / trt.ENGINE_FILE).write_bytes(b"not an engine")
+    with pytest.raises(UsageError, match="could not deserialize"):
+        trt.open_engine_runner(artifacts.resolve(engine_dir))
+    elsewhere = make_engine_dir(tmp_path / "t4-engine", tiny_onnx, compute_capability=(7, 5))
+    with pytest.raises(UsageError, match=r"compute capability 7\.5 .*rebuild it here"):
+        trt.open_engine_runner(artifacts.resolve(elsewhere))
+    older = make_engine_dir(tmp_path / "old-engine", tiny_onnx, version="10.3")
+    with pytest.raises(UsageError, match=r"TensorRT 10\.3\.0\.35 \(this machine has 10\.13\.0\.35\)"):
+        trt.open_engine_runner(artifacts.resolve(older))
+
+
+@pytest.fixture(scope="module")
+def convnet_onnx(tmp_path_factory) -> Path:
+    """A tiny exported CNN with its tcexport.source record, so validate can rebuild the PyTorch reference."""
+    from tcexport import export, sources
+
+    source = sources.load("py:tests.fixtures.factories:tiny_convnet", input_shape="3x8x8")
+    path = tmp_path_factory.mktemp("convnet") / "convnet.onnx"
+    export.export_to_file(source, path, exporter="torchscript")  # the fast exporter: only the record matters here
+    return path
+
+
+def test_validate_fp16_engine_uses_its_precision_tolerances(fake_gpu, convnet_onnx, tmp_path):
+    from tcexport import validate
+    from tcexport.errors import ValidationFailed
+
+    fake_gpu.relative_error = 1e-3  # far beyond fp32's 1e-4, well within fp16's 1e-2
+    engine_dir = make_engine_dir(tmp_path / "engine", convnet_onnx, precision="fp16")
+    report = validate.validate(engine_dir, samples=2)
+    assert report.passed, validate.format_report(report)
+    assert (report.atol, report.rtol, report.min_cosine) == (1e-2, 1e-2, 0.999)
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["backend"] == "trt" and data["precision"] == "fp16"
+    assert data["tolerances"]["min_cosine"] == 0.999 and "fp16 engine" in data["tolerances"]["reason"]
+    assert data["divergence_check"].startswith("not checked")
+    assert all(s["discrete_divergence"] is None for s in data["samples"])
+    assert 5e-4 < data["max_rel"] < 2e-3  # the engine's error was measured, not hidden
+    text = validate.format_report(report)
+    assert "(TensorRT fp16 engine)" in text and "min cosine 0.999" in text and "defaults for a fp16 engine" in text
+    assert "discrete divergence not checked" in text.splitlines()[-1]
+
+    with pytest.raises(ValidationFailed) as failed:  # explicit tolerances win over the precision's
+        validate.run(engine_dir, samples=2, atol=1e-4, rtol=1e-4)
+    assert failed.value.report["tolerances"]["reason"].startswith("--atol, --rtol given")
+
+
+def test_validate_fp32_engine_keeps_the_user_tolerances(fake_gpu, convnet_onnx, tmp_path):
+    from tcexport import validate
+
+    engine_dir = make_engine_dir(tmp_path / "engine", convnet_onnx, precision="fp32")
+    report = validate.validate(engine_dir, samples=1, atol=2e-4)
+    assert report.passed and (report.atol, report.rtol, report.min_cosine) == (2e-4, 1e-4, None)
+    with pytest.raises(UsageError, match="outside the engine's optimization profile"):
+        validate.validate(engine_dir, samples=2, batches=(1, 9))
+
+
+def test_validate_onnx_is_unchanged(convnet_onnx):
+    from tcexport import validate
+
+    report = validate.validate(convnet_onnx, samples=2)
+    assert report.passed and (report.atol, report.rtol, report.min_cosine) == (1e-4, 1e-4, None)
+    assert report.backend == "ort" and report.divergence_check == "ONNX Runtime size tensors"
+    assert all(s["discrete_divergence"] is False for s in report.samples)
+    assert validate.format_report(report).splitlines()[0] == \
+        f"validate {convnet_onnx}: 2 samples, atol 0.0001, rtol 0.0001"
+
+
+def test_bench_fake_engine_next_to_onnx_runtime(fake_gpu, tiny_onnx, tmp_path):
+    from tcexport import bench
+
+    engine_dir = make_engine_dir(tmp_path / "tiny-trt", tiny_onnx)
+    results = bench.run([tiny_onnx, engine_dir], batches=[1, 2], warmup=1, iters=3, include_copies=True,
+                        cuda_graph=True)
+    json.dumps(results)
+    ort_entry, engine_entry = results["artifacts"]
+    assert ort_entry["backend"] == "ort" and "cuda_graph" not in ort_entry
+    assert engine_entry["backend"] == "trt" and engine_entry["precision"] == "fp16" and engine_entry["cuda_graph"]
+    assert engine_entry["device_fields"] == ["h2d_ms", "gpu_compute_ms", "d2h_ms"]
+    assert results["settings"]["include_copies"] and results["settings"]["cuda_graph"]
+    for entry in results["results"]:
+        if entry["artifact"] == "tiny":
+            assert not {"gpu_compute_ms", "h2d_ms", "d2h_ms"} & set(entry)
+        else:
+            assert entry["gpu_compute_ms"]["median"] == 1.5 and entry["h2d_ms"]["max"] == 0.25
+            assert entry["d2h_ms"]["min"] == 0.25 and entry["iters"] == 3
+    with pytest.raises(UsageError, match="outside the engine's optimization profile"):
+        bench.run([engine_dir], batches=[16], warmup=0, iters=1)
+
+
+# --- clean failure without TensorRT: running engines -------------------------------------------------------------
+
+
+@pytest.mark.skipif(tensorrt_importable(), reason="TensorRT is installed here; the missing-TensorRT path is not reachable")
+def test_validate_and_bench_engine_without_tensorrt_fail_cleanly(tiny_onnx, tmp_path):
+    engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
+    for command in ("validate", "bench"):
+        result = run_cli(command, engine_dir, cwd=tmp_path)
+        assert_usage_error(result)
+        assert "tensorrt" in result.stderr and "tcexport[trt]" in result.stderr and str(engine_dir) in result.stderr
+
+
+# --- real engines: validate and bench through the CLI (need TensorRT and an NVIDIA GPU) --------------------------
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@needs_engine
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cli_validate_engine(convnet_onnx, tmp_path, precision):
+    from tcexport import validate
+
+    plan = trt.make_plan(convnet_onnx, trt.require_tensorrt().__version__, precision, "1,1,8")
+    engine_dir = tmp_path / f"engine-{precision}"
+    sidecar = trt.build_engine(convnet_onnx, engine_dir, plan)
+    assert sidecar["records"]  # the provenance validate rebuilds the reference from travels with the engine
+    report_path = tmp_path / "validate.json"
+    result = run_cli("validate", engine_dir, "--samples", "2", "--json", report_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"(TensorRT {precision} engine)" in result.stdout and "tolerances:" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["passed"] and report["backend"] == "trt" and report["precision"] == precision
+    assert (report["atol"], report["rtol"], report["min_cosine"]) == validate.tolerances_for(precision)
+    assert report["divergence_check"].startswith("not checked")
+
+
+@pytest.fixture(scope="module")
+def ort_and_engine_builds(tmp_path_factory):
+    """The tiny model built twice: ONNX Runtime (CPU) and a TensorRT fp16 engine with batches 1..2."""
+    if _ENGINE_SKIP:
+        pytest.skip(_ENGINE_SKIP)
+    from tcexport.backends import ort as ort_backend
+
+    root = tmp_path_factory.mktemp("builds")
+    onnx_path = root / "tiny.onnx"
+    onnx.save(tiny_model(), onnx_path)
+    ort_backend.build(onnx_path, root / "tiny-ort")
+    plan = trt.make_plan(onnx_path, trt.require_tensorrt().__version__, "fp16", "1,2,2")
+    trt.build_engine(onnx_path, root / "tiny-trt", plan)
+    return root / "tiny-ort", root / "tiny-trt"
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@needs_engine
+@pytest.mark.parametrize("extra", [[], ["--include-copies"], ["--cuda-graph"], ["--include-copies", "--cuda-graph"]])
+def test_cli_bench_engine_next_to_ort(ort_and_engine_builds, tmp_path, extra):
+    ort_dir, engine_dir = ort_and_engine_builds
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", ort_dir, engine_dir, "--batch", "1,2", "--iters", "20", "--warmup", "3",
+                     "--json", out, *extra)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "gpu" in result.stdout
+    data = json.loads(out.read_text())
+    ort_entry, engine_entry = data["artifacts"]
+    assert ort_entry["backend"] == "ort" and engine_entry["backend"] == "trt"
+    assert engine_entry["cuda_graph"] is ("--cuda-graph" in extra), engine_entry["cuda_graph_note"]
+    copies = "--include-copies" in extra
+    for entry in data["results"]:
+        if entry["artifact"] == "tiny-ort":
+            assert not {"gpu_compute_ms", "h2d_ms", "d2h_ms"} & set(entry)
+            continue
+        gpu = entry["gpu_compute_ms"]
+        assert gpu["min"] > 0 and entry["iters"] == 20
+        assert gpu["median"] <= entry["latency_ms"]["median"]  # host wall time brackets the device work
+        assert ("h2d_ms" in entry and "d2h_ms" in entry) is copies
+        if copies:
+            assert entry["h2d_ms"]["min"] > 0 and entry["d2h_ms"]["min"] > 0
