@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from tcexport import __version__
-from tcexport.errors import NotAvailableYet, UsageError, ValidationFailed
+from tcexport.errors import UsageError, ValidationFailed
 
 
 def _one_line(text: str) -> str:
@@ -131,7 +131,8 @@ def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkp
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx file.")
 @click.option("--method", default="tome", show_default=True,
               help="Compression method: tome, topk, prune-merge, adjacent, pool, query, random, uniform "
-                   "(those registered in this version).")
+                   "(those registered in this version). query keeps the tokens most like an external vector: the "
+                   "output model takes an extra input 'query' [batch, hidden width].")
 @click.option("--r", "r", default=None, help="tome/adjacent: tokens removed per chosen layer (one int, or one per layer).")
 @click.option("--keep", type=float, default=None, help="topk/random/uniform/query: fraction of tokens kept.")
 @click.option("--keep-count", type=int, default=None, help="topk/random/uniform/query: number of tokens kept.")

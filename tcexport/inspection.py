@@ -3,15 +3,17 @@
 The report is a flat dict built from SECTIONS, an ordered list of Section(name, collect, render):
     collect(ctx) -> a dict of JSON-serialisable top-level keys merged into the report (None: nothing added)
     render(report) -> a rich renderable printed by print_report (None: nothing printed)
-Later modules add their own sections (e.g. "blocks found", "token schedule") with register_section(); the
-InspectContext they receive gives the loaded model and the FLOPs estimate (computed once, on first use).
+Other modules can add their own sections with register_section(); the InspectContext they receive gives the
+loaded model, the FLOPs estimate and the transformer blocks (each computed once, on first use).
+"blocks found" lists the blocks tcexport.graph.blocks finds (the ones compress can rewrite); "token schedule"
+shows what compress recorded (tokens per block, method and parameters) and the FLOPs saved.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +22,7 @@ import onnx
 
 from tcexport import flops as flops_mod
 from tcexport import metadata, onnxfile
+from tcexport.errors import UsageError
 
 
 @dataclass
@@ -31,6 +34,18 @@ class InspectContext:
     @cached_property
     def flops(self) -> flops_mod.FlopsResult:
         return flops_mod.estimate(self.model, batch=self.batch)
+
+    @cached_property
+    def blocks(self) -> tuple[list, str | None]:
+        """(blocks found by tcexport.graph.blocks, None) or ([], why none were found). Never raises."""
+        try:
+            import onnx_ir as ir
+
+            from tcexport.graph import blocks as blocks_mod
+
+            return blocks_mod.find_blocks(ir.from_proto(self.model).graph), None
+        except Exception as exc:  # noqa: BLE001 - inspect reports what it can; the reason goes in the report
+            return [], " ".join(str(exc).split()) or type(exc).__name__
 
 
 @dataclass
@@ -180,6 +195,92 @@ def _collect_flops(ctx: InspectContext) -> dict:
     }}
 
 
+def _collect_blocks(ctx: InspectContext) -> dict:
+    found, reason = ctx.blocks
+    items = [{"index": s["index"], "scope": s["scope"], "norm": "post-norm" if s["post_norm"] else "pre-norm",
+              "hidden": s["hidden"], "softmax": s["softmax"]} for s in (b.summary() for b in found)]
+    note = None if found else f"no transformer blocks found: {reason}"
+    return {"blocks": {"found": len(items), "items": items, "note": note}}
+
+
+def _collect_token_schedule(ctx: InspectContext) -> dict:
+    """What compress recorded (tcexport.tokens, tcexport.compression) and what it saves in FLOPs."""
+    try:
+        steps = metadata.read(ctx.model, metadata.TOKENS)
+        record = metadata.read(ctx.model, metadata.COMPRESSION) or {}
+    except UsageError:
+        steps, record = None, {}
+    if not steps:
+        return {"token_schedule": None}
+    keys = ("method", "layers", "params", "impl", "protected", "prop_attn", "schedule")
+    return {"token_schedule": {
+        "compression": {k: record.get(k) for k in keys},
+        "blocks": [{"block": s.get("block"), "scope": s.get("scope"), "in": s.get("in"), "out": s.get("out")}
+                   for s in steps],
+        "tokens_in": steps[0].get("in"),
+        "tokens_out": steps[-1].get("out"),
+        "flops": _schedule_flops(ctx, steps),
+    }}
+
+
+def _schedule_flops(ctx: InspectContext, steps: list[dict]) -> dict:
+    """GFLOPs of the compressed file against the same model without compression, from the per-node estimate.
+
+    Each MatMul/Gemm/Conv of block b (found by its module scope) is rescaled to the uncompressed token count N0:
+    attention products (a MatMul of two activations, q @ k^T and attn @ v) are quadratic in the tokens entering
+    the block, (N0 / N_in)^2; layers with weights are linear: N0 / N_in before the block's hidden state (where
+    the method sits), N0 / N_out after it. The method's own nodes (tc_*) are dropped. Everything else runs on a
+    token count no method changes. "ideal_speedup" = uncompressed / compressed FLOPs without the method's own.
+    """
+    result = ctx.flops
+    out: dict[str, Any] = {"batch": result.batch, "gflops": result.total_flops / 1e9}
+    found, reason = ctx.blocks
+    graph = ctx.model.graph
+    nodes = {node.name: node for node in graph.node if node.name}
+    order = {node.name: i for i, node in enumerate(graph.node) if node.name}
+    blind = [u for u in result.unknown if u.op_type in flops_mod.MAJOR_OPS]
+    calls = [u for u in result.unknown if u.name.startswith("tc_") and u.reason.startswith("call")]
+    if blind:
+        return {**out, "note": f"not derived: {len(blind)} MatMul/Gemm/Conv node(s) without inferred shapes, "
+                               f"e.g. {blind[0].name}"}
+    if len(found) != len(steps):
+        return {**out, "note": f"not derived: the token schedule lists {len(steps)} blocks, the graph shows "
+                               f"{len(found)}" + (f" ({reason})" if reason else "")}
+    n0 = steps[0]["in"]
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                       for o in n.output}
+    method = sum(rec.flops for rec in result.nodes if rec.name.startswith("tc_"))
+    compressed = uncompressed = 0.0
+    for step, block in zip(steps, found):
+        producer = block.hidden.producer()
+        hidden_at = order.get(producer.name if producer is not None else "")
+        records = [rec for rec in result.nodes if rec.scope and step.get("scope") in rec.scope]
+        if hidden_at is None or not records:
+            return {**out, "note": f"not derived: block {step['block']} cannot be told apart in the graph "
+                                   "(it needs the exporter's module scopes)"}
+        for rec in records:
+            node = nodes[rec.name]
+            if node.op_type == "MatMul" and not any(name in constants for name in node.input):
+                scale = (n0 / step["in"]) ** 2
+            elif order[rec.name] < hidden_at:
+                scale = n0 / step["in"]
+            else:
+                scale = n0 / step["out"]
+            compressed += rec.flops
+            uncompressed += rec.flops * scale
+    without_method = result.total_flops - method
+    estimate = without_method - compressed + uncompressed
+    out.update({
+        "method_gflops": None if calls else method / 1e9,
+        "uncompressed_gflops": estimate / 1e9,
+        "ideal_speedup": estimate / without_method if without_method else None,
+    })
+    if calls:
+        out["note"] = (f"the method's {len(calls)} function call(s) are not counted "
+                       "(model-local function bodies are not estimated)")
+    return out
+
+
 # ---------------------------------------------------------------- renderers
 
 def escape(text: str) -> str:
@@ -290,12 +391,81 @@ def _render_flops(report: dict):
     return table
 
 
+def _render_blocks(report: dict):
+    from rich.table import Table
+    from rich.text import Text
+
+    b = report.get("blocks") or {}
+    if not b.get("found"):
+        return Text(f"Blocks: {b.get('note') or 'none found'}")
+    table = Table(title=f"Transformer blocks ({b['found']} found)", title_justify="left")
+    for column in ("block", "scope", "norm", "hidden state"):
+        table.add_column(column)
+    for item in b["items"]:
+        table.add_row(str(item["index"]), escape(item["scope"] or "-"), item["norm"], escape(item["hidden"]))
+    return table
+
+
+def _compact_layers(layers) -> str:
+    layers = list(layers or [])
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        start = layer if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(layer) if layer == start else f"{start}-{layer}")
+            start = None
+    return ",".join(parts) or "-"
+
+
+def _compact_params(params) -> str:
+    params = list(params or [])
+    if not params:
+        return "-"
+    if all(p == params[0] for p in params):
+        return " ".join(f"{k}={v}" for k, v in params[0].items())
+    keys = list(params[0])
+    return " ".join(f"{k}=" + ",".join(str(p.get(k)) for p in params) for k in keys)
+
+
+def _render_token_schedule(report: dict):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    t = report.get("token_schedule")
+    if not t:
+        return None
+    c = t["compression"]
+    summary = (f"{c.get('method')} at blocks {_compact_layers(c.get('layers'))}, {_compact_params(c.get('params'))}, "
+               f"protected {c.get('protected')}, impl {c.get('impl')}: tokens {t['tokens_in']} -> {t['tokens_out']}")
+    table = Table()
+    for column in ("block", "scope", "tokens in", "tokens out"):
+        table.add_column(column, justify="right" if column.startswith("tokens") else "left")
+    for step in t["blocks"]:
+        changed = step["in"] != step["out"]
+        table.add_row(str(step["block"]), escape(step["scope"] or "-"), str(step["in"]),
+                      f"[bold]{step['out']}[/bold]" if changed else str(step["out"]))
+    f = t["flops"]
+    if f.get("ideal_speedup"):
+        line = (f"GFLOPs at batch {f['batch']}: {_fmt_gflops(f['gflops'])} compressed vs "
+                f"{_fmt_gflops(f['uncompressed_gflops'])} uncompressed (estimated); FLOP-ideal speedup "
+                f"{f['ideal_speedup']:.2f}x")
+        if f.get("method_gflops"):
+            line += f"; the method itself adds {_fmt_gflops(f['method_gflops'])}"
+        if f.get("note"):
+            line += f" ({f['note']})"
+    else:
+        line = f"GFLOPs vs uncompressed: {f.get('note')}"
+    return Group(Text(f"Token schedule: {summary}", style="italic"), table, Text(line))
+
+
 for _section in (
     Section("file", _collect_file, _render_file),
     Section("io", _collect_io, _render_io),
     Section("graph", _collect_graph, _render_graph),
     Section("metadata", _collect_metadata, _render_metadata),
-    # later modules: register_section(Section("blocks", ...), before="flops"), likewise "tokens"
+    Section("blocks found", _collect_blocks, _render_blocks),
+    Section("token schedule", _collect_token_schedule, _render_token_schedule),
     Section("flops", _collect_flops, _render_flops),
 ):
     register_section(_section)

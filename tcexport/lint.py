@@ -14,8 +14,9 @@ Rules (id: what it checks):
     scatternd-reduction ScatterND with a reduction: unsupported (error)
     attention      the opset-23 Attention op: needs TensorRT >= 10.14 (error), and its documented restrictions
     dtype          data types TensorRT lacks (error) or handles partly (warning)
-    custom-op      custom-domain nodes: a model-local function (fine), a tcexport plugin (version checks), or an
-                   op no known plugin implements (error)
+    custom-op      custom-domain nodes: a model-local function (inlined; a warning says whether tcexport's plugin
+                   of that name can replace it; an error when the parser would resolve it to another function or
+                   a built-in op), a tcexport plugin (version checks), or an op no known plugin implements (error)
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ def _constant_values(nodes, initializers) -> dict[str, TensorProto]:
     for node in nodes:
         if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and node.output:
             for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                # (a function body's Constant may take its value from the call: ref_attr_name, no tensor here)
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR and not attr.ref_attr_name:
                     values[node.output[0]] = attr.t
     return values
 
@@ -197,7 +199,7 @@ def _node_output_types(nodes) -> dict[str, int]:
                 types[node.output[0]] = to
         elif node.op_type == "Constant":
             for attr in node.attribute:
-                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR and not attr.ref_attr_name:
                     types[node.output[0]] = attr.t.data_type
     return types
 
@@ -215,8 +217,27 @@ def _scopes(model: onnx.ModelProto, inferred: onnx.ModelProto) -> Iterator[Scope
         fn_opset = _default_opset(function.opset_import) or opset
         fn_types = _value_types(getattr(function, "value_info", []))
         fn_types.update(_node_output_types(function.node))
+        constants = _constant_values(function.node, [])
+        constants.update(_call_constants(function, graph.node))
         yield from _with_subgraphs(Scope(f"function {function.domain}:{function.name}", list(function.node),
-                                         fn_opset, _constant_values(function.node, []), fn_types))
+                                         fn_opset, constants, fn_types))
+
+
+def _call_constants(function: onnx.FunctionProto, nodes) -> dict[str, TensorProto]:
+    """Body Constants whose value each call passes (ref_attr_name): the largest single value the calls pass, so a
+    check on it (TopK's K) holds for every call. Unknown unless every call passes a one-element tensor."""
+    calls = [n for n in nodes if (n.domain, n.op_type) == (function.domain, function.name)]
+    values = {}
+    for node in function.node:
+        for attr in node.attribute:
+            if node.op_type != "Constant" or attr.name != "value" or not attr.ref_attr_name or not node.output:
+                continue
+            passed = [a.t for call in calls for a in call.attribute
+                      if a.name == attr.ref_attr_name and a.type == onnx.AttributeProto.TENSOR]
+            scalars = [_scalar(t) for t in passed]
+            if calls and len(passed) == len(calls) and None not in scalars:
+                values[node.output[0]] = passed[scalars.index(max(scalars))]
+    return values
 
 
 def _with_subgraphs(scope: Scope) -> Iterator[Scope]:
@@ -244,7 +265,7 @@ class Linter:
         self.model = model
         self.version = version
         self.functions = {(f.domain, f.name) for f in model.functions}
-        self._op_versions: dict[tuple[str, str], tuple[int, int]] = {}
+        self._op_versions: dict[tuple[str, str, str], tuple[int, int]] = {}
         self.report = LintReport(model_name, f"{version.major}.{version.minor}", _default_opset(model.opset_import))
 
     def add(self, severity: str, rule: str, node: onnx.NodeProto | None, message: str, scope: str = "graph",
@@ -255,6 +276,7 @@ class Linter:
 
     def run(self) -> LintReport:
         self.check_opset()
+        self.check_function_names()
         inferred = _infer(self.model)
         for scope in _scopes(self.model, inferred):
             for index, node in enumerate(scope.nodes):
@@ -318,20 +340,24 @@ class Linter:
         except onnx.defs.SchemaError:
             return
         if since > high:
-            # One finding per op type and scope (the node column names the first node and how many more).
-            key = (scope.name, node.op_type)
-            if key in self._op_versions:
-                index, count = self._op_versions[key]
-                first = self.report.findings[index]
-                self.report.findings[index] = Finding(first.severity, first.rule,
-                                                      first.node.split(" (+")[0] + f" (+{count} more)",
-                                                      first.op_type, first.message, first.scope)
-                self._op_versions[key] = (index, count + 1)
-                return
-            self._op_versions[key] = (len(self.report.findings), 1)
-            self.add(WARNING, "op-version", node,
-                     f"{node.op_type}-{since} is newer than opset {high}, the newest TensorRT "
-                     f"{self.report.trt_version} documents; the parser imports it with older semantics", scope.name)
+            self.add_once(WARNING, "op-version", node,
+                          f"{node.op_type}-{since} is newer than opset {high}, the newest TensorRT "
+                          f"{self.report.trt_version} documents; the parser imports it with older semantics",
+                          scope.name)
+
+    def add_once(self, severity: str, rule: str, node: onnx.NodeProto, message: str, scope: str) -> None:
+        """One finding per rule, op type and scope: the node column names the first node and how many more."""
+        key = (rule, scope, node.op_type)
+        if key in self._op_versions:
+            index, count = self._op_versions[key]
+            first = self.report.findings[index]
+            self.report.findings[index] = Finding(first.severity, first.rule,
+                                                  first.node.split(" (+")[0] + f" (+{count} more)",
+                                                  first.op_type, first.message, first.scope)
+            self._op_versions[key] = (index, count + 1)
+            return
+        self._op_versions[key] = (len(self.report.findings), 1)
+        self.add(severity, rule, node, message, scope)
 
     def check_topk(self, scope: Scope, node: onnx.NodeProto) -> None:
         if _attr(node, "sorted", 1) != 1:
@@ -404,7 +430,8 @@ class Linter:
         key = (node.domain, node.op_type)
         spec = trt_backend.TCEXPORT_PLUGINS.get(key)
         if key in self.functions:
-            return  # a model-local function: the parser inlines it (and from 10.7 prefers a same-named plugin)
+            self.check_function_call(scope, node, spec)
+            return
         if node.domain == "ai.onnx.ml":
             self.add(ERROR, "unsupported-op", node, f"ONNX-ML op {node.op_type} has no TensorRT importer",
                      scope.name)
@@ -428,6 +455,48 @@ class Linter:
             self.add(WARNING, "custom-op", node,
                      f"{node.op_type} runs as tcexport's plugin {spec.namespace}::{spec.name} v{spec.version}: it "
                      "must be registered when building and running the engine", scope.name)
+
+    # model-local functions. What TensorRT's ONNX parser does with them (onnx-tensorrt ModelImporter.cpp and
+    # onnxOpImporters.cpp LocalFunctionImporter; docs/Changelog.md): it imports model-local functions since 9.0 EA
+    # ("Added support for ONNX local functions") by inlining their bodies, so 10.3 (JetPack 6) builds them as plain
+    # ONNX ops. importLocalFunctions keys them by FunctionProto.name alone (domain and overload ignored; of two
+    # functions with one name the first wins), and a built-in importer of that name is tried before them.
+    # 10.7 ("Now prioritizes using plugins over local functions when a corresponding plugin is available in the
+    # registry") looks the node up as a plugin first (isNodeInPluginRegistry: op_type, and the plugin_version and
+    # plugin_namespace ATTRIBUTES, defaults "1" and "" -- the node domain is not consulted there); from 10.15 only
+    # when the node has a plugin_namespace attribute or the parser flag kENABLE_PLUGIN_OVERRIDE is set.
+
+    def check_function_names(self) -> None:
+        by_name: dict[str, list[str]] = {}
+        for f in self.model.functions:
+            by_name.setdefault(f.name, []).append(f"{f.domain}:{f.name}" + (f":{f.overload}" if f.overload else ""))
+        for name, found in by_name.items():
+            if len(found) > 1:
+                self.add(ERROR, "custom-op", None,
+                         f"model-local functions {', '.join(found)} share the name '{name}': TensorRT keys local "
+                         "functions by name only, so every call would run the first one's body; rename them")
+            elif name in supported_ops(self.version):
+                self.add(ERROR, "custom-op", None,
+                         f"model-local function {found[0]} has the name of the built-in op {name}: TensorRT's "
+                         "parser imports such calls as the built-in op and never reads the body; rename it")
+
+    def check_function_call(self, scope: Scope, node: onnx.NodeProto, spec) -> None:
+        if spec is None:
+            return  # inlined by the parser; its body is checked as a scope of its own
+        name = f"{spec.namespace}::{spec.name} v{spec.version}"
+        if not trt_backend.prefers_plugin_over_local_function(self.version):
+            message = (f"{node.op_type} is a model-local function: TensorRT {self.report.trt_version} inlines its "
+                       "body, so the op runs as the standard ONNX ops --impl subgraph would emit (plain-ONNX mode); "
+                       f"tcexport's plugin {name} can replace local functions only from TensorRT 10.7")
+        elif _attr(node, "plugin_namespace", None) is None:
+            message = (f"{node.op_type} is a model-local function without a plugin_namespace attribute: TensorRT "
+                       f"inlines its body; the plugin {name} replaces it only with plugin_namespace="
+                       f"'{spec.namespace}' on the node (the check reads that attribute, not the node domain)")
+        else:
+            message = (f"{node.op_type} runs as tcexport's plugin {name} when that plugin is registered at build "
+                       f"time (TensorRT {self.report.trt_version} prefers it over the model-local function); "
+                       "otherwise TensorRT inlines the function body (standard ONNX ops)")
+        self.add_once(WARNING, "custom-op", node, message, scope.name)
 
     # types
 

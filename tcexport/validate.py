@@ -34,10 +34,11 @@ import torch
 from tcexport import artifacts, metadata, methods, onnxfile, sources
 from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError, ValidationFailed
-from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS, random_feeds
+from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS, InputSpec, random_feeds
 
 SIZE_OUTPUT = re.compile(r"^tc_blk(\d+)_[a-z_-]+_size_out$")
-METRIC_OUTPUT = "tc_blk{}_metric"
+# What each stage decided on, as named in the graph: the keys metric, or the CLS attention (graph/insert.py).
+DECISION_OUTPUTS = ("tc_blk{}_metric", "tc_blk{}_cls_attention")
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -192,8 +193,8 @@ def _session_with_sizes(artifact: artifacts.Artifact, threads: int | None):
     produced = {out for node in model.graph.node for out in node.output}
     sizes = sorted({out for out in produced if SIZE_OUTPUT.match(out)} - known,
                    key=lambda name: int(SIZE_OUTPUT.match(name).group(1)))
-    metrics = [METRIC_OUTPUT.format(SIZE_OUTPUT.match(name).group(1)) for name in sizes]
-    extra = sizes + [m for m in metrics if m in produced]
+    decisions = [pattern.format(SIZE_OUTPUT.match(name).group(1)) for name in sizes for pattern in DECISION_OUTPUTS]
+    extra = sizes + [m for m in decisions if m in produced]
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
     provider = "cpu"
     if artifact.sidecar.get("provider"):
@@ -245,14 +246,17 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
     else:
         session, size_names = _session_with_sizes(artifact, threads)
     outputs = source.outputs
+    # Inputs compression added (the query method's "query"): fed after the source's, by name to the reference.
+    extra_specs = [InputSpec.from_json(s) for s in (compression_record or {}).get("extra_inputs", [])]
     report = ValidationReport(str(path), atol, rtol, min_cosine=min_cosine, backend=artifact.backend,
                               precision=precision, tolerance_reason=reason)
     for index in range(samples):
         batch = batches[index % len(batches)]
-        feeds = sample_feeds(source.inputs, batch, seed + index)
+        feeds = sample_feeds([*source.inputs, *extra_specs], batch, seed + index)
         tensors = [torch.from_numpy(feeds[spec.name]) for spec in source.inputs]
+        extra = {spec.name: torch.from_numpy(feeds[spec.name]) for spec in extra_specs}
         with torch.no_grad():
-            expected = _as_tuple(reference(*tensors))
+            expected = _as_tuple(reference(*tensors, **extra))
             baseline = _as_tuple(source.model(*tensors)) if plan else expected
         if runner is not None:
             actual = runner.infer(feeds)
@@ -310,10 +314,11 @@ def _diverged(reference, actual: dict, size_names: list[str], tolerance: float =
         got = actual.get(name)
         if got is not None and got.shape == tuple(expected.shape) and np.array_equal(got, expected.numpy()):
             continue
-        metric_name = METRIC_OUTPUT.format(SIZE_OUTPUT.match(name).group(1))
-        if stage_metrics is None or metric_name not in actual or stage >= len(stage_metrics):
+        block = SIZE_OUTPUT.match(name).group(1)
+        found = [actual[p.format(block)] for p in DECISION_OUTPUTS if p.format(block) in actual]
+        if stage_metrics is None or not found or stage >= len(stage_metrics) or stage_metrics[stage] is None:
             return False
-        want, have = stage_metrics[stage].numpy(), actual[metric_name]
+        want, have = stage_metrics[stage].numpy(), found[0]
         if want.shape != have.shape:
             return False
         scale = max(float(np.abs(want).max()), 1e-6)

@@ -283,3 +283,103 @@ def test_cli_inspect_text_file(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
+
+
+# ---------------------------------------------------------------- blocks found, token schedule
+
+
+@pytest.fixture(scope="module")
+def compressed_vit(vit_onnx, tmp_path_factory) -> Path:
+    from tcexport import compress
+
+    path = tmp_path_factory.mktemp("inspect_tome") / "vit_tome.onnx"
+    compress.compress_file(vit_onnx, path, r="8")
+    return path
+
+
+def test_inspect_compressed_vit_blocks_and_schedule(compressed_vit, vit_onnx):
+    report = inspection.inspect_model(compressed_vit, batch=1)
+    json.dumps(report)
+    blocks = report["blocks"]
+    assert blocks["found"] == 12 and blocks["note"] is None
+    assert [b["scope"] for b in blocks["items"]] == [f"blocks.{i}" for i in range(12)]
+    assert [b["index"] for b in blocks["items"]] == list(range(12))
+    assert {b["norm"] for b in blocks["items"]} == {"pre-norm"}  # timm ViT: the residual Add feeds the MLP's norm
+    assert all(b["hidden"] and b["softmax"] for b in blocks["items"])
+
+    schedule = report["token_schedule"]
+    assert [(s["block"], s["in"], s["out"]) for s in schedule["blocks"]] == \
+        [(i, 197 - 8 * i, 189 - 8 * i) for i in range(12)]
+    assert (schedule["tokens_in"], schedule["tokens_out"]) == (197, 101)
+    compression = schedule["compression"]
+    assert compression["method"] == "tome" and compression["impl"] == "subgraph"
+    assert compression["layers"] == list(range(12)) and compression["params"] == [{"r": 8}] * 12
+    assert compression["protected"] == 1
+
+    # Rescaling the compressed file's per-node FLOPs to 197 tokens gives the uncompressed file's count.
+    f = schedule["flops"]
+    uncompressed = inspection.inspect_model(vit_onnx, batch=1)["flops"]["total_gflops"]
+    assert f["uncompressed_gflops"] == pytest.approx(uncompressed, rel=1e-9)
+    assert f["gflops"] == pytest.approx(report["flops"]["total_gflops"])
+    assert 0 < f["method_gflops"] < 0.1 * f["gflops"]  # ToMe's own matmuls (scores, merge)
+    assert f["ideal_speedup"] == pytest.approx(f["uncompressed_gflops"] / (f["gflops"] - f["method_gflops"]))
+    assert 1.3 < f["ideal_speedup"] < 1.4
+
+
+def test_token_schedule_flops_follow_the_cost_model(compressed_vit):
+    """Per block: 4 linear layers (qkv, proj, fc1, fc2) and 2 attention products, at the scheduled counts."""
+    f = inspection.inspect_model(compressed_vit)["token_schedule"]["flops"]
+    dim, mlp = 192, 768
+
+    def block(n_in, n_out):
+        return 2 * (n_in * dim * 3 * dim + 2 * n_in * n_in * dim + n_in * dim * dim) + 2 * 2 * n_out * dim * mlp
+
+    saved = sum(block(197, 197) - block(197 - 8 * i, 189 - 8 * i) for i in range(12))
+    compressed_without_method = f["gflops"] - f["method_gflops"]
+    assert f["uncompressed_gflops"] - compressed_without_method == pytest.approx(saved / 1e9, rel=1e-9)
+
+
+def test_inspect_finds_blocks_without_node_metadata(compressed_vit, tmp_path):
+    model = onnx.load(str(compressed_vit))
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    path = tmp_path / "stripped.onnx"
+    onnx.save(model, str(path))
+    report = inspection.inspect_model(path)
+    blocks = report["blocks"]
+    assert blocks["found"] == 12
+    assert [b["scope"] for b in blocks["items"]] == [None] * 12
+    assert [b["index"] for b in blocks["items"]] == list(range(12))
+    f = report["token_schedule"]["flops"]  # the schedule is still read; the per-block FLOPs need module scopes
+    assert "uncompressed_gflops" not in f and "module scopes" in f["note"]
+
+
+def test_inspect_without_blocks_or_schedule_says_so(tiny_path):
+    report = inspection.inspect_model(tiny_path)
+    assert report["blocks"]["found"] == 0 and report["blocks"]["items"] == []
+    assert report["blocks"]["note"].startswith("no transformer blocks found: found no attention Softmax")
+    assert report["token_schedule"] is None
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    inspection.print_report(report, console=console)
+    assert "no transformer blocks found" in console.export_text()
+
+
+def test_inspect_uncompressed_export_has_blocks_and_no_schedule(vit_onnx):
+    report = inspection.inspect_model(vit_onnx)
+    assert report["blocks"]["found"] == 12 and report["token_schedule"] is None
+
+
+def test_cli_inspect_shows_blocks_and_token_schedule(compressed_vit):
+    proc = _run_cli("inspect", str(compressed_vit))
+    assert proc.returncode == 0, proc.stderr
+    assert "Transformer blocks (12 found)" in proc.stdout
+    assert "Token schedule: tome at blocks 0-11, r=8, protected 1, impl subgraph: tokens 197 -> 101" in proc.stdout
+    assert "FLOP-ideal speedup 1.3" in proc.stdout
+    proc = _run_cli("inspect", str(compressed_vit), "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["blocks"]["found"] == 12 and report["blocks"]["items"][11]["scope"] == "blocks.11"
+    assert [s["out"] for s in report["token_schedule"]["blocks"]][:2] == [189, 181]
+    assert report["token_schedule"]["flops"]["ideal_speedup"] > 1.3

@@ -7,8 +7,11 @@ method)`. package_methods() replaces the nodes of each stage by ONE node
                                                                       tc_blk{b}_tome_size_out[, ..._mask_out])
 
 calling a function of the same name kept in the model (domain "tcexport", version 1; the function imports the
-model's default opset). The metric (ReduceMean/Transpose, `tc_blk{b}/metric`) stays in the main graph, and the
-call node keeps the stage's name and its output names, so `tcexport validate` still finds each stage's sizes.
+model's default opset). Other methods likewise: topk -> TokenPrune, pool -> TokenPool (the names of tcexport's
+plugin table in backends/trt.py), any other -> Token<Name>. Formal inputs follow the method contract: x, what
+the method needs (metric, signals such as cls_attention), size, mask when there is one. What feeds the method
+(the metric's ReduceMean/Transpose `tc_blk{b}/metric`, signals) stays in the main graph, and the call node keeps
+the stage's name and its output names, so `tcexport validate` still finds each stage's sizes.
 
 Design: ONE function per method, with attributes -- not one function per (n_in, r, protected) signature.
 ----------------------------------------------------------------------------------------------------------
@@ -18,9 +21,9 @@ importLocalFunctions) treats a call node:
     ignored, and of two functions with one name the first wins), and a name that is a built-in op never
     reaches them;
   * a plugin is looked up by the node's op_type plus its `plugin_version` / `plugin_namespace` attributes
-    (the namespace from the node domain from 10.10): 10.7-10.14 use a registered plugin instead of a local
-    function of the same name; from 10.15 only when the node has a `plugin_namespace` attribute (or the
-    parser flag kENABLE_PLUGIN_OVERRIDE is set);
+    (defaults "1" and ""; the check against a local function does not read the node domain): 10.7-10.14 use
+    a registered plugin instead of a local function of the same name; from 10.15 only when the node has a
+    `plugin_namespace` attribute (or the parser flag kENABLE_PLUGIN_OVERRIDE is set);
   * a plugin receives only the attributes its creator declares (loadFields iterates the creator's field
     names), so further node attributes are invisible to it.
 Per-signature functions would need a distinct op_type per block (ToMeMerge_n197_r8, ...; overloads are
@@ -34,12 +37,15 @@ Constant values that differ between the model's stages become tensor attributes 
 reads them with ref_attr_name, which ONNX Runtime and TensorRT's function importer both resolve) named
 `const_<label>`, and each call passes its own. So inlining a call reproduces the --impl subgraph nodes exactly.
 Every call node carries:
-    r                 int: tokens this block removes (the effective r, i.e. K of the body's TopK)
-    protected         int: leading tokens never merged
+    r                 int: tokens this block removes (tokens in - tokens out, from the inferred shapes)
+    protected         int: leading tokens never merged, as the stage was built (graph/insert.py records it)
     plugin_namespace  "tcexport", plugin_version "1" (what the parser needs to pick the plugin, see above)
     const_*           tensors the body needs; a plugin does not declare them, so the parser never passes them
 If the stages of one method ever differed in structure (not the case for ToMe within a model), each variant
 would get its own function, named <op_type>_2, ...; only the first matches the plugin name.
+
+Only ToMe derives plugin attributes (r, protected) so far; the other methods' calls carry plugin_namespace,
+plugin_version and their const_* tensors until their plugins define what they take.
 
 Names: the body's nodes and values are the stage's with the block taken out (`tc_blk3_tome/scores` ->
 `tome/scores`); formal inputs are `tome_x`, `tome_metric`, `tome_size`, `tome_mask`: distinct from main-graph
@@ -53,50 +59,55 @@ from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from tcexport.backends import trt as trt_backend
 from tcexport.errors import UsageError
 
 DOMAIN = trt_backend.PLUGIN_DOMAIN  # "tcexport": the function domain is the plugin namespace
 DOMAIN_VERSION = 1
+ARGS_KEY = "tcexport_stage_args"  # set by graph/insert.py: params, n_in, protected of the stage
 STAGE_KEY = "tcexport_stage"  # node.meta key set by graph/insert.py
 CONST_PREFIX = "const_"
-INPUT_ROLES = ("x", "metric", "size", "mask")
 OUTPUT_ROLES = ("x", "size", "mask")
-# Producers of a stage's inputs, as graph/insert.py names them.
+# Producers of a stage's inputs, as graph/insert.py names them: the first size and mask, and per block what a
+# method asks for (Method.needs): tc_blk{b}/metric (head-averaged keys) and signals like tc_blk{b}/cls_attention.
 SIZE0_NODE, MASK0_NODE = "tc/size0", "tc/mask0"
 
 
-def _metric_node(block: int) -> str:
-    return f"tc_blk{block}/metric"
+def _role_order(role: str) -> tuple[int, str]:
+    """Formal inputs in the method contract's order: x, metric, signals (by name), size, mask."""
+    return ({"x": 0, "metric": 1, "size": 3, "mask": 4}.get(role, 2), role)
 
 
 @dataclass(frozen=True)
 class FunctionOp:
     """How a method is packaged: its op_type and the static attributes its plugin takes."""
 
-    op_type: str
-    # constants of one stage (label -> value) -> the plugin's attributes
-    plugin_attributes: Callable[[dict[str, np.ndarray]], dict[str, int]]
+    op_type: str  # the names of tcexport's plugin table (backends/trt.py)
+    # (stage, tokens in, tokens out) -> the plugin's attributes; None: the call carries none yet
+    plugin_attributes: Callable[[_Stage, int, int], dict[str, int]] | None = None
 
 
-def _tome_attributes(constants: dict[str, np.ndarray]) -> dict[str, int]:
-    # methods/tome.py build_onnx: 'k' is TopK's K = [r_eff], 'n_protected' the protected count (as a float).
-    try:
-        return {"r": int(np.asarray(constants["k"]).reshape(-1)[0]),
-                "protected": int(np.asarray(constants["n_protected"]).reshape(()))}
-    except (KeyError, IndexError, ValueError):
-        raise UsageError("the ToMe nodes lack the constants 'k' and 'n_protected' that --impl function reads r and "
-                         "protected from; please report this to tcexport") from None
+def _tome_attributes(stage: _Stage, n_in: int, n_out: int) -> dict[str, int]:
+    """r = tokens this stage removes (ToMe's per-block cap applied); protected = as the stage was built."""
+    args = stage.nodes[0].meta.get(ARGS_KEY)
+    if args is None:
+        raise _internal(f"the ToMe stage at block {stage.block} carries no build arguments")
+    return {"r": n_in - n_out, "protected": int(args["protected"])}
 
 
-OPS: dict[str, FunctionOp] = {"tome": FunctionOp("ToMeMerge", _tome_attributes)}
+OPS: dict[str, FunctionOp] = {
+    "tome": FunctionOp("ToMeMerge", _tome_attributes),
+    "topk": FunctionOp("TokenPrune"),
+    "pool": FunctionOp("TokenPool"),
+}
 
 
 def op_type(method: str) -> str:
-    """The call node's op_type (and function name) for a method."""
+    """The call node's op_type (and function name) for a method; never the name of an ONNX op."""
     known = OPS.get(method)
-    return known.op_type if known else "".join(part.capitalize() for part in method.split("_"))
+    return known.op_type if known else "Token" + "".join(part.capitalize() for part in method.split("_"))
 
 
 @dataclass
@@ -115,7 +126,7 @@ class _Stage:
 
     @property
     def in_roles(self) -> list[str]:
-        return [r for r in INPUT_ROLES if r in self.inputs]
+        return sorted(self.inputs, key=_role_order)
 
     @property
     def out_roles(self) -> list[str]:
@@ -128,6 +139,9 @@ def package_methods(model: ir.Model) -> None:
     stages = _stages(graph)
     if not stages:
         return
+    if any(_op(stage).plugin_attributes for stage in stages):
+        # Token counts for the plugin attributes (insert.py dropped the stale shapes; infer them afresh).
+        ir.passes.common.ShapeInferencePass(data_prop=True)(model)
     opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx"))
     groups: dict[tuple, list[_Stage]] = {}
     for stage in stages:
@@ -139,11 +153,14 @@ def package_methods(model: ir.Model) -> None:
         taken[name] = taken.get(name, 0) + 1
         if taken[name] > 1:
             name = f"{name}_{taken[name]}"
+        for stage in members:  # inputs from stages already packaged (another method) now come from their calls
+            stage.inputs = {role: replaced.get(value, value) for role, value in stage.inputs.items()}
         lifted = _lifted(members)
-        function = _function(members[0], name, lifted, opset)
+        plugin = [_plugin_attributes(stage) for stage in members]
+        function = _function(members[0], name, lifted, list(plugin[0]), opset)
         model.functions[function.identifier()] = function
-        for stage in members:
-            _replace_by_call(graph, stage, name, lifted, replaced)
+        for stage, attributes in zip(members, plugin):
+            _replace_by_call(graph, stage, name, lifted, attributes, replaced)
     graph.opset_imports[DOMAIN] = DOMAIN_VERSION
     graph.sort()
 
@@ -198,21 +215,23 @@ def _stage(graph: ir.Graph, block: int, method: str, nodes: list[ir.Node], previ
 
     inputs = {}
     for value in external:
+        producer = value.producer()
+        per_block = (producer.name or "") if producer is not None else ""
         if value is previous.get("size") or produced_by(value, SIZE0_NODE):
             role = "size"
         elif value is previous.get("mask") or produced_by(value, MASK0_NODE):
             role = "mask"
-        elif produced_by(value, _metric_node(block)):
-            role = "metric"
+        elif per_block.startswith(f"tc_blk{block}/") and per_block.count("/") == 1:
+            role = per_block.split("/")[1]  # metric, cls_attention, ...
         else:
             role = "x"
         if role in inputs:
             raise _internal(f"the {method} stage at block {block} reads two values as its {role}: "
                             f"'{inputs[role].name}' and '{value.name}'")
         inputs[role] = value
-    if set(inputs) - {"mask"} != {"x", "metric", "size"} or ("mask" in inputs) != ("mask" in outputs):
-        raise _internal(f"the {method} stage at block {block} reads {sorted(inputs)}, expected x, metric, size "
-                        "(and mask when it returns one)")
+    if not {"x", "size"} <= set(inputs) or ("mask" in inputs) != ("mask" in outputs):
+        raise _internal(f"the {method} stage at block {block} reads {sorted(inputs)}, expected x, size, what "
+                        "the method needs (metric, signals) and mask when it returns one")
     stage = _Stage(block, method, nodes, labels, inputs, outputs)
     for node in nodes:
         if node.op_type == "Constant" and node.domain == "":
@@ -221,6 +240,11 @@ def _stage(graph: ir.Graph, block: int, method: str, nodes: list[ir.Node], previ
                 raise _internal(f"Constant '{node.name}' does not hold a tensor 'value'")
             stage.constants[labels[node]] = value.as_tensor().numpy()
     return stage
+
+
+def _tokens(value: ir.Value) -> int | None:
+    shape = value.shape
+    return shape[1] if shape is not None and len(shape) == 3 and isinstance(shape[1], int) else None
 
 
 def _internal(message: str) -> UsageError:
@@ -274,7 +298,7 @@ def _local(name: str | None, block: int) -> str | None:
     return name[len(head):] if name and name.startswith(head) else name
 
 
-def _function(stage: _Stage, name: str, lifted: list[str], opset: int | None) -> ir.Function:
+def _function(stage: _Stage, name: str, lifted: list[str], plugin: list[str], opset: int | None) -> ir.Function:
     formals = {role: ir.Value(name=f"{stage.method}_{role}") for role in stage.in_roles}
     mapping: dict[ir.Value, ir.Value] = {stage.inputs[role]: formal for role, formal in formals.items()}
     body = []
@@ -297,11 +321,9 @@ def _function(stage: _Stage, name: str, lifted: list[str], opset: int | None) ->
         raise _internal(f"the {stage.method} body would reuse a value name")
     function_graph = ir.Graph(list(formals.values()), outputs, nodes=body,
                               opset_imports={"": opset if opset is not None else 18}, name=name)
-    declared = [ir.Attr("r", ir.AttributeType.INT, None), ir.Attr("protected", ir.AttributeType.INT, None),
-                ir.Attr("plugin_namespace", ir.AttributeType.STRING, None),
-                ir.Attr("plugin_version", ir.AttributeType.STRING, None)]
-    if stage.method not in OPS:
-        declared = declared[2:]
+    # Declared without defaults (the call passes each); the body reads only the const_* ones.
+    declared = [ir.Attr(key, ir.AttributeType.INT, None) for key in plugin]
+    declared += [ir.Attr(key, ir.AttributeType.STRING, None) for key in ("plugin_namespace", "plugin_version")]
     declared += [ir.Attr(CONST_PREFIX + label, ir.AttributeType.TENSOR, None) for label in lifted]
     function = ir.Function(DOMAIN, name, graph=function_graph, attributes=declared)
     function.doc_string = (f"tcexport method '{stage.method}' (inputs {', '.join(stage.in_roles)}; outputs "
@@ -311,12 +333,23 @@ def _function(stage: _Stage, name: str, lifted: list[str], opset: int | None) ->
     return function
 
 
-def _replace_by_call(graph: ir.Graph, stage: _Stage, name: str, lifted: list[str],
+def _op(stage: _Stage) -> FunctionOp:
+    return OPS.get(stage.method) or FunctionOp(op_type(stage.method))
+
+
+def _plugin_attributes(stage: _Stage) -> dict[str, int]:
+    derive = _op(stage).plugin_attributes
+    if derive is None:
+        return {}
+    n_in, n_out = _tokens(stage.inputs["x"]), _tokens(stage.outputs["x"])
+    if n_in is None or n_out is None:
+        raise _internal(f"the token counts around the {stage.method} stage at block {stage.block} are unknown")
+    return derive(stage, n_in, n_out)
+
+
+def _replace_by_call(graph: ir.Graph, stage: _Stage, name: str, lifted: list[str], plugin: dict[str, int],
                      replaced: dict[ir.Value, ir.Value]) -> None:
-    attributes: list[ir.Attr] = []
-    known = OPS.get(stage.method)
-    if known is not None:
-        attributes += [ir.AttrInt64(k, v) for k, v in known.plugin_attributes(stage.constants).items()]
+    attributes: list[ir.Attr] = [ir.AttrInt64(k, v) for k, v in plugin.items()]
     spec = trt_backend.PluginSpec(name)
     attributes += [ir.AttrString(k, v) for k, v in trt_backend.plugin_node_attributes(spec).items()]
     attributes += [ir.AttrTensor(CONST_PREFIX + label, ir.tensor(stage.constants[label], name=CONST_PREFIX + label))

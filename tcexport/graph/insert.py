@@ -1,7 +1,8 @@
 """Insert token-compression methods into an ONNX graph at chosen blocks and keep every shape consistent.
 
 For each stage (a method at a block), in block order:
-  1. metric = the block's keys (right operand of the logits MatMul, [B, H, d, N]) averaged over heads -> [B, N, d]
+  1. metric = the block's keys (right operand of the logits MatMul, [B, H, d, N]) averaged over heads -> [B, N, d],
+     and the signals the method needs (cls_attention; query: a new graph input "query" [batch, C], made once)
   2. the method's ONNX nodes turn (hidden, metric, size, mask) into fewer tokens
   3. everything that consumed the block's hidden state now consumes the compressed one
 Then proportional attention adds log(size) to the attention logits of every later block, and one pass of the
@@ -25,6 +26,7 @@ from tcexport.graph.tokens import TokenTracker, Tokens, const_array
 from tcexport.methods.base import Method
 
 MASK_MIN = float(np.finfo(np.float32).min)  # what transformers adds for masked keys
+QUERY_INPUT = "query"  # graph input [batch, C] created for methods that need an external query vector
 
 
 @dataclass
@@ -59,7 +61,8 @@ class _Builder:
         return node.outputs[0]
 
     def const(self, name: str, array) -> ir.Value:
-        return self.op(name, "Constant", [], None, value=ir.tensor(np.asarray(array)))
+        array = np.asarray(array)
+        return self.op(name, "Constant", [], tuple(array.shape), value=ir.tensor(array))
 
 
 def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], protected: int,
@@ -86,6 +89,7 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
     # Before any rewrite: the nodes where each block adds its attention mask to the logits.
     logit_nodes = {node for block in blocks for node in _logit_path(block)}
     count = n0
+    query: ir.Value | None = None  # the "query" graph input, created by the first stage that needs it
     schedule = []
     by_block = {s.block: s for s in stages}
     for block in blocks:
@@ -98,6 +102,9 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
             needs = stage.method.needs
             metric = _head_mean_keys(build, block, shapes) if "keys" in needs else None
             signals = {"cls_attention": _cls_attention(build, block, shapes)} if "cls_attention" in needs else {}
+            if QUERY_INPUT in needs:
+                query = _query_input(graph, block, shapes, query)
+                signals[QUERY_INPUT] = build.op(f"tc_blk{block.index}/{QUERY_INPUT}", "Identity", [query], None)
             uses = [(user, i) for user, i in x.uses() if user not in build.nodes]
             op = tape.Tape()
             prefix = f"tc_blk{block.index}_{stage.method.name}"
@@ -108,6 +115,8 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
                 skip.add(node)
                 # --impl function packages exactly these nodes (graph/functions.py).
                 node.meta["tcexport_stage"] = (block.index, stage.method.name)
+                node.meta["tcexport_stage_args"] = {"params": dict(stage.method.params), "n_in": count,
+                                                    "protected": protected}
             count = stage.method.tokens_out(count, protected)
             if x_out is not x:
                 for user, index in uses:
@@ -152,6 +161,29 @@ def _head_mean_keys(build: _Builder, block: Block, shapes) -> ir.Value:
     mean = build.op(f"{prefix}/head_mean", "ReduceMean", [keys, build.const(f"{prefix}/axes", np.array([1]))],
                     (shape[0], shape[2], n), keepdims=0)
     return build.op(prefix, "Transpose", [mean], (shape[0], n, shape[2]), perm=[0, 2, 1])
+
+
+def _query_input(graph: ir.Graph, block: Block, shapes, existing: ir.Value | None) -> ir.Value:
+    """The graph input "query" [batch, C], C = the width of the block's hidden state; created once."""
+    hidden = shapes.get(block.hidden.name)
+    if hidden is None or len(hidden) != 3:
+        raise UsageError(f"block {block.index}: could not measure the hidden state the query is compared with")
+    width = int(hidden[2])
+    if existing is not None:
+        if existing.shape[1] != width:
+            raise UsageError(f"block {block.index} is {width} wide but the query input is {existing.shape[1]} wide "
+                             "(set by an earlier block); use the query method on blocks of one width")
+        return existing
+    if any(v.name == QUERY_INPUT for v in [*graph.inputs, *graph.outputs, *graph.initializers.values()]):
+        raise UsageError(f"the model already has an input, output or weight named '{QUERY_INPUT}'; the query "
+                         "method adds an input of that name")
+    for node in graph:  # free the name for the new input (inner value names do not matter)
+        for out in node.outputs:
+            if out.name == QUERY_INPUT:
+                out.name = f"{QUERY_INPUT}__inner"
+    value = ir.Value(name=QUERY_INPUT, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", width]))
+    graph.inputs.append(value)
+    return value
 
 
 def _cls_attention(build: _Builder, block: Block, shapes) -> ir.Value:

@@ -29,5 +29,8 @@ def get(name: str) -> type[Method]:
 
 # Method modules register themselves on import; they import `register` from here, so this comes last.
 from tcexport.methods import tome  # noqa: E402,F401
+from tcexport.methods import prune_merge, adjacent  # noqa: E402,F401
+from tcexport.methods import pool, baselines  # noqa: E402,F401
+from tcexport.methods import topk  # noqa: E402,F401
 
 __all__ = ["METHODS", "Method", "TokenState", "get", "register"]

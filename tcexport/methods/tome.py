@@ -46,7 +46,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 from onnx_ir import tape

@@ -3,6 +3,7 @@
     plan = {0: ToMe(r=8), 3: ToMe(r=8)}            # block index -> method applied in that block
     ref = compressed_reference(source, plan)        # a deep copy of source.model, patched; source is untouched
     out = ref(*inputs)                              # same call signature and outputs as source.model
+    out = ref(*inputs, query=q)                     # plans with a method that needs "query" take it by keyword
     ref.token_counts                                # [(n_in, n_out), ...] per block, from the last forward
 
 Semantics (the ONNX rewriter implements exactly this)
@@ -43,6 +44,9 @@ from tcexport.methods.base import Method, TokenState
 from tcexport.methods.tome import log_size_bias
 
 Plan = Mapping[int, Method]
+# Signals that come from outside the model: a method needing one makes the compressed model take an input of
+# that name (graph/insert.py), and the reference a keyword argument of that name.
+EXTRA_INPUTS = ("query",)
 
 
 class TokenFlow:
@@ -55,9 +59,11 @@ class TokenFlow:
         self.first = min(plan) if plan else None
         self.begin(None)
 
-    def begin(self, input_mask: torch.Tensor | None) -> None:
-        """Start a forward pass; `input_mask` [B,N] (text) or None (vision)."""
+    def begin(self, input_mask: torch.Tensor | None, extra: dict | None = None) -> None:
+        """Start a forward pass; `input_mask` [B,N] (text) or None (vision); `extra`: the inputs the compressed
+        model takes besides the source model's (EXTRA_INPUTS, e.g. {"query": [B,C]}), handed to methods as signals."""
         self.input_mask = input_mask
+        self.extra = dict(extra or {})
         self.size: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
         self.counts: list[tuple[int, int]] = []
@@ -117,10 +123,18 @@ class TokenFlow:
         signals = {}
         if "cls_attention" in method.needs:
             signals["cls_attention"] = probs[:, :, 0, :].mean(dim=1)
+        for name in EXTRA_INPUTS:
+            if name in method.needs:
+                if self.extra.get(name) is None:
+                    raise UsageError(f"block {index}: the {method.name} method needs the input '{name}'; call the "
+                                     f"reference with {name}=...")
+                signals[name] = self.extra[name]
         x, self.size, self.mask = method.reference(x, metric, self.size, self.mask, self.protected, signals=signals)
         if x.shape[1] != n_in:  # the ONNX graph names a size output only where the method changed the count
             self.stage_sizes.append(self.size.detach().clone())
-            self.stage_metrics.append(metric.detach().clone())
+            # What the method decided on: the keys metric, else its first signal (e.g. CLS attention).
+            decided_on = metric if "keys" in method.needs else next(iter(signals.values()), None)
+            self.stage_metrics.append(decided_on.detach().clone() if decided_on is not None else None)
         return x
 
 
@@ -138,8 +152,14 @@ class CompressedReference(torch.nn.Module):
         self.state: TokenState | None = None  # (x, size, mask) after the last block of the last forward
         self._signature = inspect.signature(model.forward)
 
+    @property
+    def extra_inputs(self) -> list[str]:
+        """Inputs the compressed model takes besides the source model's (keywords of forward), e.g. ["query"]."""
+        return [name for name in EXTRA_INPUTS if any(name in method.needs for method in self.plan.values())]
+
     def forward(self, *args, **kwargs):
-        self.flow.begin(self._input_mask(args, kwargs) if self.text else None)
+        extra = {name: kwargs.pop(name, None) for name in self.extra_inputs}
+        self.flow.begin(self._input_mask(args, kwargs) if self.text else None, extra)
         out = self.model(*args, **kwargs)
         self.token_counts = list(self.flow.counts)
         self.state = TokenState(self.flow.x, self.flow.size, self.flow.mask)
@@ -206,4 +226,4 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return mask.to(dtype)
 
 
-__all__ = ["CompressedReference", "TokenFlow", "additive_mask", "check_plan", "compressed_reference"]
+__all__ = ["EXTRA_INPUTS", "CompressedReference", "TokenFlow", "additive_mask", "check_plan", "compressed_reference"]

@@ -1,0 +1,269 @@
+"""--impl function: each method stage becomes one call to a model-local function (tcexport::ToMeMerge).
+
+The function model must compute what the subgraph model computes (ONNX Runtime inlines the function), pass the
+full ONNX checker and `tcexport validate`, and keep the names validate and a later TensorRT plugin rely on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from tcexport import compress, inputs, lint, metadata, validate
+from tcexport.graph import functions
+from tests.conftest import run_cli
+
+SIZE_OUTPUT = validate.SIZE_OUTPUT
+
+
+def _compress_pair(source: Path, out_dir: Path, **options) -> tuple[Path, Path]:
+    subgraph, function = out_dir / "subgraph.onnx", out_dir / "function.onnx"
+    compress.compress_file(source, subgraph, impl="subgraph", **options)
+    compress.compress_file(source, function, impl="function", **options)
+    return subgraph, function
+
+
+@pytest.fixture(scope="module")
+def vit_pair(vit_onnx, tmp_path_factory) -> tuple[Path, Path]:
+    return _compress_pair(vit_onnx, tmp_path_factory.mktemp("vit_fn"), r="8", layers="all")
+
+
+@pytest.fixture(scope="module")
+def minilm_pair(minilm_onnx, tmp_path_factory) -> tuple[Path, Path]:
+    return _compress_pair(minilm_onnx, tmp_path_factory.mktemp("minilm_fn"), r="8", layers="0-2")
+
+
+def _run(path: Path, feeds: dict) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _calls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == functions.DOMAIN]
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _assert_same_outputs(subgraph: Path, function: Path, feeds: dict) -> None:
+    expected, actual = _run(subgraph, feeds), _run(function, feeds)
+    assert len(expected) == len(actual)
+    for e, a in zip(expected, actual):
+        assert e.shape == a.shape
+        np.testing.assert_allclose(a, e, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- vit_tiny, r=8 at every block
+
+
+def test_vit_function_model_equals_subgraph_model(vit_pair):
+    subgraph, function = vit_pair
+    feeds = {"pixel_values": np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)}
+    _assert_same_outputs(subgraph, function, feeds)
+
+
+def test_vit_function_model_passes_the_full_checker(vit_pair):
+    onnx.checker.check_model(onnx.load(str(vit_pair[1])), full_check=True)
+
+
+def test_vit_one_function_called_once_per_block(vit_pair):
+    subgraph_path, function_path = vit_pair
+    model = onnx.load(str(function_path))
+    (fn,) = model.functions
+    assert (fn.domain, fn.name) == ("tcexport", "ToMeMerge")
+    assert {o.domain: o.version for o in model.opset_import} == {"": 18, "tcexport": 1}
+    assert {o.domain: o.version for o in fn.opset_import} == {"": 18}
+    assert list(fn.input) == ["tome_x", "tome_metric", "tome_size"]
+    assert list(fn.output) == ["tome_x_out", "tome_size_out"]
+    # the plugin's static attributes first, then the tensors only the body needs
+    assert list(fn.attribute)[:4] == ["r", "protected", "plugin_namespace", "plugin_version"]
+    assert all(a.startswith(functions.CONST_PREFIX) for a in list(fn.attribute)[4:])
+
+    calls = _calls(model)
+    schedule = metadata.read(model, metadata.TOKENS)
+    assert [c.name for c in calls] == [f"tc_blk{b}_tome" for b in range(12)]
+    for call, step in zip(calls, schedule):
+        b = step["block"]
+        assert call.op_type == "ToMeMerge" and call.domain == "tcexport"
+        assert list(call.input)[1:] == [f"tc_blk{b}_metric", "tc_size0" if b == 0 else f"tc_blk{b - 1}_tome_size_out"]
+        assert list(call.output) == [f"tc_blk{b}_tome_x_out", f"tc_blk{b}_tome_size_out"]
+        attrs = _attrs(call)
+        assert attrs["r"] == step["in"] - step["out"] == 8
+        assert attrs["protected"] == 1
+        assert (attrs["plugin_namespace"], attrs["plugin_version"]) == (b"tcexport", b"1")
+        assert set(attrs) == {"r", "protected", "plugin_namespace", "plugin_version", *fn.attribute[4:]}
+
+    # The metric stays in the main graph; no ToMe node is left outside the function.
+    names = [n.name for n in model.graph.node]
+    assert all(f"tc_blk{b}/metric" in names for b in range(12))
+    assert not [n for n in names if re.match(r"tc_blk\d+_tome/", n)]
+    assert sorted({o for n in model.graph.node for o in n.output if SIZE_OUTPUT.match(o)}) == \
+        sorted(f"tc_blk{b}_tome_size_out" for b in range(12))
+
+    # Inlining the calls gives back the subgraph model's nodes.
+    subgraph = onnx.load(str(subgraph_path))
+    inlined = onnx.inliner.inline_local_functions(model)
+    assert Counter(n.op_type for n in inlined.graph.node) == Counter(n.op_type for n in subgraph.graph.node)
+    tome_nodes = [n for n in subgraph.graph.node if n.name.startswith("tc_blk0_tome/")]
+    assert len(fn.node) == len(tome_nodes)
+    assert {n.name for n in fn.node} == {n.name.replace("tc_blk0_", "") for n in tome_nodes}
+
+
+def test_vit_function_model_validates(vit_pair):
+    report = validate.validate(vit_pair[1], samples=2)
+    assert report.passed, validate.format_report(report)
+    assert not report.diverged
+
+
+def test_inspect_function_model(vit_pair):
+    from tcexport import inspection
+
+    subgraph, function = (inspection.inspect_model(path) for path in vit_pair)
+    assert function["functions"] == ["tcexport::ToMeMerge"]
+    assert function["blocks"]["found"] == 12
+    assert function["token_schedule"]["blocks"] == subgraph["token_schedule"]["blocks"]
+    fn, sub = function["token_schedule"]["flops"], subgraph["token_schedule"]["flops"]
+    assert fn["uncompressed_gflops"] == pytest.approx(sub["uncompressed_gflops"])
+    assert fn["ideal_speedup"] == pytest.approx(sub["ideal_speedup"])
+    assert fn["method_gflops"] is None and "function call" in fn["note"]  # bodies are not estimated
+
+
+def test_lint_reports_the_function_per_tensorrt_version(vit_pair):
+    model = onnx.load(str(vit_pair[1]), load_external_data=False)
+    old = lint.lint_model(model, "10.3")
+    assert old.ok and [f.rule for f in old.findings] == ["custom-op"]
+    (finding,) = old.findings
+    assert finding.severity == "warning" and finding.op_type == "ToMeMerge" and finding.node.endswith("(+11 more)")
+    assert "inlines" in finding.message and "plain-ONNX" in finding.message
+    new = lint.lint_model(model, "10.8")
+    assert new.ok and [f.rule for f in new.findings] == ["custom-op"]
+    assert "plugin tcexport::ToMeMerge v1" in new.findings[0].message
+
+
+# ---------------------------------------------------------------- MiniLM: a mask, post-norm blocks
+
+
+def test_minilm_function_model_equals_subgraph_model_with_padding(minilm_pair):
+    subgraph, function = minilm_pair
+    model = onnx.load(str(function), load_external_data=False)
+    feeds = validate.sample_feeds(inputs.specs_from_graph(model), batch=3, seed=5)
+    lengths = feeds["attention_mask"].sum(axis=1)
+    assert (lengths < 128).all() and len(set(lengths.tolist())) == 3  # padding, a different amount per row
+    _assert_same_outputs(subgraph, function, feeds)
+
+
+def test_minilm_function_signature_has_the_mask(minilm_pair):
+    model = onnx.load(str(minilm_pair[1]))
+    onnx.checker.check_model(model, full_check=True)
+    (fn,) = model.functions
+    assert list(fn.input) == ["tome_x", "tome_metric", "tome_size", "tome_mask"]
+    assert list(fn.output) == ["tome_x_out", "tome_size_out", "tome_mask_out"]
+    calls = _calls(model)
+    assert [c.name for c in calls] == ["tc_blk0_tome", "tc_blk1_tome", "tc_blk2_tome"]
+    assert list(calls[0].input)[2:] == ["tc_size0", "tc_mask0"]
+    assert list(calls[2].input)[2:] == ["tc_blk1_tome_size_out", "tc_blk1_tome_mask_out"]
+    assert list(calls[2].output) == ["tc_blk2_tome_x_out", "tc_blk2_tome_size_out", "tc_blk2_tome_mask_out"]
+    assert [_attrs(c)["r"] for c in calls] == [8, 8, 8]
+    assert metadata.read(model, metadata.COMPRESSION)["impl"] == "function"
+
+
+# ---------------------------------------------------------------- API edges and the CLI
+
+
+def test_package_methods_without_stages_changes_nothing(vit_onnx):
+    model = ir.from_proto(onnx.load(str(vit_onnx), load_external_data=False))
+    before = len(list(model.graph))
+    functions.package_methods(model)
+    assert len(list(model.graph)) == before and not model.functions
+    assert "tcexport" not in model.graph.opset_imports
+
+
+def test_cli_impl_function_with_two_methods(vit_onnx, tmp_path):
+    """Through the CLI: ToMe with r differing per block (K of TopK becomes an attribute, const_k) and 3 protected
+    tokens, then average pooling, which reads the last ToMe call's sizes and needs no metric."""
+    function, subgraph = tmp_path / "cli.onnx", tmp_path / "subgraph.onnx"
+    stages = ["tome:r=16@0-2", "tome:r=8@3-5", "pool:kernel=2@8"]
+    args = [arg for stage in stages for arg in ("--stage", stage)]
+    result = run_cli("compress", vit_onnx, *args, "--protected", "3", "--impl", "function", "-o", function)
+    assert result.returncode == 0, result.stderr
+    model = onnx.load(str(function))
+    onnx.checker.check_model(model, full_check=True)
+    tome, pool = model.functions
+    assert [(f.domain, f.name) for f in (tome, pool)] == [("tcexport", "ToMeMerge"), ("tcexport", "TokenPool")]
+    assert "const_k" in tome.attribute
+    assert list(pool.input) == ["pool_x", "pool_size"] and list(pool.output) == ["pool_x_out", "pool_size_out"]
+    assert metadata.read(model, metadata.COMPRESSION)["impl"] == "function"
+    calls = _calls(model)
+    assert [c.name for c in calls] == [f"tc_blk{b}_tome" for b in range(6)] + ["tc_blk8_pool"]
+    for call, r in zip(calls, [16, 16, 16, 8, 8, 8]):
+        attrs = _attrs(call)
+        assert (attrs["r"], attrs["protected"]) == (r, 3)
+        assert onnx.numpy_helper.to_array(attrs["const_k"]).tolist() == [r]
+    assert list(calls[-1].input)[1:] == ["tc_blk5_tome_size_out"]
+    assert {"plugin_namespace", "plugin_version"} <= set(_attrs(calls[-1]))
+    compress.compress_file(vit_onnx, subgraph, stages=stages, protected=3)
+    feeds = {"pixel_values": np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    _assert_same_outputs(subgraph, function, feeds)
+
+
+def test_lint_checks_topk_k_passed_by_each_call():
+    """A body Constant fed by the call (ref_attr_name): lint checks the largest K any call passes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = [helper.make_node("Constant", [], ["k"], name="k_const"),
+            helper.make_node("TopK", ["x", "k"], ["v", "i"], name="rank")]
+    body[0].attribute.append(helper.make_attribute_ref("value", onnx.AttributeProto.TENSOR, ref_attr_name="const_k"))
+    fn = helper.make_function("tcexport", "ToMeMerge", ["x"], ["v"], body, [helper.make_opsetid("", 18)],
+                              attributes=["const_k"])
+
+    def call(name, k, x, y):
+        node = helper.make_node("ToMeMerge", [x], [y], domain="tcexport", name=name, plugin_namespace="tcexport",
+                                plugin_version="1")
+        node.attribute.append(helper.make_attribute("const_k", numpy_helper.from_array(np.array([k], np.int64))))
+        return node
+
+    def model(second_k):
+        graph = helper.make_graph([call("a", 4, "x", "h"), call("b", second_k, "h", "y")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5000])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        return helper.make_model(graph, functions=[fn], ir_version=10,
+                                 opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tcexport", 1)])
+
+    assert [f.rule for f in lint.lint_model(model(3), "10.8").findings] == ["custom-op"]
+    (topk,) = [f for f in lint.lint_model(model(4000), "10.8").findings if f.rule == "topk"]
+    assert topk.severity == "error" and "K = 4000" in topk.message and topk.scope == "function tcexport:ToMeMerge"
+
+
+def test_lint_rejects_function_names_tensorrt_would_confuse():
+    """TensorRT keys local functions by name alone and tries built-in ops first."""
+    from onnx import TensorProto, helper
+
+    def fn(domain, name):
+        return helper.make_function(domain, name, ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])],
+                                    [helper.make_opsetid("", 18)])
+
+    def model(functions, calls):
+        nodes = [helper.make_node(name, ["x"], ["y"], domain=domain, name="call") for domain, name in calls]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        domains = sorted({f.domain for f in functions})
+        opsets = [helper.make_opsetid("", 18)] + [helper.make_opsetid(d, 1) for d in domains]
+        return helper.make_model(graph, functions=functions, ir_version=10, opset_imports=opsets)
+
+    twins = model([fn("a", "Merge"), fn("b", "Merge")], [("a", "Merge")])
+    (error,) = lint.lint_model(twins, "10.3").errors
+    assert error.rule == "custom-op" and "share the name 'Merge'" in error.message
+    builtin = model([fn("a", "Relu")], [("a", "Relu")])
+    (error,) = lint.lint_model(builtin, "10.3").errors
+    assert "built-in op Relu" in error.message
