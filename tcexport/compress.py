@@ -171,15 +171,27 @@ def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True)
         raise UsageError(f"layer {max(s.block for s in plan.stages)} is beyond the model's {len(found)} blocks")
     if strict_caps and plan.schedule == "constant":
         _check_caps(plan, found, shapes)
+    original_inputs = {v.name for v in graph.inputs}
     schedule = insert_stages(graph, found, plan.stages, plan.protected, shapes, prop_attn=plan.prop_attn,
                              mask_input=mask_input(graph, model))
+    # Inputs a method added (query: [batch, C]); validate feeds them, so the record lists them.
+    extra_inputs = [_input_spec(v).to_json() for v in graph.inputs if v.name not in original_inputs]
     if plan.impl == "function":
         functions.package_methods(ir_model)
     proto = ir.to_proto(ir_model)
     proto = _infer_and_check(proto)
-    metadata.write(proto, metadata.COMPRESSION, plan.record())
+    record = plan.record()
+    if extra_inputs:
+        record["extra_inputs"] = extra_inputs
+    metadata.write(proto, metadata.COMPRESSION, record)
     metadata.write(proto, metadata.TOKENS, schedule)
     return proto, schedule
+
+
+def _input_spec(value: ir.Value) -> inputs_mod.InputSpec:
+    dims = [d if isinstance(d, int) else str(d.value) for d in value.shape]
+    dtype = value.dtype.numpy().name
+    return inputs_mod.InputSpec(value.name, dims, dtype, inputs_mod.guess_kind(value.name, dtype))
 
 
 def _check_caps(plan: Plan, found, shapes) -> None:

@@ -73,14 +73,15 @@ def guess_kind(name: str, dtype: str) -> str:
 
 
 def specs_from_graph(model: onnx.ModelProto) -> list[InputSpec]:
-    """Input specs of a graph: from tcexport.source when present, else read off the graph inputs."""
+    """Input specs of a graph: from tcexport.source when present, else read off the graph inputs. Inputs the
+    source record lacks (added by compression, e.g. the query method's "query") are read off the graph too."""
     source = metadata.read(model, metadata.SOURCE)
-    if source and source.get("inputs"):
-        return [InputSpec.from_json(s) for s in source["inputs"]]
-    initializers = {t.name for t in model.graph.initializer}
     specs = []
+    if source and source.get("inputs"):
+        specs = [InputSpec.from_json(s) for s in source["inputs"]]
+    known = {t.name for t in model.graph.initializer} | {s.name for s in specs}
     for value in model.graph.input:
-        if value.name in initializers:
+        if value.name in known:
             continue
         tensor_type = value.type.tensor_type
         dtype = _NP_DTYPES.get(tensor_type.elem_type)

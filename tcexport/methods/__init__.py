@@ -32,5 +32,6 @@ from tcexport.methods import tome  # noqa: E402,F401
 from tcexport.methods import prune_merge, adjacent  # noqa: E402,F401
 from tcexport.methods import pool, baselines  # noqa: E402,F401
 from tcexport.methods import topk  # noqa: E402,F401
+from tcexport.methods import query  # noqa: E402,F401
 
 __all__ = ["METHODS", "Method", "TokenState", "get", "register"]

@@ -1,8 +1,8 @@
 """A model that runs one method alone, for tests and micro-benchmarks (the method's ONNX builder, nothing else).
 
 Inputs (dynamic batch "batch"; opset 18): x [B,N,C], size [B,N,1], then what the method needs: metric [B,N,Ck]
-("keys"), cls_attention [B,N] ("cls_attention"), and mask [B,N] when asked. Outputs x_out, size_out
-(, mask_out). Feeding the same tensors to `method.reference` gives the PyTorch side of the comparison.
+("keys"), cls_attention [B,N] ("cls_attention"), query [B,C] ("query"), and mask [B,N] when asked. Outputs
+x_out, size_out (, mask_out). Feeding the same tensors to `method.reference` gives the PyTorch side of the comparison.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def build_standalone_model(method: Method, n: int, c: int, ck: int, protected: i
     if "cls_attention" in method.needs:
         signals["cls_attention"] = _input("cls_attention", n)
         inputs.append(signals["cls_attention"])
+    if "query" in method.needs:
+        signals["query"] = _input("query", c)
+        inputs.append(signals["query"])
     mask = _input("mask", n) if with_mask else None
     if mask is not None:
         inputs.append(mask)
