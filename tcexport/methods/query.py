@@ -45,8 +45,6 @@ x_out, size_out, mask_out (validate reads a stage's token choices from <prefix>_
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -57,27 +55,15 @@ from onnx_ir import tape
 from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
+from tcexport.methods.keep import check_keep, check_keep_fits, kept_count
 from tcexport.methods.tome import _Emitter, _ir_dtype, _set_type
 
 QUERY = "query"  # the signal and the graph input it comes from
 PARAMS = ("keep", "keep_count")
 NORM_EPS = 1e-6
 PAD_PENALTY = 4.0
-CEIL_SLACK = 1e-9
 
 
-def kept_count(n_in: int, protected: int, keep: float | None = None, keep_count: int | None = None) -> int:
-    """Unprotected tokens kept in a block with n_in tokens (spec step 1)."""
-    m = n_in - protected
-    if m <= 0:
-        return 0
-    if keep_count is not None:
-        return min(int(keep_count), m)
-    return min(m, max(1, math.ceil(float(keep) * m - CEIL_SLACK)))
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_))
 
 
 @register
@@ -92,18 +78,7 @@ class QueryPrune(Method):
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:
             raise UsageError(f"unknown query parameter(s) {', '.join(unknown)}; query takes keep or keep_count")
-        keep, keep_count = params.get("keep"), params.get("keep_count")
-        if keep is None and keep_count is None:
-            raise UsageError("query needs --keep (share of tokens kept, e.g. 0.5) or --keep-count (tokens kept)")
-        if keep is not None and keep_count is not None:
-            raise UsageError("query takes --keep or --keep-count, not both")
-        if keep is not None:
-            if _is_bool(keep) or not isinstance(keep, Real) or not 0.0 < float(keep) <= 1.0:
-                raise UsageError(f"query keep must be a rate in (0, 1], e.g. 0.5; got {keep!r}")
-            return {"keep": float(keep)}
-        if _is_bool(keep_count) or not isinstance(keep_count, Integral) or keep_count < 1:
-            raise UsageError(f"query keep_count must be a whole number of tokens >= 1; got {keep_count!r}")
-        return {"keep_count": int(keep_count)}
+        return check_keep("query", params, 0.5)
 
     def kept(self, n_in: int, protected: int) -> int:
         return kept_count(n_in, protected, self.params.get("keep"), self.params.get("keep_count"))
@@ -113,13 +88,7 @@ class QueryPrune(Method):
         return n_in if k >= n_in - protected else protected + k
 
     def check_fits(self, n_in: int, protected: int) -> None:
-        m = n_in - protected
-        if m < 1:
-            raise UsageError(f"query: a block with {n_in} tokens ({protected} protected) has no token to prune")
-        k = self.params.get("keep_count")
-        if k is not None and k > m:
-            raise UsageError(f"query keep_count={k} is more than the {m} unprotected tokens of a block with {n_in} "
-                             f"tokens ({protected} protected); lower --keep-count")
+        check_keep_fits("query", self.params, n_in, protected)
 
     # ------------------------------------------------------------------ PyTorch reference
 

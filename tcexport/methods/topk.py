@@ -58,8 +58,6 @@ choices from values named <prefix>_size_out, and the reference records a stage o
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
@@ -70,24 +68,12 @@ from onnx_ir import tape
 from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
+from tcexport.methods.keep import check_keep, check_keep_fits, is_bool, kept_count
 from tcexport.methods.tome import _Emitter, _ir_dtype, _set_type
 
 PARAMS = ("keep", "keep_count", "fuse", "keep_order")
-CEIL_SLACK = 1e-9
 
 
-def kept_count(n_in: int, protected: int, keep: float | None = None, keep_count: int | None = None) -> int:
-    """Unprotected tokens kept in a block with n_in tokens (spec step 1)."""
-    m = n_in - protected
-    if m <= 0:
-        return 0
-    if keep_count is not None:
-        return min(int(keep_count), m)
-    return min(m, max(1, math.ceil(float(keep) * m - CEIL_SLACK)))
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_))
 
 
 @register
@@ -103,25 +89,12 @@ class TopK(Method):
         if unknown:
             raise UsageError(f"unknown topk parameter(s) {', '.join(unknown)}; topk takes keep or keep_count, "
                              "fuse, keep_order")
-        keep, keep_count = params.get("keep"), params.get("keep_count")
-        if keep is None and keep_count is None:
-            raise UsageError("topk needs --keep (share of tokens kept, e.g. 0.7) or --keep-count (tokens kept)")
-        if keep is not None and keep_count is not None:
-            raise UsageError("topk takes --keep or --keep-count, not both")
-        checked: dict[str, Any] = {}
-        if keep is not None:
-            if _is_bool(keep) or not isinstance(keep, Real) or not 0.0 < float(keep) <= 1.0:
-                raise UsageError(f"topk keep must be a rate in (0, 1], e.g. 0.7; got {keep!r}")
-            checked["keep"] = float(keep)
-        else:
-            if _is_bool(keep_count) or not isinstance(keep_count, Integral) or keep_count < 1:
-                raise UsageError(f"topk keep_count must be a whole number of tokens >= 1; got {keep_count!r}")
-            checked["keep_count"] = int(keep_count)
+        checked = check_keep("topk", params, 0.7)
         for flag in ("fuse", "keep_order"):
             value = params.get(flag, False)
             if value is None:
                 value = False
-            if not _is_bool(value):
+            if not is_bool(value):
                 raise UsageError(f"topk {flag} must be true or false; got {value!r}")
             checked[flag] = bool(value)
         return checked
@@ -144,15 +117,7 @@ class TopK(Method):
         return protected + k + int(self.fuse)
 
     def check_fits(self, n_in: int, protected: int) -> None:
-        m = n_in - protected
-        if m < 1:
-            raise UsageError(f"topk: a block with {n_in} tokens ({protected} protected) has no token to prune")
-        k = self.params.get("keep_count")
-        if k is not None and k > m:
-            raise UsageError(f"topk keep_count={k} is more than the {m} unprotected tokens of a block with {n_in} "
-                             f"tokens ({protected} protected); lower --keep-count")
-        if self.kept(n_in, protected) < 1:  # cannot happen with the checks above; the contract's floor
-            raise UsageError(f"topk keeps no token of a block with {n_in} tokens; raise --keep")
+        check_keep_fits("topk", self.params, n_in, protected)
 
     # ------------------------------------------------------------------ PyTorch reference
 
