@@ -193,8 +193,10 @@ def compress(model, output, method, r, keep, keep_count, fuse, keep_order, domin
 @click.option("--min-cosine", type=click.FloatRange(min=-1, max=1), default=None,
               help="Lowest cosine per sample row (default: none; TensorRT fp16/bf16 engines: 0.999/0.995).")
 @click.option("--batch", "batch_text", default="1,3", show_default=True, help="Batch sizes, used in turn.")
+@click.option("--inputs", "user_inputs", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also compare on your own inputs: an .npz with one array per model input, named as the inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, json_path):
+def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inputs, json_path):
     """Compare an ONNX model, ORT build or TensorRT engine directory with the PyTorch reference.
 
     The reference is the source model (spec and weights from tcexport.source, checked by hash) with the
@@ -220,7 +222,7 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, json_path
     from tcexport import validate as validate_mod
 
     report = validate_mod.run(model, json_path=json_path, samples=samples, seed=seed, atol=atol, rtol=rtol,
-                              min_cosine=min_cosine, batches=batches)
+                              min_cosine=min_cosine, batches=batches, user_inputs=user_inputs)
     click.echo(validate_mod.format_report(report))
 
 

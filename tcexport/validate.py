@@ -212,7 +212,7 @@ def _session_with_sizes(artifact: artifacts.Artifact, threads: int | None):
 
 def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = None, rtol: float | None = None,
              batches: tuple[int, ...] = (1, 3), threads: int | None = None,
-             min_cosine: float | None = None) -> ValidationReport:
+             min_cosine: float | None = None, user_inputs: Path | None = None) -> ValidationReport:
     """Compare `path` with its PyTorch reference. atol/rtol/min_cosine left as None follow the precision the
     outputs are computed at (tolerances_for): 1e-4, 1e-4 and no cosine floor for ONNX Runtime and fp32 engines."""
     artifact = artifacts.resolve(path)
@@ -250,9 +250,12 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
     extra_specs = [InputSpec.from_json(s) for s in (compression_record or {}).get("extra_inputs", [])]
     report = ValidationReport(str(path), atol, rtol, min_cosine=min_cosine, backend=artifact.backend,
                               precision=precision, tolerance_reason=reason)
-    for index in range(samples):
-        batch = batches[index % len(batches)]
-        feeds = sample_feeds([*source.inputs, *extra_specs], batch, seed + index)
+    cases = [(seed + i, sample_feeds([*source.inputs, *extra_specs], batches[i % len(batches)], seed + i))
+             for i in range(samples)]
+    if user_inputs is not None:
+        cases.append((None, load_user_inputs(user_inputs, [*source.inputs, *extra_specs])))
+    for index, (sample_seed, feeds) in enumerate(cases):
+        batch = next(iter(feeds.values())).shape[0]
         tensors = [torch.from_numpy(feeds[spec.name]) for spec in source.inputs]
         extra = {spec.name: torch.from_numpy(feeds[spec.name]) for spec in extra_specs}
         with torch.no_grad():
@@ -267,7 +270,9 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
         else:
             results = session.run(None, feeds)
             actual = dict(zip([o.name for o in session.get_outputs()], results))
-        sample = {"index": index, "batch": batch, "seed": seed + index, "outputs": {}, "fidelity": {}}
+        sample = {"index": index, "batch": batch, "seed": sample_seed, "outputs": {}, "fidelity": {}}
+        if sample_seed is None:
+            sample["inputs"] = str(user_inputs)
         for name, ref, base in zip(outputs, expected, baseline):
             sample["outputs"][name] = compare(ref.numpy(), actual[name], atol, rtol, min_cosine)
             sample["fidelity"][name] = _fidelity(name, base.numpy(), actual[name])
@@ -279,6 +284,33 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
                                                                                           size_names)
         report.samples.append(sample)
     return report
+
+
+def load_user_inputs(path: Path, specs) -> dict[str, np.ndarray]:
+    """Inputs from an .npz file with one array per model input, named as the inputs (any batch size)."""
+    path = Path(path)
+    try:
+        with np.load(path) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--inputs {path}: not a readable .npz file ({type(exc).__name__}); save one with "
+                         "numpy.savez(path, input_name=array, ...)") from None
+    missing = [spec.name for spec in specs if spec.name not in arrays]
+    if missing:
+        raise UsageError(f"--inputs {path}: no array for input(s) {', '.join(missing)} (it has "
+                         f"{', '.join(arrays) or 'none'})")
+    feeds, batches = {}, set()
+    for spec in specs:
+        array = arrays[spec.name]
+        expected = spec.concrete_shape(array.shape[0] if array.ndim else 0)
+        if array.shape != expected:
+            raise UsageError(f"--inputs {path}: '{spec.name}' has shape {list(array.shape)}, the model takes "
+                             f"{list(spec.shape)}")
+        feeds[spec.name] = array.astype(spec.dtype)
+        batches.add(array.shape[0])
+    if len(batches) != 1:
+        raise UsageError(f"--inputs {path}: the arrays disagree on the batch size ({sorted(batches)})")
+    return feeds
 
 
 def _as_tuple(value):

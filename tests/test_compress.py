@@ -268,3 +268,41 @@ def test_discrete_divergence_is_told_apart():
     assert report.passed and len(report.diverged) == 1
     report.samples[1]["within_tolerance"] = False
     assert not report.passed
+
+
+def test_validate_on_user_inputs(minilm_onnx, tmp_path):
+    """Real sentences given as an .npz are compared too, next to the random samples."""
+    from sentence_transformers import SentenceTransformer
+
+    from tcexport import data
+
+    out = _compress(minilm_onnx, tmp_path, r="8")
+    tokenizer = SentenceTransformer(str(sources.resolve_st_path("all-MiniLM-L6-v2")), device="cpu").tokenizer
+    encoded = tokenizer(data.sentences()[:5], padding="max_length", max_length=128, truncation=True,
+                        return_tensors="np")
+    inputs = tmp_path / "sentences.npz"
+    np.savez(inputs, input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+    report_path = tmp_path / "report.json"
+    result = run_cli("validate", out, "--samples", "1", "--inputs", inputs, "--json", report_path)
+    assert result.returncode == 0, result.stderr
+    samples = json.loads(report_path.read_text())["samples"]
+    assert len(samples) == 2 and samples[1]["batch"] == 5 and samples[1]["inputs"] == str(inputs)
+    assert samples[1]["within_tolerance"]
+    # Short sentences lose only padding: the compressed embedding equals the uncompressed one.
+    assert samples[1]["fidelity"]["sentence_embedding"]["cosine_vs_uncompressed"] > 0.99999
+    np.savez(tmp_path / "wrong.npz", input_ids=encoded["input_ids"])
+    assert_usage_error(run_cli("validate", out, "--inputs", tmp_path / "wrong.npz"))
+
+
+def test_fused_attention_graph_fails_clearly(vit_checkpoint, tmp_path):
+    """Opset 23 exports attention as one Attention node: compress must say so, not rewrite it wrongly."""
+    source = sources.load("timm:vit_tiny_patch16_224", checkpoint=vit_checkpoint)
+    fused = tmp_path / "fused.onnx"
+    export.export_to_file(source, fused, opset=23)
+    if not any(n.op_type == "Attention" for n in onnx.load(str(fused)).graph.node):
+        pytest.skip("this torch exports opset-23 attention decomposed")
+    for method in (["--r", "8"], ["--method", "topk", "--keep", "0.7", "--layers", "3"]):
+        result = run_cli("compress", fused, *method, "-o", tmp_path / "out.onnx")
+        assert_usage_error(result)
+        assert "Attention" in result.stderr and "opset" in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
