@@ -3,6 +3,8 @@
     tcexport build recipes/minilm_tome.yaml -o out/minilm
 
 A recipe names a model spec and the options of every stage (schema below: pydantic, unknown fields refused).
+compress runs one registered method (method, r for tome/adjacent, params for the rest, layers) or several in
+layer order (stages: 'tome:r=8@0-5' text or {method, layers, params} mappings); each method checks its params.
 `load(path)` reads and checks it; any problem (missing file, YAML syntax, schema) is a UsageError of one line
 naming the file, the field path and the problem, e.g. "recipes/x.yaml: compress.r: must be >= 0 (got -1)".
 `run(recipe, out_dir)` executes it into a temporary directory beside OUT_DIR and renames it into place at the
@@ -37,7 +39,7 @@ from typing import Annotated, Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_serializer, \
-    field_validator, model_validator
+    field_validator, model_serializer, model_validator
 
 from tcexport.errors import UsageError, ValidationFailed
 
@@ -48,6 +50,7 @@ SUMMARY = "summary.json"
 _LAYERS_TEXT = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
+_FLOAT_TEXT = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*$")
 
 
 # ---------------------------------------------------------------------------------------------- value checks
@@ -72,7 +75,9 @@ def _whole(value: Any, minimum: int = 0) -> int:
 
 
 def _check_r(value: Any) -> int | list[int]:
-    """One r for every chosen layer, or a list with one per chosen layer."""
+    """One r for every chosen layer, or a list with one per chosen layer (None: not given)."""
+    if value is None:
+        return None
     if isinstance(value, list):
         if not value:
             raise ValueError("must be an integer or a non-empty list of integers (one per chosen layer)")
@@ -252,17 +257,160 @@ class ExportSection(Section):
     atol: Tolerance = 1e-4
 
 
+def _known_method(name: str) -> str:
+    """A registered compression method (tcexport.methods.METHODS), with a hint for a near miss."""
+    from tcexport import methods
+
+    if name not in methods.METHODS:
+        known = sorted(methods.METHODS)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown method {name!r}{hint}; choose one of {', '.join(known)}")
+    return name
+
+
+def _check_params(value: Any) -> Any:
+    """Method parameters as a mapping; keys written keep-count or keep_count; PyYAML's 1e-4 strings as numbers."""
+    if not isinstance(value, dict):
+        return value  # the schema says "must be a mapping"
+    checked = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ValueError(f"parameter names must be words; got {_show(key)}")
+        if isinstance(item, str) and _FLOAT_TEXT.match(item):
+            item = _yaml_float(item)
+        checked[key.strip().replace("-", "_")] = item
+    return checked
+
+
+def _recipe_terms(text: str) -> str:
+    """A method's message says --keep-count (the CLI flag); a recipe says keep_count."""
+    return re.sub(r"(?<![\w-])--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), text)
+
+
+def _accepts(method: str, params: dict) -> bool:
+    from tcexport import methods
+
+    try:
+        methods.get(method).check_params(dict(params))
+    except UsageError:
+        return False
+    return True
+
+
+def _method_problem(method: str, params: dict) -> str | None:
+    """The method's own complaint about these parameters (its check_params), in recipe terms; None when fine."""
+    from tcexport import methods
+
+    try:
+        methods.get(method).check_params(dict(params))
+    except UsageError as exc:
+        return _recipe_terms(str(exc))
+    return None
+
+
+Params = Annotated[dict[str, Any], BeforeValidator(_check_params)]
+Layers = Annotated[str | int | list[int], BeforeValidator(_check_layers)]
+
+
+def _stage_from_text(value: Any) -> Any:
+    """'tome:r=8@0-5' (what `tcexport compress --stage` takes) -> {method: tome, params: {r: 8}, layers: '0-5'}."""
+    if not isinstance(value, str):
+        return value
+    from tcexport import compress as compress_mod
+
+    try:
+        method, params, layers = compress_mod.parse_stage(value.strip())
+    except UsageError as exc:
+        raise ValueError(_recipe_terms(str(exc)).replace("stage '", "stage text '", 1)) from None
+    return {"method": method, "params": params, "layers": layers}
+
+
+def _stage_value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+class StageSection(Section):
+    """One stage of a multi-stage plan: a method, its parameters and the blocks it runs at.
+
+    Written as a mapping ({method: topk, layers: "6,9", params: {keep: 0.7}}) or as the text `tcexport compress
+    --stage` takes ('topk:keep=0.7@6,9'); the runner passes the text form to compress.
+    """
+
+    method: str
+    params: Params = Field(default_factory=dict)
+    layers: Layers
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return _known_method(name)
+
+    @model_validator(mode="after")
+    def _method_takes_params(self) -> "StageSection":
+        for key, value in self.params.items():
+            if isinstance(value, bool) or isinstance(value, (int, float)):
+                continue
+            if not isinstance(value, str) or not value or any(c in value for c in ",@=:"):
+                raise ValueError(f"params: {key} must be a single number, true/false or a word without ',@=:' in a "
+                                 f"stage; got {_show(value)}")
+        problem = _method_problem(self.method, self.params)
+        if problem:
+            raise ValueError(f"params: {problem}")
+        return self
+
+    def text(self) -> str:
+        """'METHOD[:key=value,...]@LAYERS', the form compress_file(stages=...) takes."""
+        args = ",".join(f"{key}={_stage_value_text(value)}" for key, value in self.params.items())
+        return f"{self.method}{':' + args if args else ''}@{layers_text(self.layers)}"
+
+
+Stage = Annotated[StageSection, BeforeValidator(_stage_from_text)]
+SINGLE_METHOD_FIELDS = ("method", "r", "params", "layers", "schedule")
+
+
 class CompressSection(Section):
-    method: Literal["tome"] = "tome"
-    r: Annotated[int | list[int], BeforeValidator(_check_r)]
-    layers: Annotated[str | int | list[int], BeforeValidator(_check_layers)] = "all"
+    """One method (method, r or params, layers, schedule) or several in layer order (stages)."""
+
+    method: str = "tome"
+    r: Annotated[int | list[int] | None, BeforeValidator(_check_r)] = None  # tome / adjacent
+    params: Params = Field(default_factory=dict)  # the method's parameters, e.g. {keep: 0.7, fuse: true}
+    layers: Layers = "all"
     schedule: Literal["constant", "decreasing"] = "constant"
+    stages: Annotated[list[Stage] | None, Field(min_length=1)] = None
     prop_attn: bool = True
     impl: Literal["subgraph", "function"] = "subgraph"
     protected: NonNegativeInt | None = None
 
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        return _known_method(name)
+
     @model_validator(mode="after")
-    def _counts_fit_layers(self) -> "CompressSection":
+    def _plan_is_consistent(self) -> "CompressSection":
+        if self.stages is not None:
+            return self._check_stages()
+        method, params = self.method, self.params
+        if self.r is not None:
+            if "r" in params:
+                raise ValueError("params: r is given twice (compress.r and compress.params.r); keep one")
+            if not _accepts(method, {"r": 1}):
+                raise ValueError(f"r: {method} takes no r; give its parameters under compress.params")
+            if isinstance(self.r, list) and len(self.r) > 1 and method != "tome":
+                raise ValueError(f"r: one r per layer is for tome only; {method} takes one r")
+        if self.schedule != "constant" and method != "tome":
+            raise ValueError(f"schedule: applies to tome only, not to {method}")
+        merged = dict(params)
+        if self.r is not None:
+            merged["r"] = self.r[0] if isinstance(self.r, list) else self.r
+        problem = _method_problem(method, merged)
+        if problem:
+            # r missing (ToMe needs parameter r) is the r field's problem, whatever else is wrong is params'.
+            missing_r = self.r is None and "r" not in params and _accepts(method, {**params, "r": 1})
+            raise ValueError(f"{'r' if missing_r else 'params'}: {problem}")
         if isinstance(self.r, list):
             if self.schedule == "decreasing" and len(self.r) > 1:
                 raise ValueError("schedule 'decreasing' takes one r (the schedule spreads it over the layers)")
@@ -270,6 +418,58 @@ class CompressSection(Section):
             if chosen is not None and len(self.r) not in (1, len(chosen)):
                 raise ValueError(f"r lists {len(self.r)} values for {len(chosen)} chosen layers; give one or one per layer")
         return self
+
+    def _check_stages(self) -> "CompressSection":
+        given = [name for name in SINGLE_METHOD_FIELDS if name in self.model_fields_set]
+        if given:
+            raise ValueError(f"give stages or {'/'.join(given)}, not both (each stage names its own method, params "
+                             "and layers)")
+        owner: dict[int, int] = {}
+        for index, stage in enumerate(self.stages):
+            chosen = layers_list(stage.layers)
+            if chosen is None and len(self.stages) > 1:
+                raise ValueError(f"stages: stage {index} runs at all layers, so no other stage can run anywhere; "
+                                 "give each stage its own layers")
+            for block in chosen or []:
+                if block in owner:
+                    raise ValueError(f"stages: block {block} is in stage {owner[block]} and stage {index}; give each "
+                                     "block one method")
+                owner[block] = index
+        return self
+
+    def plan(self) -> dict:
+        """The compress_file keyword arguments for this section's plan."""
+        common = dict(prop_attn=self.prop_attn, impl=self.impl, protected=self.protected)
+        if self.stages is not None:
+            return dict(stages=[stage.text() for stage in self.stages], **common)
+        r_text = None if self.r is None else ",".join(map(str, self.r)) if isinstance(self.r, list) else str(self.r)
+        return dict(method=self.method, r=r_text, layers=layers_text(self.layers), schedule=self.schedule,
+                    params=dict(self.params) or None, **common)
+
+    def describe(self) -> str:
+        """One line for the progress output: 'tome:r=8@0-5 + topk:keep=0.7@6,9' or 'topk keep=0.7 layers=1,3'."""
+        if self.stages is not None:
+            return " + ".join(stage.text() for stage in self.stages)
+        plan = self.plan()
+        args = ([f"r={plan['r']}"] if plan["r"] is not None else []) + \
+            [f"{key}={_stage_value_text(value)}" for key, value in self.params.items()]
+        schedule = f" schedule={self.schedule}" if self.method == "tome" else ""
+        return f"{self.method} {' '.join(args)} layers={plan['layers']}{schedule}".replace("  ", " ")
+
+    @model_serializer(mode="wrap")
+    def _written_plan(self, handler):
+        """Write one plan: stages alone, or the single method's fields (r and params only when given)."""
+        data = handler(self)
+        if self.stages is not None:
+            for name in SINGLE_METHOD_FIELDS:
+                data.pop(name, None)
+        else:
+            data.pop("stages", None)
+            if self.r is None:
+                data.pop("r", None)
+            if not self.params:
+                data.pop("params", None)
+        return data
 
 
 class ValidateSection(Section):
@@ -368,6 +568,7 @@ class Recipe(Section):
 
 SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
     (): Recipe, ("model",): ModelSection, ("export",): ExportSection, ("compress",): CompressSection,
+    ("compress", "stages"): StageSection,
     ("validate",): ValidateSection, ("build",): BuildSection, ("bench",): BenchSection,
 }
 
@@ -433,6 +634,9 @@ def _problem(error: dict) -> str:
     if kind in limits:
         op, key = limits[kind]
         return f"must be {op} {ctx.get(key)} (got {_show(_yaml_float(error.get('input')))})"
+    if kind == "too_short":
+        least = ctx.get("min_length", 1)
+        return f"must list at least {least} item{'s' if least != 1 else ''}{got}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected')}{got}"
     simple = {"int_type": "must be an integer", "int_from_float": "must be an integer",
@@ -445,12 +649,25 @@ def _problem(error: dict) -> str:
     return error["msg"][:1].lower() + error["msg"][1:] + got
 
 
+def _blamed(loc: tuple, error: dict) -> tuple[tuple, str]:
+    """A section's own check may blame one of its fields by starting its message 'FIELD: ' (compress.params)."""
+    problem = _problem(error)
+    if error["type"] == "value_error":
+        section = SECTIONS.get(tuple(p for p in loc if isinstance(p, str)))
+        match = re.match(r"^([a-z_]+): (.+)$", problem, re.S)
+        if section is not None and match and match.group(1) in section.model_fields:
+            return loc + (match.group(1),), match.group(2)
+    return loc, problem
+
+
 def describe(error: ValidationError) -> str:
     """The first schema error as 'field.path: problem' (plus how many more there are)."""
     errors = error.errors(include_url=False)
-    first = errors[0]
-    where = _loc_text(tuple(first["loc"]))
-    text = f"{where}: {_problem(first)}" if where else _problem(first)
+    # A misspelt key is also a missing one: name the misspelling (it carries the "did you mean").
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc, problem = _blamed(tuple(first["loc"]), first)
+    where = _loc_text(loc)
+    text = f"{where}: {problem}" if where else problem
     if first["type"] == "model_type" and not where:
         text = "must be a mapping of sections (model, export, compress, validate, build, bench)"
     if len(errors) > 1:
@@ -512,11 +729,19 @@ _FLAG_FIELDS = {
 }
 
 
+_STAGES_FLAG_FIELDS = {"--stage": "compress.stages", "--layers": "layers", "--r": "r"}
+
+
 def _in_stage(recipe: Recipe, stage: str, exc: UsageError) -> UsageError:
     """A stage's error, said in the recipe's terms (its field names instead of CLI flags)."""
     text = str(exc)
-    for flag, field in _FLAG_FIELDS.get(stage, {}).items():
+    flags = _FLAG_FIELDS.get(stage, {})
+    if stage == "compress" and recipe.compress and recipe.compress.stages is not None:
+        flags = {**flags, **_STAGES_FLAG_FIELDS}
+    for flag, field in flags.items():
         text = re.sub(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", field, text)
+    if stage == "compress":
+        text = _recipe_terms(text)  # a method's --keep-count is its parameter keep_count
     return UsageError(f"{recipe.path or 'recipe'}: {stage}: {text}")
 
 
@@ -562,6 +787,7 @@ class _Runner:
         self.echo = echo
         self.stages = stages
         self.timings: dict[str, float] = {}
+        self.extra_inputs: list[str] = []
 
     def step(self, stage: str, text: str) -> float:
         self.echo(f"[{self.stages.index(stage) + 1}/{len(self.stages)}] {stage:<9} {text}")
@@ -632,18 +858,21 @@ class _Runner:
 
     def compress(self, exported: Path, output: Path) -> list[dict]:
         from tcexport import compress as compress_mod
+        from tcexport import metadata, onnxfile
 
         c = self.recipe.compress
-        r_text = ",".join(map(str, c.r)) if isinstance(c.r, list) else str(c.r)
-        start = self.step("compress", f"{c.method} r={r_text} layers={layers_text(c.layers)} schedule={c.schedule} "
-                                      f"-> model.tc.onnx")
+        start = self.step("compress", f"{c.describe()} -> model.tc.onnx")
         try:
-            schedule = compress_mod.compress_file(exported, output, method=c.method, r=r_text,
-                                                  layers=layers_text(c.layers), schedule=c.schedule,
-                                                  prop_attn=c.prop_attn, impl=c.impl, protected=c.protected)
+            schedule = compress_mod.compress_file(exported, output, **c.plan())
         except UsageError as exc:
             raise _in_stage(self.recipe, "compress", exc) from None
-        self.done("compress", start, "tokens per block: " + _token_path(schedule))
+        # Which method ran at which block (the token schedule alone does not say), and inputs a method added.
+        record = metadata.read(onnxfile.load(output, load_external_data=False), metadata.COMPRESSION) or {}
+        by_block = dict(zip(record.get("layers", []), record.get("methods", [])))
+        schedule = [{**entry, "method": by_block.get(entry["block"])} for entry in schedule]
+        self.extra_inputs = [spec["name"] for spec in record.get("extra_inputs", [])]
+        added = f"; adds model input(s) {', '.join(self.extra_inputs)}" if self.extra_inputs else ""
+        self.done("compress", start, "tokens per block: " + _token_path(schedule) + added)
         return schedule
 
     def validate(self, model: Path, json_path: Path):
@@ -727,8 +956,15 @@ class _Runner:
                                     "speedup": comp["speedup"]})
         token_summary = None
         if tokens:
+            by_method: dict[str, dict] = {}
+            for entry in tokens:
+                if entry["method"]:
+                    found = by_method.setdefault(entry["method"], {"blocks": [], "removed": 0})
+                    found["blocks"].append(entry["block"])
+                    found["removed"] += entry["in"] - entry["out"]
             token_summary = {"in": tokens[0]["in"], "out": tokens[-1]["out"], "path": _token_path(tokens),
-                             "per_block": [{k: s[k] for k in ("block", "in", "out")} for s in tokens]}
+                             "by_method": by_method,
+                             "per_block": [{k: s[k] for k in ("block", "method", "in", "out")} for s in tokens]}
         return {
             "tool": f"tcexport {__version__}",
             "name": recipe.name,
@@ -738,7 +974,10 @@ class _Runner:
             "model": recipe.model.spec,
             "output_dir": str(final),
             "export_check": export_check,
-            "compression": recipe.compress.model_dump(mode="json") if recipe.compress else None,
+            "compression": None if not recipe.compress else {
+                **recipe.compress.model_dump(mode="json"),
+                "plan": recipe.compress.describe(),
+                **({"extra_inputs": self.extra_inputs} if self.extra_inputs else {})},
             "tokens": token_summary,
             "validation": validation,
             "builds": {name: {"dir": f"{name}/", "provider": s["provider"], "nodes_before": s["nodes_before"],

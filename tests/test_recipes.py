@@ -23,6 +23,8 @@ BAD_RECIPES = {
     "negative_r": (GOOD + "compress: {r: -1}\n", ["compress.r", "must be >= 0"]),
     "bad_layers_type": (GOOD + "compress: {r: 4, layers: {first: 1}}\n", ["compress.layers", "must be 'all'"]),
     "missing_spec": ("model:\n  seq_len: 8\n", ["model.spec", "required"]),
+    "bad_method_params": (GOOD + "compress: {method: topk, params: {keep: 1.5}}\n",
+                          ["compress.params", "topk keep must be a rate in (0, 1]"]),
 }
 
 
@@ -73,7 +75,14 @@ def test_shipped_recipe_validates(path):
 
 
 def test_the_expected_recipes_ship():
-    assert {p.stem for p in SHIPPED} >= {"vit_b16_tome_r16", "deit_s_tome_r13", "minilm_tome", "vit_tiny_tome_r8"}
+    assert {p.stem for p in SHIPPED} >= {"vit_b16_tome_r16", "deit_s_tome_r13", "minilm_tome", "vit_tiny_tome_r8",
+                                         "vit_tiny_multistage", "minilm_topk"}
+    multistage = recipes.load(ROOT / "recipes" / "vit_tiny_multistage.yaml")
+    assert multistage.compress.plan()["stages"] == ["tome:r=8@0-5", "topk:keep=0.7@6,9"]
+    topk = recipes.load(ROOT / "recipes" / "minilm_topk.yaml")
+    assert topk.model.spec == "st:all-MiniLM-L6-v2" and topk.compress.method == "topk"
+    assert topk.compress.plan() == dict(method="topk", r=None, layers="1,3", schedule="constant",
+                                        params={"keep": 0.7}, prop_attn=True, impl="subgraph", protected=None)
     minilm = recipes.load(ROOT / "recipes" / "minilm_tome.yaml")
     assert minilm.model.spec == "st:all-MiniLM-L6-v2" and minilm.model.seq_len == 128
     assert minilm.bench.batch == [1, 8]
@@ -95,6 +104,33 @@ def test_the_expected_recipes_ship():
     ("model: {spec: 'timm:x'}\nvalidation: {}", ["validation", "did you mean 'validate'"]),
     ("model: {spec: 'timm:x'}\ncompress: {r: [4, -2]}", ["compress.r", "must be >= 0 (got -2 at position 1)"]),
     ("model: {spec: 'timm:x'}\nmodel: {spec: 'timm:y'}", [":2:1: invalid YAML", "appears twice"]),
+    # every registered method, its parameters checked by the method itself, reported at the recipe field
+    ("model: {spec: 'timm:x'}\ncompress: {method: tpk, params: {keep: 0.7}}",
+     ["compress.method: unknown method 'tpk' (did you mean 'topk'?); choose one of", "prune-merge", "query"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: topk, params: {keep: 1.5}}",
+     ["compress.params: topk keep must be a rate in (0, 1]", "got 1.5"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: topk}", ["compress.params: topk needs keep", "keep_count"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: pool, params: {kernel: 2, size: 3}}",
+     ["compress.params: unknown pool parameter(s) size"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: topk, params: [0.7]}", ["compress.params", "must be a mapping"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: topk, r: 8}", ["compress.r: topk takes no r", "compress.params"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: tome}", ["compress.r: ToMe needs parameter r"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: adjacent, r: 4, params: {r: 4}}", ["compress.params", "twice"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: topk, params: {keep: 0.7}, schedule: decreasing}",
+     ["compress.schedule: applies to tome only"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: tome, r: 8, stages: ['tome:r=8@0-5']}",
+     ["compress: give stages or method/r, not both"]),
+    ("model: {spec: 'timm:x'}\ncompress: {layers: 0-5, stages: ['tome:r=8@0-5']}", ["compress:", "layers, not both"]),
+    ("model: {spec: 'timm:x'}\ncompress: {stages: []}", ["compress.stages: must list at least 1 item"]),
+    ("model: {spec: 'timm:x'}\ncompress: {stages: ['tome:r=8']}", ["compress.stages[0]: ", "METHOD:key=value"]),
+    ("model: {spec: 'timm:x'}\ncompress: {stages: ['tome:r=8@0-5', 'topk:keep=2@6']}",
+     ["compress.stages[1].params: topk keep must be a rate in (0, 1]"]),
+    ("model: {spec: 'timm:x'}\ncompress: {stages: ['tome:r=8@0-5', {method: topk, lyers: 6, params: {keep: 0.5}}]}",
+     ["compress.stages[1].lyers: unknown field (did you mean 'layers'?"]),
+    ("model: {spec: 'timm:x'}\ncompress: {stages: [{method: magic, layers: 1}]}",
+     ["compress.stages[0].method: unknown method 'magic'"]),
+    ("model: {spec: 'timm:x'}\ncompress: {stages: ['tome:r=8@0-5', 'topk:keep=0.7@5,9']}",
+     ["compress.stages: block 5 is in stage 0 and stage 1"]),
     ("model:\n  spec: [timm:x", ["invalid YAML"]),
     ("", ["the recipe is empty"]),
     ("- model", ["must be a mapping"]),
@@ -108,6 +144,42 @@ def test_schema_errors_name_the_field(tmp_path, text, words):
     assert message.startswith(f"{path}:") and "\n" not in message
     for word in words:
         assert word in message, (word, message)
+
+
+def test_method_params_and_stage_forms():
+    """compress.params pass through to compress_file; a stage is text or a mapping, run as text."""
+    recipe = recipes.parse(yaml.safe_load(GOOD + "compress: {method: topk, params: {keep: 0.7, fuse: true, "
+                                                 "keep-order: true}, layers: [3, 6]}"))
+    plan = recipe.compress.plan()
+    assert plan["method"] == "topk" and plan["layers"] == "3,6" and plan["r"] is None
+    assert plan["params"] == {"keep": 0.7, "fuse": True, "keep_order": True}
+    assert recipes.parse(yaml.safe_load(GOOD + "compress: {method: adjacent, r: 4}")).compress.plan()["r"] == "4"
+    assert recipes.parse(yaml.safe_load(GOOD + "compress: {r: [4, 8], layers: 0-1}")).compress.plan()["r"] == "4,8"
+
+    text = GOOD + """compress:
+  stages:
+    - tome:r=8@0-5
+    - {method: topk, layers: "6,9", params: {keep: 0.7, fuse: true}}
+    - {method: pool, layers: 10, params: {kernel: 2, grid: 1d}}
+  impl: function
+"""
+    recipe = recipes.parse(yaml.safe_load(text))
+    stages = recipe.compress.plan()
+    assert stages == {"stages": ["tome:r=8@0-5", "topk:keep=0.7,fuse=true@6,9", "pool:kernel=2,grid=1d@10"],
+                      "prop_attn": True, "impl": "function", "protected": None}
+    assert recipe.compress.stages[0].method == "tome" and recipe.compress.stages[0].params == {"r": 8}
+    # The text form parses back to the same stage (what compress_file gets is what the mapping said).
+    from tcexport import compress
+
+    assert [compress.parse_stage(t) for t in stages["stages"]] == [
+        (s.method, s.params, recipes.layers_text(s.layers)) for s in recipe.compress.stages]
+    # Written back (recipe.yaml): stages alone, no single-method fields; it loads again unchanged.
+    dumped = yaml.safe_load(recipe.to_yaml())["compress"]
+    assert set(dumped) == {"stages", "prop_attn", "impl", "protected"}
+    assert recipes.parse(yaml.safe_load(recipe.to_yaml())).model_dump() == recipe.model_dump()
+    single = recipes.parse(yaml.safe_load(GOOD + "compress: {r: 8}"))
+    assert set(yaml.safe_load(single.to_yaml())["compress"]) == {"method", "r", "layers", "schedule", "prop_attn",
+                                                                "impl", "protected"}
 
 
 def test_missing_recipe_file_and_cli_options_beside_a_recipe(tmp_path):
@@ -227,3 +299,59 @@ def test_failed_validation_exits_1_and_leaves_no_dir(vit_tiny_run, tmp_path):
     assert "validation failed" in result.stderr and "EXCEEDS TOLERANCE" in result.stderr
     assert "nothing written" in result.stderr and ".tmp" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "strict.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------- several methods
+
+
+@pytest.fixture(scope="module")
+def multistage_run(tmp_path_factory):
+    """The shipped MustDrop-style recipe (ToMe at 0-5, top-k at 6 and 9), run in process with a short bench."""
+    work = tmp_path_factory.mktemp("multistage_recipe")
+    data = yaml.safe_load((ROOT / "recipes" / "vit_tiny_multistage.yaml").read_text())
+    data["bench"].update(iters=2, warmup=1)
+    data["validate"].update(samples=2)
+    path = work / "vit_tiny_multistage.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    lines: list[str] = []
+    summary = recipes.run(recipes.load(path), work / "out", echo=lines.append)
+    return summary, work / "out", "\n".join(lines)
+
+
+def test_multistage_recipe_end_to_end(multistage_run):
+    from tcexport.methods.topk import TopK
+
+    summary, out, log = multistage_run
+    assert {p.name for p in out.iterdir()} == LAYOUT
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["validation"]["passed"] is True and summary["validation"]["samples"] == 2
+    tokens = summary["tokens"]
+    after_tome = 197 - 6 * 8
+    after_6 = TopK(keep=0.7).tokens_out(after_tome, 1)
+    after_9 = TopK(keep=0.7).tokens_out(after_6, 1)
+    assert tokens["in"] == 197 and tokens["out"] == after_9
+    assert [b["method"] for b in tokens["per_block"]] == ["tome"] * 6 + ["topk", None, None, "topk", None, None]
+    assert [b["out"] for b in tokens["per_block"]] == [197 - 8 * (i + 1) for i in range(6)] + \
+        [after_6] * 3 + [after_9] * 3
+    assert tokens["by_method"] == {"tome": {"blocks": [0, 1, 2, 3, 4, 5], "removed": 48},
+                                   "topk": {"blocks": [6, 9], "removed": after_tome - after_9}}
+    assert summary["compression"]["plan"] == "tome:r=8@0-5 + topk:keep=0.7@6,9"
+    assert [s["batch"] for s in summary["speedup"]] == [1, 8]
+    assert json.loads((out / "bench.json").read_text())["settings"]["iters"] == 2
+    assert "[2/5] compress  tome:r=8@0-5 + topk:keep=0.7@6,9" in log
+    resolved = recipes.load(out / "recipe.yaml")
+    assert resolved.compress.plan()["stages"] == ["tome:r=8@0-5", "topk:keep=0.7@6,9"]
+
+
+def test_query_recipe_adds_an_input_and_still_validates_and_benches(multistage_run, tmp_path):
+    """query adds the graph input 'query': validate feeds it, bench feeds every graph input."""
+    _, out, _ = multistage_run
+    (tmp_path / "vit.onnx").symlink_to(out / "model.onnx")
+    path = tmp_path / "query.yaml"
+    path.write_text("model: {spec: vit.onnx}\ncompress: {method: query, params: {keep: 0.5}, layers: '4,8'}\n"
+                    "validate: {samples: 1, batch: 1}\nbench: {batch: 1, iters: 1, warmup: 0}\n")
+    summary = recipes.run(recipes.load(path), tmp_path / "out", echo=lambda text: None)
+    assert summary["compression"]["extra_inputs"] == ["query"]
+    assert summary["tokens"]["by_method"] == {"query": {"blocks": [4, 8], "removed": 197 - 50}}
+    assert summary["validation"]["passed"] is True
+    assert [s["batch"] for s in summary["speedup"]] == [1]
