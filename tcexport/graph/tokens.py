@@ -30,8 +30,6 @@ BROADCAST = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Eq
              "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Where", "PRelu", "Mod", "BitwiseAnd", "BitwiseOr"}
 REDUCE = {"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
           "ReduceLogSumExp", "ReduceSumSquare", "ArgMax", "ArgMin"}
-# Inputs of UNARY ops beyond the first that never carry tokens (scale, bias, min/max, ratio).
-INT64_MAX = np.iinfo(np.int64).max
 
 
 @dataclass(frozen=True)
