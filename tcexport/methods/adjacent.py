@@ -51,7 +51,11 @@ from onnx_ir import tape
 from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
-from tcexport.methods.tome import NORM_EPS, PAD_BONUS, _Emitter, _ir_dtype, _set_type
+from tcexport.methods.tome import NORM_EPS, PAD_BONUS
+from tcexport.methods.emit import Emitter as _Emitter
+from tcexport.methods.emit import ir_dtype as _ir_dtype
+from tcexport.methods.emit import rows as _rows
+from tcexport.methods.emit import typed_state
 
 
 def pair_cap(n_in: int, protected: int) -> int:
@@ -214,13 +218,5 @@ class Adjacent(Method):
             mask_r = g.op("mask_right", "Mul", g.op("mask_right_raw", "GatherElements", mask, right_idx, axis=1),
                           merged_m)
             mask_new = g.op("mask_out", "Max", mask_k, mask_r)
-        _set_type(x_new, x, n_out)
-        _set_type(size_new, size, n_out)
-        if mask_new is not None:
-            _set_type(mask_new, mask, n_out)
-        return TokenState(x_new, size_new, mask_new)
+        return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)
 
-
-def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t[b, idx[b, i], :] for every batch row b."""
-    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))

@@ -39,7 +39,9 @@ from onnx_ir import tape
 from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
-from tcexport.methods.tome import _Emitter, _ir_dtype, _set_type
+from tcexport.methods.emit import Emitter as _Emitter
+from tcexport.methods.emit import ir_dtype as _ir_dtype
+from tcexport.methods.emit import typed_state
 
 RATE_EPS = 1e-9
 
@@ -141,11 +143,7 @@ class _FixedSubset(Method):
         x_new = g.op("x_out", "Gather", x, kept, axis=1)
         size_new = g.op("size_out", "Gather", size, kept, axis=1)
         mask_new = None if mask is None else g.op("mask_out", "Gather", mask, kept, axis=1)
-        _set_type(x_new, x, n_out)
-        _set_type(size_new, size, n_out)
-        if mask_new is not None:
-            _set_type(mask_new, mask, n_out)
-        return TokenState(x_new, size_new, mask_new)
+        return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)
 
 
 @register

@@ -42,7 +42,9 @@ from onnx_ir import tape
 from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
-from tcexport.methods.tome import _Emitter, _ir_dtype, _set_type
+from tcexport.methods.emit import Emitter as _Emitter
+from tcexport.methods.emit import ir_dtype as _ir_dtype
+from tcexport.methods.emit import typed_state
 
 GRIDS = ("auto", "2d", "1d")
 
@@ -218,8 +220,4 @@ class Pool(Method):
             mask_pooled = pooled("mask_out" if not p else "mask_pooled", unprotected("mask_tokens", mask),
                                  "ReduceMax", 2)
             mask_new = layout("mask_out", mask, mask_pooled) if p else mask_pooled
-        _set_type(x_new, x, n_out)
-        _set_type(size_new, size, n_out)
-        if mask_new is not None:
-            _set_type(mask_new, mask, n_out)
-        return TokenState(x_new, size_new, mask_new)
+        return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)

@@ -62,7 +62,11 @@ from onnx_ir import tape
 from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
-from tcexport.methods.tome import NORM_EPS, PAD_BONUS, PROTECTED_SCORE, _Emitter, _first_argmax, _ir_dtype, _set_type
+from tcexport.methods.tome import NORM_EPS, PAD_BONUS, PROTECTED_SCORE, _first_argmax
+from tcexport.methods.emit import Emitter as _Emitter
+from tcexport.methods.emit import ir_dtype as _ir_dtype
+from tcexport.methods.emit import rows as _rows
+from tcexport.methods.emit import typed_state
 
 PARAMS = ("dominant", "contextual")
 
@@ -293,13 +297,5 @@ class PruneMerge(Method):
                                                      g.const("zero", 0.0)), to=_ir_dtype(mask))
             mask_new = layout("mask_out", mask, g.op("mask_dominant", "GatherElements", mask, dom_idx, axis=1),
                               mask_ctx)
-        _set_type(x_new, x, n_out)
-        _set_type(size_new, size, n_out)
-        if mask_new is not None:
-            _set_type(mask_new, mask, n_out)
-        return TokenState(x_new, size_new, mask_new)
+        return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)
 
-
-def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t[b, idx[b, i], :] for every batch row b."""
-    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))

@@ -56,7 +56,9 @@ from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.keep import check_keep, check_keep_fits, kept_count
-from tcexport.methods.tome import _Emitter, _ir_dtype, _set_type
+from tcexport.methods.emit import Emitter as _Emitter
+from tcexport.methods.emit import ir_dtype as _ir_dtype
+from tcexport.methods.emit import typed_state
 
 QUERY = "query"  # the signal and the graph input it comes from
 PARAMS = ("keep", "keep_count")
@@ -191,8 +193,4 @@ class QueryPrune(Method):
         if mask is not None:
             mask_new = layout("mask_out", mask,
                               lambda label: g.op(label, "GatherElements", mask, keep_idx, axis=1))
-        _set_type(x_new, x, n_out)
-        _set_type(size_new, size, n_out)
-        if mask_new is not None:
-            _set_type(mask_new, mask, n_out)
-        return TokenState(x_new, size_new, mask_new)
+        return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)

@@ -53,6 +53,10 @@ from onnx_ir import tape
 from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
+from tcexport.methods.emit import Emitter as _Emitter
+from tcexport.methods.emit import ir_dtype as _ir_dtype
+from tcexport.methods.emit import numpy_dtype as _numpy_dtype
+from tcexport.methods.emit import rows, typed_state
 
 PAD_BONUS = 4.0
 PROTECTED_SCORE = -1.0e4
@@ -180,9 +184,6 @@ class ToMe(Method):
         a_sum, b_sum = weighted[:, ::2], weighted[:, 1::2]
         a_size, b_size = size[:, ::2], size[:, 1::2]
 
-        def rows(t, idx):
-            return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-
         b_sum = b_sum.scatter_add(1, dst_idx[..., None].expand(-1, -1, channels), rows(a_sum, src_idx))
         b_size = b_size.scatter_add(1, dst_idx[..., None], rows(a_size, src_idx))
 
@@ -309,57 +310,6 @@ class ToMe(Method):
                                                          g.const("zero", 0.0)), to=_ir_dtype(mask))
             mask_out = layout("mask_out_col", mask_col, mask_unm, mask_b_new)
             mask_new = g.op("mask_out", "Squeeze", mask_out, g.i64("axis2_q", [2]))
-        _set_type(x_new, x, n_out)
-        _set_type(size_new, size, n_out)
-        if mask_new is not None:
-            _set_type(mask_new, mask, n_out)
-        return TokenState(x_new, size_new, mask_new)
+        return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)
 
 
-class _Emitter:
-    """Records nodes on a tape with readable names: node '<prefix>/<label>', value '<prefix>_<label>'."""
-
-    def __init__(self, op: tape.Tape, prefix: str, float_dtype: np.dtype):
-        self.tape, self.prefix, self.float_dtype = op, prefix, float_dtype
-
-    def op(self, label: str, op_type: str, *inputs: ir.Value, **attributes: Any) -> ir.Value:
-        value = self.tape.op(op_type, list(inputs), attributes or None, name=f"{self.prefix}/{label}")
-        value.name = f"{self.prefix}_{label}"
-        return value
-
-    def op_multi(self, label: str, op_type: str, count: int, *inputs: ir.Value, **attributes: Any):
-        values = self.tape.op_multi_out(op_type, list(inputs), attributes or None, num_outputs=count,
-                                        name=f"{self.prefix}/{label}")
-        for k, value in enumerate(values):
-            value.name = f"{self.prefix}_{label}_{k}"
-        return values
-
-    def const(self, label: str, array: Any, dtype: Any = None) -> ir.Value:
-        """A Constant node; floats default to the dtype of x."""
-        tensor = ir.tensor(np.asarray(array, dtype=dtype or self.float_dtype), name=f"{self.prefix}_{label}")
-        return self.op(label, "Constant", value=tensor)
-
-    def i64(self, label: str, array: Any) -> ir.Value:
-        return self.const(label, array, np.int64)
-
-    def every_other(self, label: str, value: ir.Value, start: int, n: int) -> ir.Value:
-        """value[:, start::2] along the token axis."""
-        return self.op(label, "Slice", value, self.i64(f"{label}_start", [start]), self.i64(f"{label}_end", [n]),
-                       self.i64(f"{label}_axis", [1]), self.i64(f"{label}_step", [2]))
-
-
-def _ir_dtype(value: ir.Value) -> ir.DataType:
-    return value.dtype if value.dtype is not None else ir.DataType.FLOAT
-
-
-def _numpy_dtype(value: ir.Value) -> np.dtype:
-    return np.dtype(_ir_dtype(value).numpy())
-
-
-def _set_type(out: ir.Value, like: ir.Value, n_out: int) -> None:
-    """Give an output the dtype of `like` and its shape with the token axis set to n_out (when known)."""
-    out.dtype = like.dtype
-    if like.shape is not None:
-        dims = list(like.shape.dims)
-        dims[1] = n_out
-        out.shape = ir.Shape(dims)

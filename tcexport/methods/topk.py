@@ -69,7 +69,9 @@ from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.keep import check_keep, check_keep_fits, is_bool, kept_count
-from tcexport.methods.tome import _Emitter, _ir_dtype, _set_type
+from tcexport.methods.emit import Emitter as _Emitter
+from tcexport.methods.emit import ir_dtype as _ir_dtype
+from tcexport.methods.emit import typed_state
 
 PARAMS = ("keep", "keep_count", "fuse", "keep_order")
 
@@ -240,8 +242,4 @@ class TopK(Method):
         x_new = layout(f"x_{suffix}", x, x_parts)
         size_new = layout(f"size_{suffix}", size, size_parts)
         mask_new = None if mask is None else layout(f"mask_{suffix}", mask, mask_parts)
-        _set_type(x_new, x, n_out)
-        _set_type(size_new, size, n_out)
-        if mask_new is not None:
-            _set_type(mask_new, mask, n_out)
-        return TokenState(x_new, size_new, mask_new)
+        return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)
