@@ -69,6 +69,9 @@ def model_spec_options(fn):
                      help="Image input shape without batch, e.g. 3x224x224 (default: the model's own)."),
         click.option("--seq-len", type=click.IntRange(min=1), default=None,
                      help="Sequence length for text models (default 128)."),
+        click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                     help="timm/py: keyword argument for create_model or the factory, repeatable; values are "
+                          "int, float, true/false or tuples like 32,32 (e.g. --model-arg depth=2)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -103,7 +106,8 @@ def cli():
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter; dynamo keeps the module scopes the rewriter uses.")
 @model_spec_options
-def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkpoint, seed, input_shape, seq_len):
+def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkpoint, seed, input_shape, seq_len,
+           model_args):
     """Export a model spec to ONNX with provenance metadata.
 
     Uses the dynamo exporter (it keeps the per-node module scopes the rewriter needs), records
@@ -118,7 +122,7 @@ def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkp
     from tcexport import sources
 
     source = sources.load(spec, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
-                          input_shape=input_shape, seq_len=seq_len)
+                          input_shape=input_shape, seq_len=seq_len, model_args=model_args)
     report = export_mod.export_to_file(source, output, opset=opset, batch=export_mod.parse_batch(batch),
                                        check=check, atol=atol, exporter=exporter)
     click.echo(f"wrote {output}")
@@ -150,8 +154,9 @@ def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkp
               help="ToMe schedule; decreasing spreads r as ToMe's (r, -1): 2r at the first chosen layer to 0.")
 @click.option("--prop-attn/--no-prop-attn", default=True, show_default=True,
               help="Proportional attention: add log(size) to later blocks' attention logits.")
-@click.option("--impl", type=click.Choice(["subgraph", "function"]), default="subgraph", show_default=True,
-              help="Inline standard ONNX ops, or one model-local ONNX function per op.")
+@click.option("--impl", type=click.Choice(["subgraph", "function", "plugin"]), default="subgraph", show_default=True,
+              help="Inline standard ONNX ops, one model-local ONNX function per op, or one TensorRT plugin node "
+                   "per op (plugin: TensorRT only).")
 @click.option("--protected", type=click.IntRange(min=0), default=None,
               help="Leading tokens never merged (default: from the export's provenance, else 1 for CLS).")
 def compress(model, output, method, r, keep, keep_count, fuse, keep_order, dominant, contextual, kernel,
@@ -249,7 +254,7 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
               help="trt: timing cache file, read if it exists and written back after the build.")
 @model_spec_options
 def build(source_arg, output, backend, provider, opt_level, threads, opset, precision, batch_range, workspace_mb,
-          timing_cache, pretrained, checkpoint, seed, input_shape, seq_len):
+          timing_cache, pretrained, checkpoint, seed, input_shape, seq_len, model_args):
     """Build an optimized engine from an .onnx file, a model spec, or a YAML recipe.
 
     \b
@@ -285,7 +290,7 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
             from tcexport import sources
 
             source = sources.load(source_arg, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
-                                  input_shape=input_shape, seq_len=seq_len)
+                                  input_shape=input_shape, seq_len=seq_len, model_args=model_args)
             with tempfile.TemporaryDirectory(prefix="tcexport-") as tmp:
                 exported = Path(tmp) / "model.onnx"
                 export_mod.export_to_file(source, exported, opset=opset)
@@ -298,7 +303,7 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
                          "build runs the float32 graph as exported")
     sidecar = pipeline.build(source_arg, output, provider=provider, opt_level=opt_level, threads=threads,
                              opset=opset, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
-                             input_shape=input_shape, seq_len=seq_len)
+                             input_shape=input_shape, seq_len=seq_len, model_args=model_args)
     click.echo(f"wrote {output} ({sidecar['backend']}, {sidecar['provider']}, "
                f"{sidecar['nodes_before']} -> {sidecar['nodes_after']} nodes)")
 

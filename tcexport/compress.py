@@ -17,7 +17,7 @@ from tcexport.graph import functions, probe
 from tcexport.graph.insert import Stage, insert_stages
 from tcexport.methods import tome
 
-IMPLS = ("subgraph", "function")
+IMPLS = ("subgraph", "function", "plugin")  # plugin: function call nodes without the body (TensorRT plugins only)
 
 
 def parse_layers(text: str, depth: int) -> list[int]:
@@ -176,8 +176,8 @@ def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True)
                              mask_input=mask_input(graph, model))
     # Inputs a method added (query: [batch, C]); validate feeds them, so the record lists them.
     extra_inputs = [_input_spec(v).to_json() for v in graph.inputs if v.name not in original_inputs]
-    if plan.impl == "function":
-        functions.package_methods(ir_model)
+    if plan.impl in ("function", "plugin"):
+        functions.package_methods(ir_model, with_body=plan.impl == "function")
     proto = ir.to_proto(ir_model)
     proto = _infer_and_check(proto)
     record = plan.record()

@@ -219,6 +219,10 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
     if artifact.backend not in ("ort", "trt"):
         raise UsageError(f"{path}: unknown backend '{artifact.backend}' in the sidecar; rebuild with 'tcexport build'")
     engine = artifact.backend == "trt"
+    if not engine:  # before the slow reference: ONNX Runtime has no kernel for --impl plugin nodes
+        from tcexport.graph.functions import refuse_plugin_only
+
+        refuse_plugin_only(onnxfile.load(artifact.model_path, load_external_data=False), path)
     precision = str(artifact.sidecar.get("precision") or "fp32") if engine else "fp32"
     reason = tolerance_reason(precision, engine, atol, rtol, min_cosine)
     atol, rtol, min_cosine = tolerances_for(precision, atol, rtol, min_cosine)

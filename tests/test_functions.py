@@ -87,8 +87,8 @@ def test_vit_one_function_called_once_per_block(vit_pair):
     assert list(fn.input) == ["tome_x", "tome_metric", "tome_size"]
     assert list(fn.output) == ["tome_x_out", "tome_size_out"]
     # the plugin's static attributes first, then the tensors only the body needs
-    assert list(fn.attribute)[:4] == ["r", "protected", "plugin_namespace", "plugin_version"]
-    assert all(a.startswith(functions.CONST_PREFIX) for a in list(fn.attribute)[4:])
+    assert list(fn.attribute)[:5] == ["r", "protected", "plugin_namespace", "plugin_version", "aot"]
+    assert all(a.startswith(functions.CONST_PREFIX) for a in list(fn.attribute)[5:])
 
     calls = _calls(model)
     schedule = metadata.read(model, metadata.TOKENS)
@@ -102,7 +102,8 @@ def test_vit_one_function_called_once_per_block(vit_pair):
         assert attrs["r"] == step["in"] - step["out"] == 8
         assert attrs["protected"] == 1
         assert (attrs["plugin_namespace"], attrs["plugin_version"]) == (b"tcexport", b"1")
-        assert set(attrs) == {"r", "protected", "plugin_namespace", "plugin_version", *fn.attribute[4:]}
+        assert attrs["aot"] == 1  # the Python plugin has JIT and AOT implementations: the parser needs a choice
+        assert set(attrs) == {"r", "protected", "plugin_namespace", "plugin_version", "aot", *fn.attribute[5:]}
 
     # The metric stays in the main graph; no ToMe node is left outside the function.
     names = [n.name for n in model.graph.node]
@@ -267,3 +268,115 @@ def test_lint_rejects_function_names_tensorrt_would_confuse():
     builtin = model([fn("a", "Relu")], [("a", "Relu")])
     (error,) = lint.lint_model(builtin, "10.3").errors
     assert "built-in op Relu" in error.message
+
+
+# ---------------------------------------------------------------- plugin fields: --impl function and --impl plugin
+# What TensorRT's ONNX parser does with a node it maps to a plugin (onnx-tensorrt, onnxOpImporters.cpp: the
+# fallback plugin importer and its field loading): it iterates the fields the plugin creator DECLARES and reads
+# the node attribute of each name; an ONNX INT attribute becomes a kINT32 field, a STRING one a kCHAR field, and a
+# TENSOR attribute becomes weights -- INT64 tensors are rejected there. Undeclared attributes are never passed.
+# The plugin is matched by op_type + `plugin_version` + `plugin_namespace` (attributes; from 10.15 a plugin
+# overrides a model-local function only when `plugin_namespace` is present or kENABLE_PLUGIN_OVERRIDE is set), and
+# a Python plugin with both JIT and AOT implementations needs the node attribute `aot`.
+
+TINY_SPEC = "py:tests.fixtures.factories:vit_dim_equals_tokens"  # 65 tokens, width 65, 3 blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    from tcexport import export, sources
+
+    path = tmp_path_factory.mktemp("tiny_vit") / "tiny.onnx"
+    export.export_to_file(sources.load(TINY_SPEC, input_shape="3x32x32", seed=0), path)
+    return path
+
+
+def _plugin_nodes(path: Path) -> tuple[onnx.ModelProto, list[onnx.NodeProto]]:
+    model = onnx.load(str(path))
+    return model, [n for n in model.graph.node if n.domain == "tcexport"]
+
+
+def _assert_parser_ready(node: onnx.NodeProto, fields: dict[str, int]) -> None:
+    from tcexport.backends import trt as trt_backend
+
+    spec = trt_backend.plugin_spec(node.op_type)
+    by_name = {a.name: a for a in node.attribute}
+    assert list(spec.fields) == list(fields)
+    for name, expected in fields.items():  # each declared field: an ONNX INT attribute (-> kINT32 field)
+        attr = by_name[name]
+        assert attr.type == onnx.AttributeProto.INT, (name, attr.type)
+        assert attr.i == expected and -2**31 <= attr.i < 2**31
+    assert by_name["plugin_namespace"].type == onnx.AttributeProto.STRING
+    assert (by_name["plugin_namespace"].s, by_name["plugin_version"].s) == (b"tcexport", b"1")
+    assert by_name["aot"].type == onnx.AttributeProto.INT and by_name["aot"].i == 1
+    # no INT64 tensor among what a plugin declares
+    assert not [a for a in node.attribute if a.name in spec.fields and a.type == onnx.AttributeProto.TENSOR]
+
+
+@pytest.mark.parametrize("impl", ["function", "plugin"])
+def test_tome_nodes_carry_int_fields(tiny_vit, tmp_path, impl):
+    out = tmp_path / f"{impl}.onnx"
+    schedule = compress.compress_file(tiny_vit, out, r="8,30,4", impl=impl)
+    model, nodes = _plugin_nodes(out)
+    onnx.checker.check_model(model, full_check=impl == "function")
+    assert [n.op_type for n in nodes] == ["ToMeMerge"] * 3
+    for node, step in zip(nodes, schedule):
+        _assert_parser_ready(node, {"r": step["in"] - step["out"], "protected": 1})
+    # block 1 asked for 30 but holds 57 tokens: the field carries the capped r, (57 - 1) // 2 = 28
+    assert [_attrs(n)["r"] for n in nodes] == [8, 28, 4]
+    assert len(model.functions) == (1 if impl == "function" else 0)
+    assert metadata.read(model, metadata.COMPRESSION)["impl"] == impl
+
+
+@pytest.mark.parametrize("impl", ["function", "plugin"])
+def test_topk_nodes_carry_int_fields_not_int64_tensors(tiny_vit, tmp_path, impl):
+    out = tmp_path / f"{impl}.onnx"
+    schedule = compress.compress_file(tiny_vit, out, method="topk", layers="0,2",
+                                      params={"keep": 0.5, "fuse": True, "keep_order": True}, impl=impl)
+    model, nodes = _plugin_nodes(out)
+    assert [n.op_type for n in nodes] == ["TokenPrune"] * 2
+    # 64 unprotected -> K = 32 (+1 fused) = 34 tokens out; then 33 unprotected -> K = ceil(16.5) = 17
+    assert [(s["in"], s["out"]) for s in schedule if s["in"] != s["out"]] == [(65, 34), (34, 19)]
+    for node, k in zip(nodes, (32, 17)):
+        _assert_parser_ready(node, {"k": k, "protected": 1, "fuse": 1, "keep_order": 1})
+        assert list(node.input)[1].endswith("_cls_attention")
+
+
+def test_function_model_with_int_fields_still_equals_subgraph(tiny_vit, tmp_path):
+    subgraph, function = _compress_pair(tiny_vit, tmp_path, method="topk", layers="0,2",
+                                        params={"keep": 0.5, "fuse": True})
+    feeds = {"input": np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)}
+    _assert_same_outputs(subgraph, function, feeds)
+
+
+def test_plugin_graph_has_no_body_and_no_stray_nodes(tiny_vit, tmp_path):
+    out = tmp_path / "plugin.onnx"
+    compress.compress_file(tiny_vit, out, r="8", impl="plugin")
+    model, nodes = _plugin_nodes(out)
+    assert not model.functions and functions.plugin_only_nodes(model) == nodes
+    assert not [n for n in model.graph.node if re.match(r"tc_blk\d+_tome/", n.name)]
+    # the plugin's outputs keep their static shapes, so the rest of the graph stays typed
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    assert shapes["tc_blk0_tome_x_out"] == [shapes["tc_blk0_tome_x_out"][0], 57, 65]
+
+
+def test_plugin_graph_refused_by_onnx_runtime(tiny_vit, tmp_path):
+    from tests.conftest import assert_usage_error
+
+    out = tmp_path / "plugin.onnx"
+    compress.compress_file(tiny_vit, out, r="8", impl="plugin")
+    for args in (("build", out, "-o", tmp_path / "build"), ("validate", out), ("bench", out, "--iters", "1")):
+        result = run_cli(*args)
+        assert_usage_error(result)
+        assert "TensorRT plugin nodes (tcexport::ToMeMerge" in result.stderr and "--backend trt" in result.stderr
+    assert not (tmp_path / "build").exists()
+
+
+def test_impl_plugin_refuses_a_method_without_plugin(tiny_vit, tmp_path):
+    from tests.conftest import assert_usage_error
+
+    result = run_cli("compress", tiny_vit, "--method", "pool", "--kernel", "2", "--layers", "1", "--protected",
+                     "1", "--impl", "plugin", "-o", tmp_path / "pool.onnx")
+    assert_usage_error(result)
+    assert "no TensorRT plugin implements pool" in result.stderr
+    assert not (tmp_path / "pool.onnx").exists()

@@ -54,6 +54,9 @@ def session_options(threads: int | None = None, opt_level: str = "all") -> ort.S
 def open_session(model_path: str | Path, provider: str = "cpu", threads: int | None = None,
                  opt_level: str = "all", options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     options = options or session_options(threads, opt_level)
+    from tcexport.graph.functions import refuse_plugin_only
+
+    refuse_plugin_only(onnxfile.load(model_path, load_external_data=False), model_path)
     try:
         return ort.InferenceSession(str(model_path), options, providers=[provider_name(provider)])
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,

@@ -132,6 +132,11 @@ class PluginSpec:
     namespace: str = PLUGIN_DOMAIN
     version: str = "1"
     description: str = ""
+    # tcexport's Python plugin has both a JIT (impl) and an AOT (aot_impl) implementation: the ONNX parser then
+    # needs the node attribute `aot` (or a PREFER_AOT/PREFER_JIT network flag) to choose one.
+    python_aot: bool = False
+    # The INT32 fields its creator declares, in order: the ONNX parser passes only these (see plugin_fields).
+    fields: tuple[str, ...] = ()
 
 
 # tcexport's own plugins, by the (domain, op_type) their ONNX nodes carry. Methods that gain a plugin add theirs
@@ -145,11 +150,28 @@ def register_plugin(spec: PluginSpec) -> PluginSpec:
 
 
 for _spec in (
-    PluginSpec("ToMeMerge", description="ToMe bipartite soft matching: merge r token pairs (size-weighted)"),
-    PluginSpec("TokenPrune", description="keep the K tokens with the highest CLS attention (EViT)"),
-    PluginSpec("TokenPool", description="average-pool the token grid"),
+    PluginSpec("ToMeMerge", description="ToMe bipartite soft matching: merge r token pairs (size-weighted)",
+               python_aot=True, fields=("r", "protected")),
+    PluginSpec("TokenPrune", description="keep the K tokens with the highest CLS attention (EViT)", python_aot=True,
+               fields=("k", "protected", "fuse", "keep_order")),
+    PluginSpec("TokenPool", description="average-pool the token grid (no plugin implementation yet)",
+               fields=("kernel", "protected", "grid_side")),
 ):
     register_plugin(_spec)
+
+
+def plugin_spec(name: str) -> PluginSpec:
+    """tcexport's registered plugin of that op type, or a plain spec (namespace tcexport, version 1)."""
+    return TCEXPORT_PLUGINS.get((PLUGIN_DOMAIN, name), PluginSpec(name))
+
+
+def plugin_choice_attributes(spec: PluginSpec) -> dict[str, int]:
+    """INT node attributes that pick the implementation: aot=1 (no Python at run time) where both exist.
+
+    A C++ IPluginV3 creator does not declare `aot`, so the parser never passes it to one (only declared fields
+    reach a plugin); for a Python plugin with impl and aot_impl the parser fails without it or a network flag.
+    """
+    return {"aot": 1} if spec.python_aot else {}
 
 
 def plugin_node_attributes(spec: PluginSpec) -> dict[str, str]:

@@ -58,9 +58,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from tcexport import methods
 from tcexport.backends import trt as trt_backend
 from tcexport.errors import UsageError
 
@@ -97,11 +99,35 @@ def _tome_attributes(stage: _Stage, n_in: int, n_out: int) -> dict[str, int]:
     return {"r": n_in - n_out, "protected": int(args["protected"])}
 
 
+def _stage_method(stage: _Stage):
+    """The stage's Method rebuilt from its recorded parameters, and its protected count."""
+    args = stage.nodes[0].meta.get(ARGS_KEY)
+    if args is None:
+        raise _internal(f"the {stage.method} stage at block {stage.block} carries no build arguments")
+    return methods.get(stage.method)(**args["params"]), int(args["protected"])
+
+
+def _topk_attributes(stage: _Stage, n_in: int, n_out: int) -> dict[str, int]:
+    """k = kept unprotected tokens (the per-block cap applied), protected, fuse and keep_order as 0/1."""
+    method, protected = _stage_method(stage)
+    return {"k": method.kept(n_in, protected), "protected": protected, "fuse": int(method.fuse),
+            "keep_order": int(method.keep_order)}
+
+
+def _pool_attributes(stage: _Stage, n_in: int, n_out: int) -> dict[str, int]:
+    """kernel, protected, and grid_side = G of a 2-D G x G grid (0 for 1-D pooling), resolved from grid=auto."""
+    method, protected = _stage_method(stage)
+    mode, _, side = method.layout(n_in, protected)
+    return {"kernel": method.kernel, "protected": protected, "grid_side": side if mode == "2d" else 0}
+
+
 OPS: dict[str, FunctionOp] = {
     "tome": FunctionOp("ToMeMerge", _tome_attributes),
-    "topk": FunctionOp("TokenPrune"),
-    "pool": FunctionOp("TokenPool"),
+    "topk": FunctionOp("TokenPrune", _topk_attributes),
+    "pool": FunctionOp("TokenPool", _pool_attributes),
 }
+# Methods with a TensorRT plugin implementation (plugins/cpp, tcexport/plugins): what --impl plugin can emit.
+PLUGIN_METHODS = ("tome", "topk")
 
 
 def op_type(method: str) -> str:
@@ -133,11 +159,17 @@ class _Stage:
         return [r for r in OUTPUT_ROLES if r in self.outputs]
 
 
-def package_methods(model: ir.Model) -> None:
-    """Replace every tagged method stage of `model.graph` by a call to a model-local function (in place)."""
+def package_methods(model: ir.Model, with_body: bool = True) -> None:
+    """Replace every tagged method stage of `model.graph` by a call to a model-local function (in place).
+
+    with_body=False (--impl plugin): the same call nodes, but no function: only a TensorRT plugin can run them.
+    """
     graph = model.graph
     stages = _stages(graph)
     if not stages:
+        return
+    if not with_body:
+        _package_as_plugins(model, stages)
         return
     if any(_op(stage).plugin_attributes for stage in stages):
         # Token counts for the plugin attributes (insert.py dropped the stale shapes; infer them afresh).
@@ -163,6 +195,34 @@ def package_methods(model: ir.Model) -> None:
             _replace_by_call(graph, stage, name, lifted, attributes, replaced)
     graph.opset_imports[DOMAIN] = DOMAIN_VERSION
     graph.sort()
+
+
+def _package_as_plugins(model: ir.Model, stages: list[_Stage]) -> None:
+    without = sorted({stage.method for stage in stages if stage.method not in PLUGIN_METHODS})
+    if without:
+        raise UsageError(f"--impl plugin: no TensorRT plugin implements {', '.join(without)} (plugins exist for "
+                         f"{', '.join(PLUGIN_METHODS)}); use --impl function or --impl subgraph")
+    ir.passes.common.ShapeInferencePass(data_prop=True)(model)
+    replaced: dict[ir.Value, ir.Value] = {}
+    for stage in stages:
+        _replace_by_call(model.graph, stage, op_type(stage.method), [], _plugin_attributes(stage), replaced)
+    model.graph.opset_imports[DOMAIN] = DOMAIN_VERSION
+    model.graph.sort()
+
+
+def plugin_only_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Main-graph nodes of tcexport's domain with no model-local function behind them (--impl plugin)."""
+    local = {(f.domain, f.name) for f in model.functions}
+    return [n for n in model.graph.node if n.domain == DOMAIN and (n.domain, n.op_type) not in local]
+
+
+def refuse_plugin_only(model: onnx.ModelProto, where: str | object) -> None:
+    """UsageError when `model` needs TensorRT plugins: ONNX Runtime has no kernel for them."""
+    nodes = plugin_only_nodes(model)
+    if nodes:
+        ops = ", ".join(sorted({f"{DOMAIN}::{n.op_type}" for n in nodes}))
+        raise UsageError(f"{where} holds TensorRT plugin nodes ({ops}, --impl plugin) that ONNX Runtime cannot run; "
+                         "build it with --backend trt, or compress with --impl function for a graph both run")
 
 
 # ---------------------------------------------------------------- finding the stages
@@ -324,6 +384,8 @@ def _function(stage: _Stage, name: str, lifted: list[str], plugin: list[str], op
     # Declared without defaults (the call passes each); the body reads only the const_* ones.
     declared = [ir.Attr(key, ir.AttributeType.INT, None) for key in plugin]
     declared += [ir.Attr(key, ir.AttributeType.STRING, None) for key in ("plugin_namespace", "plugin_version")]
+    declared += [ir.Attr(key, ir.AttributeType.INT, None)
+                 for key in trt_backend.plugin_choice_attributes(trt_backend.plugin_spec(name))]
     declared += [ir.Attr(CONST_PREFIX + label, ir.AttributeType.TENSOR, None) for label in lifted]
     function = ir.Function(DOMAIN, name, graph=function_graph, attributes=declared)
     function.doc_string = (f"tcexport method '{stage.method}' (inputs {', '.join(stage.in_roles)}; outputs "
@@ -350,8 +412,9 @@ def _plugin_attributes(stage: _Stage) -> dict[str, int]:
 def _replace_by_call(graph: ir.Graph, stage: _Stage, name: str, lifted: list[str], plugin: dict[str, int],
                      replaced: dict[ir.Value, ir.Value]) -> None:
     attributes: list[ir.Attr] = [ir.AttrInt64(k, v) for k, v in plugin.items()]
-    spec = trt_backend.PluginSpec(name)
+    spec = trt_backend.plugin_spec(name)
     attributes += [ir.AttrString(k, v) for k, v in trt_backend.plugin_node_attributes(spec).items()]
+    attributes += [ir.AttrInt64(k, v) for k, v in trt_backend.plugin_choice_attributes(spec).items()]
     attributes += [ir.AttrTensor(CONST_PREFIX + label, ir.tensor(stage.constants[label], name=CONST_PREFIX + label))
                    for label in lifted]
     inputs = [replaced.get(stage.inputs[role], stage.inputs[role]) for role in stage.in_roles]
