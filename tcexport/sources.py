@@ -22,7 +22,9 @@ from typing import Callable
 import torch
 
 from tcexport.errors import UsageError
+from tcexport.init import exercise
 from tcexport.inputs import ATTENTION_MASK, FLOAT, TOKEN_IDS, InputSpec, random_feeds
+from tcexport.spec_check import import_from_cwd
 
 DEFAULT_SEQ_LEN = 128
 DEFAULT_SEED = 0
@@ -40,6 +42,7 @@ class LoadOptions:
     seed: int | None = None
     input_shape: str | None = None
     seq_len: int | None = None
+    model_args: dict = field(default_factory=dict)  # timm create_model / py factory keyword arguments
 
 
 @dataclass
@@ -86,9 +89,15 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = None, seed: int | None = None,
-         input_shape: str | None = None, seq_len: int | None = None) -> Source:
+         input_shape: str | None = None, seq_len: int | None = None, model_args=None) -> Source:
+    """Materialise a model spec. `model_args`: "key=value" strings (`--model-arg`) or a dict, passed to timm's
+    create_model or a py: factory."""
     prefix, rest = split_spec(spec)
-    options = LoadOptions(pretrained, Path(checkpoint) if checkpoint else None, seed, input_shape, seq_len)
+    args = parse_model_args(model_args)
+    options = LoadOptions(pretrained, Path(checkpoint) if checkpoint else None, seed, input_shape, seq_len, args)
+    if args and prefix not in ("timm", "py"):
+        raise UsageError(f"--model-arg applies to timm: and py: specs; {prefix}: models take their config from "
+                         "their directory")
     if options.pretrained and options.checkpoint:
         raise UsageError("give --pretrained or --checkpoint, not both")
     if options.checkpoint and not options.checkpoint.is_file():
@@ -98,6 +107,8 @@ def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = No
     source.model.eval()
     source.options = {"pretrained": pretrained, "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
                       "seed": seed, "input_shape": input_shape, "seq_len": seq_len}
+    if args:  # recorded only when given, so records of models loaded without it stay as they were
+        source.options["model_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
     return source
 
 
@@ -173,6 +184,38 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def parse_model_arg_value(text: str):
+    """'32' -> 32, '0.5' -> 0.5, 'true' -> True, '32,32' -> (32, 32), 'none' -> None, anything else: the text."""
+    if "," in text:
+        return tuple(parse_model_arg_value(part.strip()) for part in text.split(",") if part.strip())
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_model_args(items) -> dict:
+    """`--model-arg key=value` strings, or a dict (JSON lists read back as tuples), as keyword arguments."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return {str(k): tuple(v) if isinstance(v, list) else v for k, v in items.items()}
+    parsed = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"--model-arg must look like key=value (e.g. depth=2 or img_size=32,32), got '{item}'")
+        parsed[key.strip()] = parse_model_arg_value(value)
+    return parsed
+
+
 def _seeded(options: LoadOptions) -> int:
     return DEFAULT_SEED if options.seed is None else options.seed
 
@@ -190,22 +233,29 @@ def load_timm(name: str, options: LoadOptions) -> Source:
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; list names with timm.list_models()"
         raise UsageError(f"unknown timm model '{name}'{hint}")
-    kwargs = {}
+    kwargs = dict(options.model_args)
     if options.input_shape:
         shape = parse_shape(options.input_shape)
         if len(shape) != 3:
             raise UsageError(f"--input-shape for timm models is CxHxW, got '{options.input_shape}'")
+        if "img_size" in kwargs or "in_chans" in kwargs:
+            raise UsageError("give the image size with --input-shape or --model-arg img_size=..., not both")
         kwargs["img_size"] = shape[1:]
     seed = _seeded(options)
     torch.manual_seed(seed)
     try:
         model = timm.create_model(name, pretrained=options.pretrained, **kwargs)
-    except TypeError:
-        raise UsageError(f"timm model '{name}' does not take --input-shape; drop the option") from None
+    except TypeError as exc:
+        given = "--input-shape" if not options.model_args else "--input-shape/--model-arg"
+        raise UsageError(f"timm model '{name}' does not take {given} as given ({_first_line(exc)})") from None
     except Exception as exc:
         if options.pretrained:
             raise UsageError(f"could not fetch pretrained weights for '{name}' ({type(exc).__name__}); "
                              "without hub access use --checkpoint FILE") from None
+        if options.model_args:  # timm asserts on sizes that do not fit together (patch vs image, heads vs width)
+            raise UsageError(f"timm model '{name}' cannot be built with --model-arg "
+                             f"{', '.join(f'{k}={v}' for k, v in options.model_args.items())} "
+                             f"({type(exc).__name__}: {_first_line(exc)})") from None
         raise
     if options.checkpoint:
         load_checkpoint(model, options.checkpoint)
@@ -214,11 +264,10 @@ def load_timm(name: str, options: LoadOptions) -> Source:
     elif options.pretrained:
         weights = {"kind": "pretrained", "tag": model.pretrained_cfg.get("tag") or "default"}
     else:
+        exercise(model, seed)
         weights = {"kind": "seed", "seed": seed}
     weights["sha256"] = state_dict_sha256(model)
-    input_size = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    if options.input_shape:
-        input_size = parse_shape(options.input_shape)
+    input_size = _timm_input_size(model, kwargs)
     info = {
         "family": "timm",
         "model": name,
@@ -228,6 +277,17 @@ def load_timm(name: str, options: LoadOptions) -> Source:
     }
     return Source(f"timm:{name}", model, [InputSpec("pixel_values", ["batch", *input_size], "float32", FLOAT)],
                   ["logits"], weights, info)
+
+
+def _timm_input_size(model: torch.nn.Module, kwargs: dict) -> tuple[int, ...]:
+    """CxHxW the model was built for: pretrained_cfg keeps the default size even when img_size is overridden."""
+    channels, height, width = tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    channels = int(kwargs.get("in_chans", channels))
+    size = kwargs.get("img_size")
+    if size is None:
+        return channels, height, width
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return channels, int(height), int(width)
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -346,6 +406,7 @@ def load_py(target: str, options: LoadOptions) -> Source:
     module_name, sep, factory_name = target.partition(":")
     if not sep or not module_name or not factory_name:
         raise UsageError(f"py:{target}: expected py:package.module:factory")
+    import_from_cwd()  # like `python -m`: a module beside the user is found
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -355,7 +416,12 @@ def load_py(target: str, options: LoadOptions) -> Source:
         raise UsageError(f"py:{target}: '{module_name}' has no callable '{factory_name}'")
     seed = _seeded(options)
     torch.manual_seed(seed)
-    model = factory()
+    try:
+        model = factory(**options.model_args)
+    except TypeError as exc:
+        if not options.model_args:
+            raise
+        raise UsageError(f"py:{target}: the factory does not take --model-arg as given ({_first_line(exc)})") from None
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"py:{target}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     if options.checkpoint:
@@ -363,6 +429,7 @@ def load_py(target: str, options: LoadOptions) -> Source:
         weights = {"kind": "checkpoint", "path": str(options.checkpoint.resolve()),
                    "file_sha256": file_sha256(options.checkpoint)}
     else:
+        exercise(model, seed)
         weights = {"kind": "seed", "seed": seed}
     weights["sha256"] = state_dict_sha256(model)
     if options.input_shape and options.seq_len:
