@@ -13,7 +13,7 @@ from tcexport import metadata, methods, onnxfile
 from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError
 from tcexport.graph import blocks as blocks_mod
-from tcexport.graph import functions, probe
+from tcexport.graph import attention, functions, opset, probe
 from tcexport.graph.insert import Stage, insert_stages
 from tcexport.methods import tome
 
@@ -163,6 +163,7 @@ def mask_input(graph: ir.Graph, model: onnx.ModelProto) -> ir.Value | None:
 
 def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True) -> tuple[onnx.ModelProto, list[dict]]:
     """Return the rewritten model and its token schedule."""
+    model = attention.decompose_attention(model)  # opset 23: blocks are found on each attention's Softmax
     shapes = probe.concrete_shapes(model)
     ir_model = ir.from_proto(model)
     graph = ir_model.graph
@@ -176,6 +177,8 @@ def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True)
                              mask_input=mask_input(graph, model))
     # Inputs a method added (query: [batch, C]); validate feeds them, so the record lists them.
     extra_inputs = [_input_spec(v).to_json() for v in graph.inputs if v.name not in original_inputs]
+    # The methods emit opset-18 forms; write them as the model's opset defines (function bodies copy them).
+    opset.legalize(ir_model)
     if plan.impl in ("function", "plugin"):
         functions.package_methods(ir_model, with_body=plan.impl == "function")
     proto = ir.to_proto(ir_model)
@@ -234,6 +237,7 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     model = onnxfile.load(input_path)
     if metadata.read(model, metadata.COMPRESSION):
         raise UsageError(f"{input_path} is already compressed; compress the uncompressed export instead")
+    model = attention.decompose_attention(model)
     depth = len(blocks_mod.find_blocks(ir.from_proto(model).graph))
     if stages:
         planned = plan_stages(depth, stages)
