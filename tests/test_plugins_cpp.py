@@ -1,0 +1,317 @@
+"""plugins/cpp verified without a GPU (see tests/cpp_toolchain.py for where the compilers come from):
+
+1. the plugin host code compiles against TensorRT's 10.3, 10.13 and 11 headers (g++ -fsyntax-only, -Werror);
+2. the .cu kernels compile as they are with NVRTC to PTX for sm_87 and sm_90, and ptxas assembles that PTX;
+3. the kernels' per-row code, compiled for the host (plugins/cpp/harness), equals ToMe.reference and
+   TopK.reference: exact token choices (sizes, masks, which rows), x within 1e-5 (fp32 I/O).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from tcexport.methods.tome import ToMe
+from tcexport.methods.topk import TopK
+from tests import cpp_toolchain as tc
+
+ARCHS = ("sm_87", "sm_90")
+KERNEL_FILES = {"tome_kernels.cu": ("tome_decide_kernel", "tome_gather_kernel"),
+                "prune_kernels.cu": ("prune_decide_kernel", "prune_gather_kernel")}
+ELEMENTS = {"f32": 0, "f16": 1, "bf16": 2}
+THREADS = (1, 7, 128)  # one thread, a block smaller than the work, a block larger than it
+
+
+def _need(value, what: str):
+    if value is None:
+        pytest.skip(f"{what} not found ({tc.INSTALL_HINT})")
+    return value
+
+
+@pytest.fixture(scope="session")
+def cuda_includes():
+    return _need(tc.cuda_include_dirs(), "CUDA headers from nvidia-cuda-runtime-cu12 / nvidia-cuda-nvcc-cu12")
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory):
+    if tc.gxx() is None:
+        pytest.skip("g++ not found")
+    lib = ctypes.CDLL(str(tc.build_harness(tmp_path_factory.mktemp("harness"))))
+    ptr = ctypes.c_void_p
+    lib.tc_tome_host.argtypes = [ctypes.c_int] * 8 + [ptr] * 7
+    lib.tc_prune_host.argtypes = [ctypes.c_int] * 9 + [ptr] * 7
+    for name in ("tc_float_to_f16", "tc_f16_to_float", "tc_float_to_bf16"):
+        getattr(lib, name).argtypes = [ptr, ptr, ctypes.c_longlong]
+    return lib
+
+
+# ------------------------------------------------------------------------------------------ 1. host code
+
+
+@pytest.mark.parametrize("version", tc.TRT_SETS)
+def test_plugin_host_code_compiles_against_tensorrt_headers(version, cuda_includes):
+    if tc.gxx() is None:
+        pytest.skip("g++ not found")
+    include = tc.trt_include(version)
+    if include is None:
+        pytest.skip(f"TensorRT {version} headers not found under {tc.TRT_HEADERS}")
+    sources = sorted(tc.SOURCES.glob("*.cpp"))
+    assert {s.name for s in sources} >= {"entry.cpp", "token_plugin.cpp", "tome_plugin.cpp", "prune_plugin.cpp"}
+    result = tc.host_compile(["-fsyntax-only", *map(str, sources)], include, *cuda_includes)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("version", tc.TRT_SETS)
+def test_version_macros_see_the_intended_header_set(version, cuda_includes, tmp_path):
+    """The sources' version switches read the header set under test (not some other NvInfer.h on the path)."""
+    if tc.gxx() is None:
+        pytest.skip("g++ not found")
+    include = tc.trt_include(version)
+    if include is None:
+        pytest.skip(f"TensorRT {version} headers not found under {tc.TRT_HEADERS}")
+    major, minor = (version.split(".") + ["0"])[:2]
+    probe = tmp_path / "probe.cpp"
+    probe.write_text('#include "token_plugin.h"\n'
+                     f"static_assert(NV_TENSORRT_MAJOR == {major}, \"major\");\n"
+                     + (f"static_assert(NV_TENSORRT_MINOR == {minor}, \"minor\");\n" if "." in version else "")
+                     + "static_assert(TCEXPORT_HAS_BF16 == 1, \"bf16 exists from TensorRT 9\");\n")
+    result = tc.host_compile(["-fsyntax-only", str(probe)], include, *cuda_includes)
+    assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------------------------- 2. NVRTC and ptxas
+
+
+@pytest.fixture(scope="session")
+def ptx_by_file_arch():
+    nvrtc = _need(tc.Nvrtc.find(), "NVRTC (nvidia-cuda-nvrtc-cu12)")
+    compiled = {}
+    for name in KERNEL_FILES:
+        for arch in ARCHS:
+            ok, ptx, log = nvrtc.compile(tc.KERNELS / name, [f"--gpu-architecture=compute_{arch[3:]}",
+                                                             "-std=c++17", f"-I{tc.KERNELS}"])
+            compiled[name, arch] = (ok, ptx, log)
+    return compiled
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", list(KERNEL_FILES))
+def test_kernels_compile_with_nvrtc_and_assemble_with_ptxas(name, arch, ptx_by_file_arch, tmp_path):
+    ok, ptx, log = ptx_by_file_arch[name, arch]
+    assert ok, f"NVRTC rejected {name}:\n{log}"
+    assert re.search(rf"^\.target {arch}\b", ptx, re.M), "PTX for the wrong target"
+    entries = re.findall(r"\.entry (\w+)\(", ptx)
+    for kernel in KERNEL_FILES[name]:  # both kernels, for each of fp32 / fp16 / bf16
+        assert sum(kernel in entry for entry in entries) == 3, (kernel, entries)
+
+    assembler = _need(tc.ptxas(), "ptxas (nvidia-cuda-nvcc-cu12)")
+    source, cubin = tmp_path / "kernels.ptx", tmp_path / "kernels.cubin"
+    source.write_text(ptx)
+    result = subprocess.run([str(assembler), f"-arch={arch}", "-v", str(source), "-o", str(cubin)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert cubin.read_bytes()[:4] == b"\x7fELF"
+    assembled = re.findall(rf"Compiling entry function '(\w+)' for '{arch}'", result.stderr)
+    assert sorted(assembled) == sorted(entries)
+
+
+# ------------------------------------------------------------------------ 3. per-row code vs reference
+
+
+def _ptr(array):
+    return None if array is None else array.ctypes.data
+
+
+def _encode(harness, values: np.ndarray, element: str) -> np.ndarray:
+    """float32 values in the kernels' element layout (fp16/bf16 as raw uint16, through the kernels' rounding)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if element == "f32":
+        return values
+    bits = np.empty(values.shape, np.uint16)
+    convert = harness.tc_float_to_f16 if element == "f16" else harness.tc_float_to_bf16
+    convert(_ptr(values), _ptr(bits), values.size)
+    return bits
+
+
+def _decode(bits: np.ndarray, element: str) -> np.ndarray:
+    if element == "f32":
+        return bits
+    return bits.view(np.float16 if element == "f16" else ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _outputs(batch, n_out, c, element):
+    dtype = np.float32 if element == "f32" else np.uint16
+    fill = np.nan if element == "f32" else 0x7E00  # NaN: a slot the kernel forgot stays visible
+    return (np.full((batch, n_out, c), fill, dtype), np.full((batch, n_out), np.nan, np.float32),
+            np.full((batch, n_out), np.nan, np.float32))
+
+
+def run_tome(harness, x, metric, size, mask, r, protected, threads, element="f32"):
+    batch, n, c = x.shape
+    n_out = n - r
+    x_out, size_out, mask_out = _outputs(batch, n_out, c, element)
+    x_in, metric_in = _encode(harness, x, element), _encode(harness, metric, element)
+    size_in = np.ascontiguousarray(size[..., 0], dtype=np.float32)
+    status = harness.tc_tome_host(ELEMENTS[element], batch, n, c, metric.shape[-1], r, protected, threads,
+                                  _ptr(x_in), _ptr(metric_in), _ptr(size_in), _ptr(mask), _ptr(x_out),
+                                  _ptr(size_out), _ptr(mask_out))
+    assert status == 0
+    return _decode(x_out, element), size_out, mask_out
+
+
+def run_prune(harness, x, score, size, mask, k, protected, fuse, keep_order, threads, element="f32"):
+    batch, n, c = x.shape
+    n_out = protected + k + int(fuse)
+    x_out, size_out, mask_out = _outputs(batch, n_out, c, element)
+    x_in, score_in = _encode(harness, x, element), _encode(harness, score, element)
+    size_in = np.ascontiguousarray(size[..., 0], dtype=np.float32)
+    status = harness.tc_prune_host(ELEMENTS[element], batch, n, c, k, protected, int(fuse), int(keep_order),
+                                   threads, _ptr(x_in), _ptr(score_in), _ptr(size_in), _ptr(mask), _ptr(x_out),
+                                   _ptr(size_out), _ptr(mask_out))
+    assert status == 0
+    return _decode(x_out, element), size_out, mask_out
+
+
+def tome_inputs(rng, batch, n, c, ck, with_mask):
+    x = rng.standard_normal((batch, n, c)).astype(np.float32)
+    metric = rng.standard_normal((batch, n, ck)).astype(np.float32)
+    if n >= 6:  # ties: a duplicated B row (equal scores for every A token) and a duplicated A row
+        metric[:, 5] = metric[:, 3]
+        metric[:, 4] = metric[:, 2]
+    if n >= 8:
+        metric[:, 7] = 0.0  # an all-zero row: the clamped norm gives zero scores, not NaN
+    size = rng.integers(1, 5, (batch, n, 1)).astype(np.float32)
+    mask = None
+    if with_mask:
+        mask = (rng.random((batch, n)) < 0.6).astype(np.float32)
+        mask[:, -max(1, n // 3):] = 0.0  # padding at the end, as a tokenizer pads
+        mask[:, 0] = 1.0
+    return x, metric, size, mask
+
+
+def assert_same(got, ref, context):
+    x_out, size_out, mask_out = got
+    assert x_out.shape == tuple(ref.x.shape), context
+    np.testing.assert_array_equal(size_out, ref.size.numpy()[..., 0], err_msg=f"sizes {context}")
+    np.testing.assert_allclose(x_out, ref.x.numpy(), rtol=0, atol=1e-5, err_msg=f"x {context}")
+    if ref.mask is None:
+        np.testing.assert_array_equal(mask_out, np.ones_like(mask_out), err_msg=f"mask without input {context}")
+    else:
+        np.testing.assert_array_equal(mask_out, ref.mask.numpy(), err_msg=f"mask {context}")
+
+
+def _t(array):
+    return None if array is None else torch.from_numpy(array)
+
+
+@pytest.mark.parametrize("n", [7, 8, 13, 24])
+@pytest.mark.parametrize("protected", [0, 1, 2])
+def test_tome_rows_equal_reference(harness, n, protected):
+    rng = np.random.default_rng(1000 * n + protected)
+    cap = (n - protected) // 2
+    for r in sorted({0, 1, cap // 2, cap}):
+        for batch in (1, 3):
+            for with_mask in (False, True):
+                c, ck = (6, 4) if n < 20 else (48, 32)
+                x, metric, size, mask = tome_inputs(rng, batch, n, c, ck, with_mask)
+                ref = ToMe(r=r).reference(_t(x), _t(metric), _t(size), _t(mask), protected)
+                for threads in THREADS:
+                    got = run_tome(harness, x, metric, size, mask, r, protected, threads)
+                    assert_same(got, ref, dict(n=n, p=protected, r=r, batch=batch, mask=with_mask, threads=threads))
+
+
+def test_tome_rows_break_ties_like_the_reference(harness):
+    """Every metric row equal: all scores tie, so only the tie rules decide (first argmax, lower A index)."""
+    n, protected, r = 11, 1, 4
+    x = np.random.default_rng(3).standard_normal((2, n, 5)).astype(np.float32)
+    metric = np.ones((2, n, 4), np.float32)
+    size = np.ones((2, n, 1), np.float32)
+    ref = ToMe(r=r).reference(_t(x), _t(metric), _t(size), None, protected)
+    got = run_tome(harness, x, metric, size, None, r, protected, 7)
+    assert_same(got, ref, "all ties")
+    # The tie rule really decides something: with the B tokens reversed the merged pairs change.
+    reverse = ToMe(r=r).reference(_t(x[:, ::-1].copy()), _t(metric), _t(size), None, protected)
+    assert not torch.equal(reverse.x, ref.x)
+
+
+@pytest.mark.parametrize("n", [6, 9, 16])
+@pytest.mark.parametrize("protected", [0, 1, 2])
+def test_prune_rows_equal_reference(harness, n, protected):
+    rng = np.random.default_rng(2000 * n + protected)
+    m = n - protected
+    for k in sorted({1, m // 2, m - 1}):
+        for fuse in (False, True):
+            for keep_order in (False, True):
+                for batch, with_mask in ((1, False), (3, True), (3, False)):
+                    x = rng.standard_normal((batch, n, 5)).astype(np.float32)
+                    score = rng.random((batch, n)).astype(np.float32)
+                    score[:, -3:] = score[:, protected:protected + 1]  # ties with an earlier token
+                    score[0] = np.round(score[0] * 2) / 2  # many equal scores in row 0
+                    if batch > 1:
+                        score[1, protected:] = 0.0  # every score zero: the fused token is the plain mean
+                    size = rng.integers(1, 5, (batch, n, 1)).astype(np.float32)
+                    mask = (rng.random((batch, n)) < 0.7).astype(np.float32) if with_mask else None
+                    method = TopK(keep_count=k, fuse=fuse, keep_order=keep_order)
+                    ref = method.reference(_t(x), None, _t(size), _t(mask), protected, {"cls_attention": _t(score)})
+                    for threads in THREADS:
+                        got = run_prune(harness, x, score, size, mask, k, protected, fuse, keep_order, threads)
+                        assert_same(got, ref, dict(n=n, p=protected, k=k, fuse=fuse, keep_order=keep_order,
+                                                   batch=batch, mask=with_mask, threads=threads))
+
+
+@pytest.mark.parametrize("element", ["f16", "bf16"])
+def test_low_precision_io_decides_in_fp32(harness, element):
+    """fp16/bf16 I/O: the same decisions as the fp32 reference on the same (rounded) inputs; x rounded once."""
+    rng = np.random.default_rng(7)
+    low = np.float16 if element == "f16" else ml_dtypes.bfloat16
+    rounded = lambda a: a.astype(low).astype(np.float32)  # noqa: E731
+    tol = 1e-2 if element == "bf16" else 2e-3
+    x, metric, size, mask = tome_inputs(rng, 3, 13, 16, 8, True)
+    x, metric = rounded(x), rounded(metric)
+    ref = ToMe(r=5).reference(_t(x), _t(metric), _t(size), _t(mask), 1)
+    x_out, size_out, mask_out = run_tome(harness, x, metric, size, mask, 5, 1, 7, element)
+    np.testing.assert_array_equal(size_out, ref.size.numpy()[..., 0])
+    np.testing.assert_array_equal(mask_out, ref.mask.numpy())
+    np.testing.assert_allclose(x_out, ref.x.numpy(), rtol=tol, atol=tol)
+
+    score = rounded(rng.random((3, 13)).astype(np.float32))
+    ref = TopK(keep_count=6, fuse=True).reference(_t(x), None, _t(size), None, 1, {"cls_attention": _t(score)})
+    x_out, size_out, mask_out = run_prune(harness, x, score, size, None, 6, 1, True, False, 7, element)
+    np.testing.assert_array_equal(size_out, ref.size.numpy()[..., 0])
+    np.testing.assert_array_equal(x_out[:, :7], ref.x.numpy()[:, :7])  # kept tokens are copied bit for bit
+    np.testing.assert_allclose(x_out, ref.x.numpy(), rtol=tol, atol=tol)
+
+
+def test_kernel_float_conversions_match_numpy(harness):
+    """The kernels' software fp16/bf16 rounding (host side) is IEEE round-to-nearest-even, like NumPy's."""
+    rng = np.random.default_rng(11)
+    values = np.concatenate([
+        rng.standard_normal(20000).astype(np.float32) * np.float32(10.0) ** rng.integers(-9, 6, 20000),
+        np.array([0.0, -0.0, np.inf, -np.inf, 65504, 65519.996, 65520, 1e-8, 2.0 ** -25, 2.0 ** -24 * 1.5,
+                  2.0 ** -14, 2.0 ** -14 * (1 - 2.0 ** -11), 3.4e38], np.float32),
+        # exact halfway cases for fp16 (ties to even) and bf16
+        (np.arange(1, 2000, dtype=np.float32) * 2 + 1) * np.float32(2.0 ** -11),
+        (np.arange(1, 2000, dtype=np.float32) * 2 + 1) * np.float32(2.0 ** -8),
+    ]).astype(np.float32)
+    half = np.empty(values.shape, np.uint16)
+    harness.tc_float_to_f16(_ptr(values), _ptr(half), values.size)
+    with np.errstate(over="ignore"):  # values beyond fp16's range become inf, as intended
+        np.testing.assert_array_equal(half, values.astype(np.float16).view(np.uint16))
+    brain = np.empty(values.shape, np.uint16)
+    harness.tc_float_to_bf16(_ptr(values), _ptr(brain), values.size)
+    np.testing.assert_array_equal(brain, values.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+    every_half = np.arange(65536, dtype=np.uint16)
+    back = np.empty(every_half.shape, np.float32)
+    harness.tc_f16_to_float(_ptr(every_half), _ptr(back), every_half.size)
+    expected = every_half.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(back), nan)
+    np.testing.assert_array_equal(back[~nan], expected[~nan])
