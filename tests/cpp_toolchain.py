@@ -77,6 +77,25 @@ def build_harness(out_dir: Path) -> Path:
     return library
 
 
+def cudart_dir() -> Path | None:
+    library = wheel_file("nvidia-cuda-runtime-cu12", "lib/libcudart.so.12")
+    return None if library is None else library.parent
+
+
+def build_probe(out_dir: Path, trt: Path, cuda: list[Path]) -> Path:
+    """harness/plugin_probe.cpp + the plugin sources + the CPU launchers: the plugins behind TensorRT's interfaces,
+    runnable without TensorRT or a GPU (the CUDA runtime is linked only for cudaGetErrorString)."""
+    probe = out_dir / "plugin_probe"
+    harness = PLUGINS / "harness"
+    sources = [harness / "plugin_probe.cpp", harness / "cpu_launch.cpp", *sorted(SOURCES.glob("*.cpp"))]
+    runtime = cudart_dir()
+    result = host_compile([f"-I{harness}", *map(str, sources), f"-L{runtime}", "-l:libcudart.so.12",
+                           f"-Wl,-rpath,{runtime}", "-o", str(probe)], trt, *cuda)
+    if result.returncode != 0:
+        raise AssertionError(f"the plugin probe does not build against {trt}:\n{result.stderr}")
+    return probe
+
+
 class Nvrtc:
     """The NVRTC C API through ctypes: CUDA source -> PTX, without nvcc or a GPU."""
 

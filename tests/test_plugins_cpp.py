@@ -3,7 +3,10 @@
 1. the plugin host code compiles against TensorRT's 10.3, 10.13 and 11 headers (g++ -fsyntax-only, -Werror);
 2. the .cu kernels compile as they are with NVRTC to PTX for sm_87 and sm_90, and ptxas assembles that PTX;
 3. the kernels' per-row code, compiled for the host (plugins/cpp/harness), equals ToMe.reference and
-   TopK.reference: exact token choices (sizes, masks, which rows), x within 1e-5 (fp32 I/O).
+   TopK.reference: exact token choices (sizes, masks, which rows), x within 1e-5 (fp32 I/O);
+4. the plugins answer TensorRT's IPluginV3 calls (creators, fields, shapes, types, formats, serialization,
+   enqueue) as the contract says, driven through TensorRT's own interfaces by harness/plugin_probe.cpp, with
+   the kernels' per-row code standing in for the GPU (harness/cpu_launch.cpp).
 """
 
 from __future__ import annotations
@@ -315,3 +318,120 @@ def test_kernel_float_conversions_match_numpy(harness):
     nan = np.isnan(expected)
     assert np.array_equal(np.isnan(back), nan)
     np.testing.assert_array_equal(back[~nan], expected[~nan])
+
+
+# ------------------------------------------------------------------ 4. the plugins behind TensorRT's interfaces
+
+
+@pytest.fixture(scope="session")
+def probe(tmp_path_factory, cuda_includes):
+    if tc.gxx() is None:
+        pytest.skip("g++ not found")
+    if tc.cudart_dir() is None:
+        pytest.skip(f"libcudart.so.12 not found ({tc.INSTALL_HINT})")
+    trt = next((tc.trt_include(v) for v in tc.TRT_SETS if tc.trt_include(v)), None)  # 10.3 first: JetPack 6
+    if trt is None:
+        pytest.skip(f"no TensorRT headers under {tc.TRT_HEADERS}")
+    return tc.build_probe(tmp_path_factory.mktemp("probe"), trt, cuda_includes)
+
+
+@pytest.fixture(scope="session")
+def probe_api(probe):
+    result = subprocess.run([str(probe), "api"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answers: dict[str, list[str]] = {}
+    for line in result.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        answers.setdefault(key, []).append(value)
+    return answers, result.stderr
+
+
+def test_creators_declare_the_contract(probe_api):
+    answers, _ = probe_api
+    assert answers["creators"] == ["2"]
+    assert sorted(answers["creator"]) == [
+        "ToMeMerge tcexport 1 PLUGIN CREATOR_V3ONE r:i32 protected:i32",
+        "TokenPrune tcexport 1 PLUGIN CREATOR_V3ONE k:i32 protected:i32 fuse:i32 keep_order:i32",
+    ]
+    assert answers["tome.kinds"] == ["PLUGIN_V3ONE_CORE PLUGIN_V3ONE_BUILD PLUGIN_V3ONE_RUNTIME"]
+    assert answers["prune.core"] == ["TokenPrune tcexport 1"]
+    assert answers["tome.outputs"] == ["3"]
+
+
+def test_output_shapes_follow_the_fields(probe_api):
+    answers, stderr = probe_api
+    # ToMeMerge r=3, protected=1 on N=13; TokenPrune k=4, protected=1, fuse=1 -> 6 tokens; batch stays symbolic.
+    assert answers["tome.shapes"] == ["0 Bx10x6 Bx10x1 Bx10"]
+    assert answers["tome.shapes_nomask"] == ["0 Bx10x6 Bx10x1 Bx10"]
+    assert answers["prune.shapes"] == ["0 Bx6x5 Bx6x1 Bx6"]
+    assert answers["fields.prune_clone_shapes"] == ["0 Bx6x5 Bx6x1 Bx6"]
+    assert answers["tome.shapes_cap"] == ["0 Bx7x6 Bx7x1 Bx7"]  # r = (13 - 1) // 2 is allowed
+    for refused in ("tome.shapes_over", "tome.shapes_dynamic_n", "tome.shapes_bad_rank", "prune.shapes_keep_all"):
+        assert answers[refused] == ["-1"], refused
+    assert "r=7 must be in [0, (N - protected) // 2 = 6]" in stderr
+    assert "the token count N must be static" in stderr
+    assert answers["configure.tome"] == ["0 -1"]
+
+
+def test_types_and_formats(probe_api):
+    answers, _ = probe_api
+    assert answers["tome.types"] == ["0 1 0 0"]  # x fp16 in -> x fp16 out; size and mask fp32 (kFLOAT = 0)
+    for element in ("f32", "f16", "bf16"):
+        assert answers[f"formats.{element}"] == ["1111111"], element
+    # x fp16 with an fp32 metric, fp16 size, fp32 x out, fp16 size out: only x, mask and mask out accepted.
+    assert answers["formats.mixed"] == ["1001001"]
+    assert answers["formats.int"][0].startswith("0")  # int32 x refused
+    assert answers["formats.chw4"] == ["000000"]  # LINEAR only
+
+
+def test_fields_serialize_clone_and_validate(probe_api):
+    answers, stderr = probe_api
+    assert answers["fields.tome"] == ["r=3,protected=1"]
+    assert answers["fields.prune"] == ["k=4,protected=1,fuse=1,keep_order=1"]
+    assert answers["fields.prune_clone"] == ["k=4,protected=1,fuse=1,keep_order=1"]
+    assert answers["fields.tome_restored"] == ["r=3,protected=1"]
+    assert answers["create.tome_default_protected"] == ["r=2,protected=0"]
+    for refused in ("tome_missing_r", "tome_int64_r", "tome_unknown", "prune_missing_k", "prune_fuse_2"):
+        assert answers[f"create.{refused}"] == ["null"], refused
+    assert "field r must be one INT32 (an ONNX INT attribute)" in stderr
+    small, large = map(int, answers["workspace.tome"][0].split())
+    assert small > 0 and large == 8 * small  # scratch per batch row, for the profile's largest batch
+
+
+def _probe_run(probe, directory, mode, args, arrays):
+    for name, array in arrays.items():
+        if array is not None:
+            np.ascontiguousarray(array, dtype=np.float32).tofile(directory / f"{name}.bin")
+    result = subprocess.run([str(probe), mode, str(directory), *map(str, args)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("enqueue 0 ")
+    return [np.fromfile(directory / f"out_{name}.bin", np.float32) for name in ("x", "size", "mask")]
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_tome_enqueue_equals_reference(probe, tmp_path, with_mask):
+    b, n, c, ck, r, p = 3, 13, 6, 4, 4, 1
+    x, metric, size, mask = tome_inputs(np.random.default_rng(21), b, n, c, ck, with_mask)
+    ref = ToMe(r=r).reference(_t(x), _t(metric), _t(size), _t(mask), p)
+    x_out, size_out, mask_out = _probe_run(probe, tmp_path, "tome", [b, n, c, ck, r, p, int(with_mask)],
+                                           {"x": x, "decision": metric, "size": size, "mask": mask})
+    assert_same((x_out.reshape(b, n - r, c), size_out.reshape(b, n - r), mask_out.reshape(b, n - r)), ref, "enqueue")
+
+
+@pytest.mark.parametrize("fuse, keep_order, with_mask", [(True, True, True), (False, False, False), (True, False, False)])
+def test_prune_enqueue_equals_reference(probe, tmp_path, fuse, keep_order, with_mask):
+    b, n, c, k, p = 3, 11, 5, 4, 1
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((b, n, c)).astype(np.float32)
+    score = rng.random((b, n)).astype(np.float32)
+    score[:, -2:] = score[:, 2:3]  # ties
+    size = rng.integers(1, 5, (b, n, 1)).astype(np.float32)
+    mask = (rng.random((b, n)) < 0.7).astype(np.float32) if with_mask else None
+    ref = TopK(keep_count=k, fuse=fuse, keep_order=keep_order).reference(
+        _t(x), None, _t(size), _t(mask), p, {"cls_attention": _t(score)})
+    n_out = p + k + int(fuse)
+    x_out, size_out, mask_out = _probe_run(probe, tmp_path, "prune", [b, n, c, k, p, int(fuse), int(keep_order),
+                                                                      int(with_mask)],
+                                           {"x": x, "decision": score, "size": size, "mask": mask})
+    assert_same((x_out.reshape(b, n_out, c), size_out.reshape(b, n_out), mask_out.reshape(b, n_out)), ref, "enqueue")

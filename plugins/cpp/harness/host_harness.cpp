@@ -1,12 +1,9 @@
 // Host test harness: runs the kernels' per-row code (kernels/*_rows.h) on the CPU behind a C ABI, for
 // tests/test_plugins_cpp.py (ctypes). Built with g++ only: kernels/hd.h defines __host__/__device__ away.
 //
-// It drives the phases exactly as the CUDA kernels do: per batch row, phase after phase, every thread index of
-// a block of `threads` threads in turn (the kernel's __syncthreads() sits between phases), then the output
-// elements in reverse order (the gather kernel's threads run in no particular order). Scratch starts filled
-// with garbage, so a slot a phase forgot to write shows up in the outputs.
-#include "prune_rows.h"
-#include "tome_rows.h"
+// It drives the phases as the CUDA kernels do (run_rows.h). Scratch starts filled with garbage, so a slot a
+// phase forgot to write shows up in the outputs.
+#include "run_rows.h"
 
 #include <cstring>
 #include <vector>
@@ -26,22 +23,8 @@ void tome_typed(tc::ToMeShape const& sh, int batch, int threads, void const* x, 
     float const* mask, void* x_out, float* size_out, float* mask_out)
 {
     std::vector<int> scratch = garbage_scratch(batch * tc::tome_scratch_words(sh.n));
-    for (int b = 0; b < batch; ++b)
-    {
-        auto row = tc::tome_row_at(sh, b, static_cast<T const*>(x), static_cast<T const*>(metric), size, mask,
-            static_cast<T*>(x_out), size_out, mask_out, scratch.data());
-        for (int phase = 0; phase < tc::kToMeDecidePhases; ++phase)
-        {
-            for (int t = 0; t < threads; ++t)
-            {
-                tc::tome_decide_phase(phase, sh, row, t, threads);
-            }
-        }
-        for (long long e = (long long) sh.n_out() * sh.c - 1; e >= 0; --e)
-        {
-            tc::tome_gather_element(sh, row, e);
-        }
-    }
+    tc::run_tome_rows(sh, batch, threads, static_cast<T const*>(x), static_cast<T const*>(metric), size, mask,
+        static_cast<T*>(x_out), size_out, mask_out, scratch.data());
 }
 
 template <typename T>
@@ -49,22 +32,8 @@ void prune_typed(tc::PruneShape const& sh, int batch, int threads, void const* x
     float const* size, float const* mask, void* x_out, float* size_out, float* mask_out)
 {
     std::vector<int> scratch = garbage_scratch(batch * tc::prune_scratch_words(sh.n));
-    for (int b = 0; b < batch; ++b)
-    {
-        auto row = tc::prune_row_at(sh, b, static_cast<T const*>(x), static_cast<T const*>(score), size, mask,
-            static_cast<T*>(x_out), size_out, mask_out, scratch.data());
-        for (int phase = 0; phase < tc::kPruneDecidePhases; ++phase)
-        {
-            for (int t = 0; t < threads; ++t)
-            {
-                tc::prune_decide_phase(phase, sh, row, t, threads);
-            }
-        }
-        for (long long e = (long long) sh.n_out() * sh.c - 1; e >= 0; --e)
-        {
-            tc::prune_gather_element(sh, row, e);
-        }
-    }
+    tc::run_prune_rows(sh, batch, threads, static_cast<T const*>(x), static_cast<T const*>(score), size, mask,
+        static_cast<T*>(x_out), size_out, mask_out, scratch.data());
 }
 
 } // namespace

@@ -234,9 +234,14 @@ int32_t TokenPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, 
 {
     try
     {
-        if (nbOutputs != kNbOutputs || nbInputs < 3 || inputs[kInX].nbDims != 3)
+        bool const ranks = nbInputs >= 3 && nbInputs <= 4 && inputs[kInX].nbDims == 3
+            && inputs[kInDecision].nbDims == decisionRank() && inputs[kInSize].nbDims == 3
+            && (nbInputs == 3 || inputs[kInMask].nbDims == 2);
+        if (nbOutputs != kNbOutputs || !ranks)
         {
-            log_error(std::string(getPluginName()) + ": x must be [B,N,C]");
+            log_error(std::string(getPluginName()) + ": inputs must be x [B,N,C], "
+                + (decisionRank() == 3 ? "metric [B,N,Ck]" : "cls_attention [B,N]")
+                + ", size [B,N,1] and optionally mask [B,N]");
             return -1;
         }
         DimsExprs const& x = inputs[kInX];
