@@ -244,7 +244,8 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
 @click.option("--opset", type=click.IntRange(min=17, max=23), default=18, show_default=True,
               help="Opset when INPUT is a model spec.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help="trt: engine precision (TensorRT 10.x: builder flag; 11.x: the graph is converted first).")
+              help="trt: engine precision (the graph is converted first and built strongly typed, so "
+                   "token decisions stay fp32 on 10.x and 11.x alike).")
 @click.option("--batch", "batch_range", metavar="MIN,OPT,MAX", default=None,
               help="trt: batch range of the optimization profile, e.g. 1,1,8 (default 1,1,8; a fixed-batch model: "
                    "its batch).")
@@ -252,9 +253,12 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
               help="trt: workspace memory pool limit in MB (MiB; default: TensorRT's).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="trt: timing cache file, read if it exists and written back after the build.")
+@click.option("--plugins", default="auto", show_default=True, metavar="auto|none|python|PATH.so",
+              help="trt: TensorRT plugins loaded before parsing (auto: only for --impl plugin graphs; the C++ "
+                   "library when found, else the Python plugins). Recorded for validate/bench.")
 @model_spec_options
 def build(source_arg, output, backend, provider, opt_level, threads, opset, precision, batch_range, workspace_mb,
-          timing_cache, pretrained, checkpoint, seed, input_shape, seq_len, model_args):
+          timing_cache, plugins, pretrained, checkpoint, seed, input_shape, seq_len, model_args):
     """Build an optimized engine from an .onnx file, a model spec, or a YAML recipe.
 
     \b
@@ -282,7 +286,8 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
 
         trt_backend.require_tensorrt()  # fail before exporting or writing anything
         trt_backend.require_gpu()
-        options = dict(precision=precision, batch=batch_range, workspace_mb=workspace_mb, timing_cache=timing_cache)
+        options = dict(precision=precision, batch=batch_range, workspace_mb=workspace_mb, timing_cache=timing_cache,
+                       plugins=plugins)
         if source_arg.endswith(".onnx"):
             sidecar = trt_backend.build(source_arg, output, **options)
         else:
@@ -298,9 +303,9 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
         click.echo(f"wrote {output} (trt {sidecar['tensorrt_version']}, {sidecar['precision']}, "
                    f"{sidecar['gpu_name']}, {sidecar['engine_bytes'] / 1e6:.1f} MB)")
         return
-    if precision != "fp32" or batch_range or workspace_mb or timing_cache:
-        raise UsageError("--precision/--batch/--workspace/--timing-cache apply to --backend trt; the ONNX Runtime "
-                         "build runs the float32 graph as exported")
+    if precision != "fp32" or batch_range or workspace_mb or timing_cache or plugins != "auto":
+        raise UsageError("--precision/--batch/--workspace/--timing-cache/--plugins apply to --backend trt; the ONNX "
+                         "Runtime build runs the float32 graph as exported")
     sidecar = pipeline.build(source_arg, output, provider=provider, opt_level=opt_level, threads=threads,
                              opset=opset, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
                              input_shape=input_shape, seq_len=seq_len, model_args=model_args)

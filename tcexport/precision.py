@@ -8,7 +8,11 @@ graph inputs/outputs with Casts at the boundary); tcexport adds what that conver
 - a block list tuned for transformers on TensorRT (normalisations, softmax, accumulating reductions, Pow/Sqrt/
   Erf/Exp, TopK for token ranking) on top of ONNX Runtime's own list;
 - calls to model-local functions and custom-domain nodes stay float32 (their bodies are not converted), so a
-  token-compression function keeps its ranking exact and its plugin contract unchanged;
+  token-compression function keeps its ranking exact and its plugin contract unchanged: a tcexport plugin node
+  (--impl plugin / function) gets fp32 x, metric, size and mask in a converted graph, with Casts around it;
+- the nodes tcexport inserted to compress tokens (names tc_blk*, tc/*, tc_stage*: the metric, the score MatMul,
+  TopK/ArgMax/ReduceMax, the size and mask arithmetic, the merge itself) stay float32, so which tokens merge or
+  survive is decided in fp32 on every TensorRT version (10.x builds the converted graph strongly typed too);
 - a clean graph afterwards: duplicate Casts merged, nodes topologically sorted (the converter appends its Casts
   at the end, and TensorRT's parser, like the ONNX checker, wants a sorted graph), stale value_info dropped;
 - bfloat16: the converter only knows float16, so its float16 types are retagged as bfloat16 and every converted
@@ -109,7 +113,7 @@ def convert(model: onnx.ModelProto, precision: str, *, keep_io_types: bool = Tru
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     _name_unnamed_nodes(model.graph)
-    nodes = set(block_nodes) | _function_and_custom_nodes(model)
+    nodes = set(block_nodes) | _function_and_custom_nodes(model) | compression_nodes(model)
     if precision == "bf16":
         nodes |= _nodes_without_bfloat16(model)
     report.blocked_nodes = sorted(nodes)
@@ -175,6 +179,14 @@ def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
                 name += "_"
             node.name = name
             taken.add(name)
+
+
+COMPRESSION_PREFIXES = ("tc_blk", "tc/", "tc_stage")  # graph/insert.py's names for what decides and merges tokens
+
+
+def compression_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the token-compression nodes tcexport inserted (kept float32 by convert)."""
+    return {n.name for n in model.graph.node if n.name.startswith(COMPRESSION_PREFIXES)}
 
 
 def _function_and_custom_nodes(model: onnx.ModelProto) -> set[str]:

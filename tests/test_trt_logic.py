@@ -85,14 +85,18 @@ def test_strong_typing_per_version(version, strong):
     assert trt.uses_strong_typing(version) is strong
 
 
-@pytest.mark.parametrize("version, precision, flags, convert", [
-    ("10.3", "fp32", (), False), ("10.3", "fp16", ("FP16",), False), ("10.3", "bf16", ("BF16",), False),
-    ("10.13", "fp32", (), False), ("10.13", "fp16", ("FP16",), False), ("10.13", "bf16", ("BF16",), False),
-    ("11.0", "fp32", (), False), ("11.0", "fp16", (), True), ("11.0", "bf16", (), True),
+@pytest.mark.parametrize("version, precision, strong, network_flags", [
+    ("10.3", "fp32", False, ()), ("10.3", "fp16", True, ("STRONGLY_TYPED",)), ("10.3", "bf16", True, ("STRONGLY_TYPED",)),
+    ("10.13", "fp32", False, ()), ("10.13", "fp16", True, ("STRONGLY_TYPED",)),
+    ("11.0", "fp32", True, ()), ("11.0", "fp16", True, ()), ("11.0", "bf16", True, ()),
 ])
-def test_builder_flags_and_graph_conversion(version, precision, flags, convert):
-    assert trt.builder_flags(version, precision) == flags
-    assert trt.converts_graph(version, precision) is convert
+def test_reduced_precision_is_built_from_the_converted_graph_on_every_version(version, precision, strong,
+                                                                              network_flags):
+    """10.x fp16/bf16 as 11.x: converted graph, strongly typed, no FP16/BF16 builder flag ("fp16 where faster")."""
+    assert trt.builder_flags(version, precision) == ()
+    assert trt.converts_graph(version, precision) is (precision != "fp32")
+    assert trt.builds_strongly_typed(version, precision) is strong
+    assert trt.network_creation_flags(version, precision) == network_flags
 
 
 def test_unknown_precision_is_a_usage_error():
@@ -157,14 +161,14 @@ def test_workspace_bytes():
 @pytest.mark.parametrize("version", VERSIONS)
 def test_plan_per_version(tiny_onnx, version):
     plan = trt.make_plan(tiny_onnx, version, "fp16", "1,2,8", workspace_mb=256, timing_cache="cache.bin")
-    assert plan.strongly_typed is (version == "11.0")
-    assert plan.builder_flags == (() if version == "11.0" else ("FP16",))
-    assert plan.convert_graph is (version == "11.0")
+    assert plan.strongly_typed and plan.convert_graph and plan.builder_flags == ()
+    assert plan.network_flags == (() if version == "11.0" else ("STRONGLY_TYPED",))
+    assert plan.plugins.kind == "none" and plan.parser_flags == ()  # no plugin nodes: nothing to load
     assert plan.profile == {"x": trt.ProfileShape((1, 4, 16), (2, 4, 16), (8, 4, 16))}
     assert plan.workspace_bytes == 256 << 20 and plan.timing_cache == Path("cache.bin")
     data = json.loads(json.dumps(plan.to_json()))
     assert data["tensorrt_version"] == version and data["profile"]["x"]["max"] == [8, 4, 16]
-    assert data["precision_mode"] == ("graph types (strongly typed)" if version == "11.0" else "builder flags")
+    assert data["precision_mode"] == "graph types (strongly typed)"
 
 
 def make_sidecar(tiny_onnx, version="10.3", precision="fp16") -> dict:
@@ -181,7 +185,8 @@ def test_sidecar_contents(tiny_onnx):
     assert data["backend"] == "trt" and data["model_file"] == "model.engine" == trt.ENGINE_FILE
     assert data["tensorrt_version"] == "10.3.0.30"
     assert data["gpu_name"] == "Orin (nvgpu)" and data["compute_capability"] == "8.7"
-    assert data["precision"] == "fp16" and data["plan"]["builder_flags"] == ["FP16"]
+    assert data["precision"] == "fp16" and data["plan"]["builder_flags"] == []
+    assert data["plan"]["network_flags"] == ["STRONGLY_TYPED"] and data["plugins"]["kind"] == "none"
     assert data["profile"] == {"x": {"min": [1, 4, 16], "opt": [1, 4, 16], "max": [8, 4, 16]}}
     assert data["inputs"][0]["name"] == "x" and data["inputs"][0]["shape"][1:] == [4, 16]
     assert data["engine_outputs"] == [{"name": "y", "shape": [-1, 4, 16], "dtype": "float"}]
@@ -206,9 +211,12 @@ def test_bf16_needs_ampere():
 
 
 def test_only_the_trt_backend_imports_tensorrt():
+    """backends/trt.py (lazily) and the Python plugin registrations, which only --plugins python imports."""
     offenders = []
     for path in (ROOT / "tcexport").rglob("*.py"):
         if path.name == "trt.py" and path.parent.name == "backends":
+            continue
+        if path.relative_to(ROOT).as_posix() == "tcexport/plugins/python.py":
             continue
         if re.search(r"^\s*(import tensorrt|from tensorrt)", path.read_text(), re.MULTILINE):
             offenders.append(str(path.relative_to(ROOT)))
@@ -808,3 +816,386 @@ def test_cli_bench_engine_next_to_ort(ort_and_engine_builds, tmp_path, extra):
         assert ("h2d_ms" in entry and "d2h_ms" in entry) is copies
         if copies:
             assert entry["h2d_ms"]["min"] > 0 and entry["d2h_ms"]["min"] > 0
+
+
+# --- plugins: which ones a build loads, and when -----------------------------------------------------------------
+
+from tcexport.backends import trt_plugins  # noqa: E402
+
+
+def _plugin_graph(with_function: bool = False, mask: bool = False) -> onnx.ModelProto:
+    """x -> tcexport::ToMeMerge (a plugin node, optionally backed by a local function) -> y."""
+    names = ["x", "metric", "size"] + (["mask"] if mask else [])
+    node = helper.make_node("ToMeMerge", names, ["y", "size_out"], domain="tcexport", name="tc_blk0_tome", r=2,
+                            protected=1, plugin_namespace="tcexport", plugin_version="1", aot=1)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 9, 4])
+                                            for n in names],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 7, 4])])
+    functions = []
+    if with_function:
+        body = [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["size"], ["size_out"])]
+        functions = [helper.make_function("tcexport", "ToMeMerge", names, ["y", "size_out"], body,
+                                          [helper.make_opsetid("", 18)], attributes=["r", "protected"])]
+    return helper.make_model(graph, functions=functions, ir_version=10,
+                             opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("tcexport", 1)])
+
+
+@pytest.fixture
+def library(tmp_path) -> Path:
+    path = tmp_path / "libtcexport_plugins.so"
+    path.write_bytes(b"\x7fELF fake plugin library")
+    return path
+
+
+def test_auto_loads_nothing_without_plugin_only_nodes(library):
+    assert trt_plugins.choose("auto", tiny_model(), "10.3", library=library).kind == "none"
+    # --impl function: TensorRT inlines the bodies, so auto leaves the plugins out
+    assert trt_plugins.choose("auto", _plugin_graph(with_function=True), "10.13", library=library).kind == "none"
+
+
+def test_auto_takes_the_library_then_the_python_plugins(library, monkeypatch):
+    model = _plugin_graph()
+    chosen = trt_plugins.choose("auto", model, "10.3", library=library)
+    assert (chosen.kind, chosen.path) == ("library", str(library.resolve()))
+    record = chosen.to_json()
+    import hashlib
+
+    assert record["sha256"] == hashlib.sha256(library.read_bytes()).hexdigest()
+    monkeypatch.setattr(trt_plugins, "find_library", lambda: None)
+    python = trt_plugins.choose("auto", model, "10.13", numpy_version="2.3.1")
+    assert python.kind == "python" and python.path == "tcexport.plugins.python"
+    assert python.versions["ptx_isa"] == "8.0" and python.versions["aot"] is True
+    with pytest.raises(UsageError, match="TensorRT 10.3 has no Python plugins"):
+        trt_plugins.choose("auto", model, "10.3", numpy_version="2.3.1")  # JetPack 6 without the C++ library
+
+
+def test_auto_finds_the_library_from_the_environment(library, monkeypatch):
+    monkeypatch.setenv(trt_plugins.LIBRARY_ENV, str(library))
+    assert trt_plugins.choose("auto", _plugin_graph(), "10.3").path == str(library.resolve())
+
+
+def test_plugin_choices_refuse_what_cannot_work(library, tmp_path):
+    model = _plugin_graph()
+    with pytest.raises(UsageError, match="--plugins none cannot build it"):
+        trt_plugins.choose("none", model, "10.13")
+    assert trt_plugins.choose("none", tiny_model(), "10.13").kind == "none"
+    with pytest.raises(UsageError, match="no such file"):
+        trt_plugins.choose(str(tmp_path / "missing.so"), model, "10.13")
+    with pytest.raises(UsageError, match="auto, none, python or a plugin library"):
+        trt_plugins.choose("cpp", model, "10.13")
+    with pytest.raises(UsageError, match="10.6"):
+        trt_plugins.choose("python", model, "10.5", numpy_version="1.26.4")
+    with pytest.raises(UsageError, match="passes a mask"):
+        trt_plugins.choose("python", _plugin_graph(mask=True), "11.4", numpy_version="2.4.0")
+    assert trt_plugins.choose(str(library), _plugin_graph(mask=True), "10.3").kind == "library"  # C++ takes masks
+
+
+@pytest.mark.parametrize("version, numpy_version, broken", [
+    ("10.12", "2.4.0", False), ("10.13", "2.3.5", False), ("10.13", "2.4.0", True), ("11.0", "2.4.1", True),
+    ("11.3", "2.5.0", True), ("11.4", "2.4.0", False), ("10.13", "2.4.0rc1", True), ("11.0", "1.26.4", False),
+])
+def test_numpy_24_field_parsing_bug_is_guarded(version, numpy_version, broken):
+    """TensorRT 10.13-11.3 parse Python plugin fields with int() on a 1-element array; NumPy 2.4 refuses that."""
+    assert trt_plugins.numpy_breaks_python_plugins(version, numpy_version) is broken
+    if broken:
+        with pytest.raises(UsageError, match="numpy<2.4"):
+            trt_plugins.choose("python", _plugin_graph(), version, numpy_version=numpy_version)
+    elif trt.supports_python_plugins(version):
+        assert trt_plugins.choose("python", _plugin_graph(), version, numpy_version=numpy_version).kind == "python"
+
+
+def test_the_numpy_behaviour_the_guard_is_about():
+    """What NumPy >= 2.4 does with int() on a 1-element array (the guard's premise), on this machine's NumPy."""
+    one = np.array([3], dtype=np.int32)
+    major, minor = (int(p) for p in np.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        with pytest.raises(TypeError):
+            int(one)
+    else:
+        assert int(one) == 3  # older NumPy: allowed (deprecated since 1.25)
+
+
+@pytest.mark.parametrize("version, flags", [("10.3", ()), ("10.14", ()), ("10.15", ("ENABLE_PLUGIN_OVERRIDE",)),
+                                            ("11.0", ("ENABLE_PLUGIN_OVERRIDE",))])
+def test_parser_flag_plugin_override_where_the_version_needs_it(version, flags, library):
+    loaded = trt_plugins.PluginLoad("library", str(library))
+    assert trt_plugins.parser_flags(version, loaded) == flags
+    assert trt_plugins.parser_flags(version, trt_plugins.PluginLoad("none")) == ()
+
+
+def test_engine_plugins_come_back_from_the_sidecar(library):
+    record = trt_plugins.choose(str(library), _plugin_graph(), "10.3").to_json()
+    again = trt_plugins.from_sidecar({"plugins": record})
+    assert (again.kind, again.path) == ("library", str(library.resolve()))
+    library.write_bytes(b"rebuilt")
+    with pytest.raises(UsageError, match="changed since the engine was built"):
+        trt_plugins.from_sidecar({"plugins": record})
+    library.unlink()
+    with pytest.raises(UsageError, match="missing"):
+        trt_plugins.from_sidecar({"plugins": record})
+    assert trt_plugins.from_sidecar({}).kind == "none"  # engines built before plugins existed
+
+
+# --- building on a fake TensorRT: what the network gets ----------------------------------------------------------
+
+
+class _Enum:
+    def __init__(self, **members):
+        for name, value in members.items():
+            setattr(self, name, value)
+
+
+class FakeBuild:
+    """A tensorrt module for build_engine: records the order of calls, flags, and the graph the parser reads."""
+
+    def __init__(self, version: str):
+        self.__version__ = version
+        self.events: list[str] = []
+        self.parsed: onnx.ModelProto | None = None
+        self.network_flags = None
+        self.builder_flags: list[str] = []
+        self.parser_flags: list[str] = []
+        self.NetworkDefinitionCreationFlag = _Enum(STRONGLY_TYPED=1, PREFER_AOT_PYTHON_PLUGINS=2)
+        self.BuilderFlag = _Enum(FP16="FP16", BF16="BF16", OBEY_PRECISION_CONSTRAINTS="OBEY")
+        self.OnnxParserFlag = _Enum(ENABLE_PLUGIN_OVERRIDE="ENABLE_PLUGIN_OVERRIDE", NATIVE_INSTANCENORM="NI")
+        self.MemoryPoolType = _Enum(WORKSPACE="WORKSPACE")
+        fake = self
+
+        class Logger:
+            WARNING = 2
+
+            def __init__(self, level):
+                pass
+
+        class Registry:
+            def load_library(self, path):
+                fake.events.append(f"load_library {Path(path).name}")
+                return object()
+
+        class Network:
+            num_inputs = num_outputs = 1
+
+            def get_input(self, i):
+                return SimpleTensor("x")
+
+            def get_output(self, i):
+                return SimpleTensor("y")
+
+        class Parser:
+            def __init__(self, network, logger):
+                pass
+
+            def set_flag(self, flag):
+                fake.parser_flags.append(flag)
+
+            def parse_from_file(self, path):
+                fake.events.append("parse")
+                fake.parsed = onnx.load(path)
+                return True
+
+        class Config:
+            def set_flag(self, flag):
+                fake.builder_flags.append(flag)
+
+            def set_memory_pool_limit(self, pool, size):
+                pass
+
+            def add_optimization_profile(self, profile):
+                pass
+
+        class Profile:
+            def set_shape(self, *args):
+                pass
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.network_flags = flags
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.events.append("build")
+                return b"engine bytes"
+
+        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
+        self._registry = Registry()
+
+    def get_plugin_registry(self):
+        return self._registry
+
+    @staticmethod
+    def init_libnvinfer_plugins(logger, namespace):
+        return True
+
+
+class SimpleTensor:
+    def __init__(self, name):
+        self.name, self.shape, self.dtype = name, (-1, 4), type("DataType", (), {"name": "FLOAT"})()
+
+
+@pytest.fixture(scope="module")
+def tome_onnx(tmp_path_factory) -> Path:
+    """A 3-block ViT (65 tokens, width 65) with ToMe r=8 at every block, as standard ONNX ops."""
+    from tcexport import compress, export, sources
+
+    folder = tmp_path_factory.mktemp("tome_trt")
+    exported = folder / "tiny.onnx"
+    export.export_to_file(sources.load("py:tests.fixtures.factories:vit_dim_equals_tokens", input_shape="3x32x32",
+                                       seed=0), exported)
+    compress.compress_file(exported, folder / "tome.onnx", r="8")
+    compress.compress_file(exported, folder / "tome_plugin.onnx", r="8", impl="plugin")
+    return folder / "tome.onnx"
+
+
+def _build_on_fake(monkeypatch, tmp_path, onnx_path: Path, version: str, precision: str, plugins: str = "auto"):
+    fake = FakeBuild(version)
+    monkeypatch.setattr(trt, "require_tensorrt", lambda: fake)
+    device = trt.DeviceInfo("Fake GPU", (8, 7), 8 << 30)
+    plan = trt.make_plan(onnx_path, version, precision, "1,1,4", plugins=plugins, numpy_version="2.3.0")
+    data = trt.build_engine(onnx_path, tmp_path / f"engine-{version}-{precision}", plan, device=device)
+    return fake, data
+
+
+DECIDING_OPS = ("TopK", "ArgMax", "ReduceMax")
+
+
+def _deciding_types(model: onnx.ModelProto) -> dict[str, set[int]]:
+    """Element type of every input and output of the deciding layers of the ToMe stages (score MatMul, TopK,
+    ArgMax, ReduceMax) and of the size arithmetic, in the graph the parser was given."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    found: dict[str, set[int]] = {}
+    for node in inferred.graph.node:
+        if not re.match(r"tc_blk\d+_tome/", node.name):
+            continue
+        label = node.name.split("/", 1)[1]
+        if node.op_type in DECIDING_OPS or label in ("scores", "node_max", "node_idx") or "size" in label:
+            floats = {types[n] for n in [*node.input, *node.output] if n and types.get(n) in
+                      (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)}
+            found.setdefault(node.op_type, set()).update(floats)
+    return found
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_keeps_every_deciding_layer_fp32_on_10x_and_11x(monkeypatch, tmp_path, tome_onnx, precision):
+    seen = {}
+    for version in ("10.3", "10.13", "11.0"):
+        if precision == "bf16" and version == "10.3":
+            continue  # same code path as 10.13; one bf16 10.x build is enough
+        fake, data = _build_on_fake(monkeypatch, tmp_path, tome_onnx, version, precision)
+        strongly = fake.network_flags == (1 << 1 if version.startswith("10.") else 0)
+        assert strongly, (version, fake.network_flags)  # 10.x: STRONGLY_TYPED; 11.x: strongly typed anyway
+        assert fake.builder_flags == []  # no FP16/BF16 flag: no "fp16 where faster"
+        assert data["plan"]["precision_mode"] == "graph types (strongly typed)"
+        types = _deciding_types(fake.parsed)
+        assert {"MatMul", "TopK", "ArgMax", "ReduceMax"} <= set(types)
+        assert all(types[op] == {TensorProto.FLOAT} for op in ("MatMul", "TopK", "ArgMax", "ReduceMax")), types
+        assert all(t <= {TensorProto.FLOAT} for t in types.values()), (version, types)  # sizes too
+        low = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
+        assert any(t.data_type == low for t in fake.parsed.graph.initializer)  # the rest did go low
+        seen[version] = types
+    assert len({json.dumps({k: sorted(v) for k, v in t.items()}, sort_keys=True) for t in seen.values()}) == 1
+
+
+def test_fp32_on_10x_stays_weakly_typed(monkeypatch, tmp_path, tome_onnx):
+    fake, data = _build_on_fake(monkeypatch, tmp_path, tome_onnx, "10.3", "fp32")
+    assert fake.network_flags == 0 and fake.builder_flags == [] and data["plan"]["precision_mode"] == "fp32"
+
+
+def test_plugins_load_before_parsing_and_are_recorded(monkeypatch, tmp_path, tome_onnx, library):
+    plugin_graph = tome_onnx.parent / "tome_plugin.onnx"
+    fake, data = _build_on_fake(monkeypatch, tmp_path, plugin_graph, "10.15", "fp32", plugins=str(library))
+    assert fake.events == ["load_library libtcexport_plugins.so", "parse", "build"]
+    assert fake.parser_flags == ["ENABLE_PLUGIN_OVERRIDE"]
+    record = json.loads((tmp_path / "engine-10.15-fp32" / artifacts.SIDECAR).read_text())["plugins"]
+    assert record["kind"] == "library" and record["path"] == str(library.resolve())
+    assert len(record["sha256"]) == 64 and record["versions"]["tensorrt"] == "10.15"
+    plain, _ = _build_on_fake(monkeypatch, tmp_path, tome_onnx, "10.15", "fp32")  # auto, no plugin nodes
+    assert plain.events == ["parse", "build"] and plain.parser_flags == []
+
+
+def test_runner_loads_the_build_plugins_before_deserializing(fake_gpu, tiny_onnx, tmp_path, library):
+    engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
+    sidecar_path = engine_dir / artifacts.SIDECAR
+    data = json.loads(sidecar_path.read_text())
+    data["plugins"] = trt_plugins.choose(str(library), _plugin_graph(), "10.13").to_json()
+    sidecar_path.write_text(json.dumps(data))
+    events = []
+    fake = trt.require_tensorrt()
+    fake.get_plugin_registry = staticmethod(lambda: type("R", (), {
+        "load_library": staticmethod(lambda path: events.append(("load", Path(path).name)) or object())})())
+    runtime = fake.Runtime
+
+    class RecordingRuntime(runtime):
+        def deserialize_cuda_engine(self, blob):
+            events.append(("deserialize", len(blob)))
+            return super().deserialize_cuda_engine(blob)
+
+    fake.Runtime = RecordingRuntime
+    trt.open_engine_runner(artifacts.resolve(engine_dir), "with-plugins")
+    assert [e[0] for e in events] == ["load", "deserialize"] and events[0][1] == library.name
+
+
+# --- extras: which TensorRT each one installs --------------------------------------------------------------------
+
+
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def resolve(name: str) -> list[str]:
+        found = []
+        for requirement in extras[name]:
+            if requirement.startswith(f"{project['name']}["):
+                for inner in requirement.split("[", 1)[1].rstrip("]").split(","):
+                    found += resolve(inner.strip())
+            else:
+                found.append(requirement)
+        return found
+
+    return {name: resolve(name) for name in extras}
+
+
+# Releases on PyPI (pip index versions tensorrt-cu12 / tensorrt-cu13, November 2026): both names carry 10.x and 11.x.
+PUBLISHED = ["10.0.1", "10.3.0", "10.9.0.34", "10.13.3.9", "10.16.1.11", "11.0.0.114", "11.4.0.106"]
+
+
+@pytest.mark.parametrize("extra, package, major", [("trt10", "tensorrt-cu12", 10), ("trt11", "tensorrt-cu13", 11),
+                                                   ("trt", "tensorrt-cu13", 11)])
+def test_trt_extras_pin_one_tensorrt_major(extra, package, major):
+    from packaging.requirements import Requirement
+
+    (requirement,) = [Requirement(r) for r in _extras()[extra]]
+    assert requirement.name == package
+    allowed = [v for v in PUBLISHED if requirement.specifier.contains(v, prereleases=False)]
+    assert allowed and {int(v.split(".")[0]) for v in allowed} == {major}
+    if major == 10:
+        assert "10.3.0" in allowed and "10.0.1" not in allowed  # JetPack 6's 10.3 and newer 10.x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, major", [("trt10", 10), ("trt11", 11)])
+def test_trt_extras_resolve_with_pip(extra, major):
+    """pip's own resolution (--dry-run --no-deps, needs the package index; a few seconds each)."""
+    import subprocess
+    import sys
+
+    (requirement,) = _extras()[extra]
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--ignore-installed",
+                           "--quiet", "--report", "-", requirement], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        pytest.skip(f"pip could not reach a package index: {done.stderr.strip().splitlines()[-1:]}")
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    (item,) = report["install"]
+    assert int(item["metadata"]["version"].split(".")[0]) == major

@@ -17,8 +17,10 @@ Without the tensorrt package, or without an NVIDIA GPU, the wrappers raise Usage
 is missing, before anything is written.
 
 Facts this encodes (see DESIGN.md §5): TensorRT 11 networks are strongly typed and the FP16/BF16/INT8 builder
-flags are gone, so reduced precision there means converting the ONNX graph (tcexport.precision); TensorRT 10.x
-still builds weakly typed networks with those flags. Python plugins ("quickly deployable plugins") need 10.6,
+flags are gone, so reduced precision there means converting the ONNX graph (tcexport.precision). TensorRT 10.x
+still has the flags, but they mean "fp16 where faster" and could run the layers that decide which tokens merge
+in fp16; so 10.x fp16/bf16 engines are built the same way, strongly typed from the converted graph, and both
+lines make the same fp32 decisions. Plugins to load (--plugins) are decided in trt_plugins.py. Python plugins ("quickly deployable plugins") need 10.6,
 ahead-of-time plugins 10.9; the parser prefers a registered plugin over a model-local function of the same name
 from 10.7 and reads the plugin namespace from the node's domain from 10.10.
 """
@@ -84,16 +86,35 @@ def uses_strong_typing(version: str | TrtVersion) -> bool:
 
 
 def builder_flags(version: str | TrtVersion, precision: str) -> tuple[str, ...]:
-    """Names of tensorrt.BuilderFlag members to set. 11.x: none (precision lives in the graph's types)."""
+    """Names of tensorrt.BuilderFlag members to set: none on any version.
+
+    10.x's FP16/BF16 flags mean "fp16 where faster, fp32 fallback": the score MatMul, TopK and ArgMax that decide
+    which tokens merge could then run in fp16, and decisions would differ from 11.x. So reduced precision is built
+    the 11.x way on 10.x too: a strongly typed network from the converted graph (converts_graph), whose deciding
+    layers tcexport.precision keeps in fp32. A strongly typed network takes no precision flags.
+    """
     _check_precision(precision)
-    if uses_strong_typing(version) or precision == "fp32":
-        return ()
-    return ("FP16",) if precision == "fp16" else ("BF16",)
+    parse_version(version)
+    return ()
 
 
 def converts_graph(version: str | TrtVersion, precision: str) -> bool:
-    """Whether reduced precision needs the ONNX graph rewritten (tcexport.precision) before parsing."""
-    return uses_strong_typing(version) and _check_precision(precision) != "fp32"
+    """Whether reduced precision needs the ONNX graph rewritten (tcexport.precision) before parsing: always."""
+    parse_version(version)
+    return _check_precision(precision) != "fp32"
+
+
+def builds_strongly_typed(version: str | TrtVersion, precision: str) -> bool:
+    """11.x: always; 10.x: for fp16/bf16 (from the converted graph), weakly typed fp32 as before."""
+    return uses_strong_typing(version) or converts_graph(version, precision)
+
+
+def network_creation_flags(version: str | TrtVersion, precision: str) -> tuple[str, ...]:
+    """tensorrt.NetworkDefinitionCreationFlag members: STRONGLY_TYPED on 10.x reduced precision (11.x networks
+    are strongly typed without it; the flag is deprecated there)."""
+    if builds_strongly_typed(version, precision) and not uses_strong_typing(version):
+        return ("STRONGLY_TYPED",)
+    return ()
 
 
 def supports_python_plugins(version: str | TrtVersion) -> bool:
@@ -264,6 +285,9 @@ class BuildPlan:
     inputs: list[inputs.InputSpec]
     workspace_bytes: int | None = None
     timing_cache: Path | None = None
+    network_flags: tuple[str, ...] = ()
+    parser_flags: tuple[str, ...] = ()
+    plugins: Any = None  # trt_plugins.PluginLoad: what is loaded before parsing
 
     def to_json(self) -> dict:
         return {
@@ -276,12 +300,17 @@ class BuildPlan:
             "profile": {name: shape.to_json() for name, shape in self.profile.items()},
             "workspace_bytes": self.workspace_bytes,
             "timing_cache": str(self.timing_cache) if self.timing_cache else None,
+            "network_flags": list(self.network_flags),
+            "parser_flags": list(self.parser_flags),
         }
 
 
 def make_plan(model: onnx.ModelProto | str | Path, trt_version: str | TrtVersion, precision: str = "fp32",
               batch: tuple[int, int, int] | str | None = None, workspace_mb: int | None = None,
-              timing_cache: str | Path | None = None) -> BuildPlan:
+              timing_cache: str | Path | None = None, plugins: str = "auto",
+              numpy_version: str | None = None) -> BuildPlan:
+    from tcexport.backends import trt_plugins
+
     version = parse_version(trt_version)
     _check_precision(precision)
     if not isinstance(model, onnx.ModelProto):
@@ -289,16 +318,20 @@ def make_plan(model: onnx.ModelProto | str | Path, trt_version: str | TrtVersion
     if isinstance(batch, str):
         batch = parse_batch_range(batch)
     specs = inputs.specs_from_graph(model)
+    load = trt_plugins.choose(plugins, model, version, numpy_version)
     return BuildPlan(
         trt_version=version,
         precision=precision,
-        strongly_typed=uses_strong_typing(version),
+        strongly_typed=builds_strongly_typed(version, precision),
         convert_graph=converts_graph(version, precision),
         builder_flags=builder_flags(version, precision),
         profile=profile_shapes(specs, batch),
         inputs=specs,
         workspace_bytes=workspace_bytes(workspace_mb),
         timing_cache=Path(timing_cache) if timing_cache else None,
+        network_flags=network_creation_flags(version, precision),
+        parser_flags=trt_plugins.parser_flags(version, load),
+        plugins=load,
     )
 
 
@@ -365,6 +398,8 @@ def sidecar(plan: BuildPlan, *, device: DeviceInfo, tensorrt_version: str, engin
         data["build_seconds"] = round(build_seconds, 3)
     if precision_report:
         data["precision_conversion"] = precision_report
+    if plan.plugins is not None:
+        data["plugins"] = plan.plugins.to_json()
     return data
 
 
@@ -429,12 +464,12 @@ def require_gpu(index: int = 0, purpose: str = "build") -> DeviceInfo:
 
 
 def build(onnx_path: str | Path, out_dir: str | Path, precision: str = "fp32", batch: str | None = None,
-          workspace_mb: int | None = None, timing_cache: str | Path | None = None) -> dict:
+          workspace_mb: int | None = None, timing_cache: str | Path | None = None, plugins: str = "auto") -> dict:
     """Check TensorRT and the GPU first, plan, then build. Returns the sidecar."""
     trt = require_tensorrt()
     device = require_gpu()
     check_device_precision(device, precision)
-    plan = make_plan(onnx_path, trt.__version__, precision, batch, workspace_mb, timing_cache)
+    plan = make_plan(onnx_path, trt.__version__, precision, batch, workspace_mb, timing_cache, plugins)
     return build_engine(onnx_path, out_dir, plan, device=device)
 
 
@@ -453,13 +488,22 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, plan: BuildPlan,
     device = device or require_gpu()
     onnx_path = Path(onnx_path)
     started = time.perf_counter()
+    from tcexport.backends import trt_plugins
+
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # ScatterElements-with-reduction and other standard plugins
+    if plan.plugins is not None:
+        trt_plugins.load(plan.plugins, trt)  # before parsing: the parser looks plugins up in the registry
     builder = trt.Builder(logger)
-    # 10.x: weakly typed, precision from builder flags. 11.x: every network is strongly typed (its STRONGLY_TYPED
-    # creation flag is accepted but deprecated), so no creation flag is needed on either.
-    network = builder.create_network(0)
+    # fp32 on 10.x: weakly typed. fp16/bf16 on 10.x: STRONGLY_TYPED from the converted graph. 11.x: every network
+    # is strongly typed (its creation flag is deprecated there).
+    flags = 0
+    for name in plan.network_flags:
+        flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
+    for name in plan.parser_flags:
+        parser.set_flag(getattr(trt.OnnxParserFlag, name))
 
     precision_report = None
     with tempfile.TemporaryDirectory(prefix="tcexport-trt-") as scratch:
@@ -620,8 +664,11 @@ def open_engine_runner(artifact, label: str | None = None, *, include_copies: bo
     problem = engine_mismatch(artifact.sidecar, trt.__version__, device)
     if problem:
         raise UsageError(f"{artifact.path}: {problem}")
+    from tcexport.backends import trt_plugins
+
+    plugins = trt_plugins.from_sidecar(artifact.sidecar)
     return TrtRunner(artifact.model_path, device.index, name=label or artifact.label, include_copies=include_copies,
-                     cuda_graph=cuda_graph)
+                     cuda_graph=cuda_graph, plugins=plugins)
 
 
 class TorchCuda:
@@ -723,7 +770,7 @@ class TrtRunner:
     """
 
     def __init__(self, engine_path: str | Path, device_index: int = 0, *, name: str | None = None,
-                 include_copies: bool = False, cuda_graph: bool = False, cuda: Any = None):
+                 include_copies: bool = False, cuda_graph: bool = False, cuda: Any = None, plugins: Any = None):
         trt = require_tensorrt()
         self.cuda = cuda if cuda is not None else TorchCuda(device_index)
         self._trt = trt
@@ -735,6 +782,10 @@ class TrtRunner:
         self.cuda_graph_note = cuda_graph_note(self.cuda_graph_requested, False, "no input staged yet")
         logger = trt.Logger(trt.Logger.WARNING)
         trt.init_libnvinfer_plugins(logger, "")
+        if plugins is not None:  # the plugins the engine was built with, before deserializing it
+            from tcexport.backends import trt_plugins
+
+            trt_plugins.load(plugins, trt)
         self._runtime = trt.Runtime(logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
         if self.engine is None:
@@ -868,6 +919,7 @@ class TrtRunner:
 
 
 __all__ = [
+    "builds_strongly_typed", "network_creation_flags", "plugin_choice_attributes", "plugin_spec",
     "BuildPlan", "DeviceInfo", "PluginSpec", "ProfileShape", "TensorInfo", "TorchCuda", "TrtRunner", "TrtVersion",
     "build", "build_engine", "builder_flags", "check_batch_in_profile", "check_device_precision", "converts_graph",
     "cuda_graph_note", "device_fields", "engine_mismatch", "make_plan", "open_engine_runner", "parse_batch_range",

@@ -25,6 +25,13 @@ NAMESPACE = "tcexport"
 _TORCH_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
 
 
+def _aot_impl(plugin_id: str):
+    """trtp.aot_impl where TensorRT has it (10.9+); on 10.6-10.8 the plugins are JIT only."""
+    if hasattr(trtp, "aot_impl"):
+        return trtp.aot_impl(plugin_id)
+    return lambda function: function
+
+
 def _dtype_name(desc) -> str:
     name = getattr(desc.dtype, "name", str(desc.dtype).split(".")[-1])
     if name not in _TORCH_NAMES:
@@ -90,7 +97,7 @@ def tome_impl(x: trtp.Tensor, metric: trtp.Tensor, size: trtp.Tensor, r: int, pr
         kernels.tome_merge(x_t, metric_t, size_t, None, int(r), int(protected), out=(x_out, size_out, None))
 
 
-@trtp.aot_impl(f"{NAMESPACE}::ToMeMerge")
+@_aot_impl(f"{NAMESPACE}::ToMeMerge")
 def tome_aot(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc, r: int, protected: int,
              outputs: Tuple[trtp.TensorDesc], tactic: int):
     n, c, ck = _static(x.shape_expr[1]), _static(x.shape_expr[2]), _static(metric.shape_expr[2])
@@ -123,7 +130,7 @@ def prune_impl(x: trtp.Tensor, cls_attention: trtp.Tensor, size: trtp.Tensor, k:
                             out=(x_out, size_out, None))
 
 
-@trtp.aot_impl(f"{NAMESPACE}::TokenPrune")
+@_aot_impl(f"{NAMESPACE}::TokenPrune")
 def prune_aot(x: trtp.TensorDesc, cls_attention: trtp.TensorDesc, size: trtp.TensorDesc, k: int, protected: int,
               fuse: int, keep_order: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
     n, c = _static(x.shape_expr[1]), _static(x.shape_expr[2])
