@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +23,9 @@ SOURCES = PLUGINS / "src"
 TRT_HEADERS = ROOT.parent / "shared" / "tensorrt-include"
 TRT_SETS = ("10.3", "10.13", "11")
 INSTALL_HINT = "pip install 'tcexport[plugins-dev]'"
+# The kernels' arithmetic flags, as CMakeLists.txt passes them to nvcc: IEEE, no fused multiply-add, so device and
+# host harness round alike. The host side gets -ffp-contract=off for the same reason (GCC contracts on aarch64).
+NVRTC_IEEE = ("--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false")
 
 
 def wheel_file(dist: str, suffix: str) -> Path | None:
@@ -55,13 +59,24 @@ def gxx() -> str | None:
     return shutil.which("g++")
 
 
+def nvcc() -> str | None:
+    """A real nvcc (a CUDA toolkit install), for the optional CMake build test."""
+    return shutil.which("nvcc") or next((str(p) for p in [Path("/usr/local/cuda/bin/nvcc")] if p.exists()), None)
+
+
+def nvcc_major(path: str) -> int:
+    output = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    match = re.search(r"release (\d+)\.", output)
+    return int(match.group(1)) if match else 0
+
+
 def ptxas() -> Path | None:
     return wheel_file("nvidia-cuda-nvcc-cu12", "bin/ptxas")
 
 
 def host_compile(args: list[str], *includes: Path) -> subprocess.CompletedProcess:
     """g++ -std=c++17 with warnings as errors in our code; TensorRT and CUDA headers as system headers."""
-    command = [gxx(), "-std=c++17", "-Wall", "-Wextra", "-Werror"]
+    command = [gxx(), "-std=c++17", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off"]
     command += [f"-isystem{path}" for path in includes]
     command += [f"-I{SOURCES}", f"-I{KERNELS}", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=300)

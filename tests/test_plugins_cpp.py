@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import shutil
 import subprocess
 
 import ml_dtypes
@@ -99,7 +100,7 @@ def ptx_by_file_arch():
     for name in KERNEL_FILES:
         for arch in ARCHS:
             ok, ptx, log = nvrtc.compile(tc.KERNELS / name, [f"--gpu-architecture=compute_{arch[3:]}",
-                                                             "-std=c++17", f"-I{tc.KERNELS}"])
+                                                             "-std=c++17", f"-I{tc.KERNELS}", *tc.NVRTC_IEEE])
             compiled[name, arch] = (ok, ptx, log)
     return compiled
 
@@ -110,6 +111,8 @@ def test_kernels_compile_with_nvrtc_and_assemble_with_ptxas(name, arch, ptx_by_f
     ok, ptx, log = ptx_by_file_arch[name, arch]
     assert ok, f"NVRTC rejected {name}:\n{log}"
     assert re.search(rf"^\.target {arch}\b", ptx, re.M), "PTX for the wrong target"
+    # No fused multiply-add: with the build's IEEE flags the device rounds like the host harness tested below.
+    assert "fma.rn.f32" not in ptx
     entries = re.findall(r"\.entry (\w+)\(", ptx)
     for kernel in KERNEL_FILES[name]:  # both kernels, for each of fp32 / fp16 / bf16
         assert sum(kernel in entry for entry in entries) == 3, (kernel, entries)
@@ -321,6 +324,31 @@ def test_kernel_float_conversions_match_numpy(harness):
 
 
 # ------------------------------------------------------------------ 4. the plugins behind TensorRT's interfaces
+
+
+@pytest.mark.slow
+def test_cmake_builds_the_plugin_library_with_nvcc(tmp_path, cuda_includes):
+    """Where a CUDA toolkit exists (never in CI; some development machines), the user's build works end to end:
+    CMake + nvcc against the TensorRT headers that match the toolkit, exporting exactly the two entry points."""
+    nvcc, cmake = tc.nvcc(), shutil.which("cmake")
+    if nvcc is None or cmake is None:
+        pytest.skip("nvcc or cmake not found (no PyPI package ships nvcc)")
+    major = tc.nvcc_major(nvcc)
+    version = "11" if major >= 13 else "10.13"  # TensorRT 11 is built for CUDA 13, 10.x for CUDA 12
+    include = tc.trt_include(version)
+    if include is None:
+        pytest.skip(f"TensorRT {version} headers not found under {tc.TRT_HEADERS}")
+    build = tmp_path / "build"
+    configure = subprocess.run([cmake, "-S", str(tc.PLUGINS), "-B", str(build), f"-DTENSORRT_ROOT={include.parent}",
+                                f"-DCMAKE_CUDA_COMPILER={nvcc}", "-DCMAKE_CUDA_ARCHITECTURES=87"],
+                               capture_output=True, text=True, timeout=300)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    compiled = subprocess.run([cmake, "--build", str(build), "-j2"], capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    library = build / "libtcexport_plugins.so"
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True, check=True)
+    exported = {line.split()[-1] for line in symbols.stdout.splitlines() if line.split()[1:2] == ["T"]}
+    assert exported == {"getCreators", "setLoggerFinder"}
 
 
 @pytest.fixture(scope="session")

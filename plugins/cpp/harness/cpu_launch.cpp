@@ -14,9 +14,9 @@ namespace
 constexpr int kThreads = 5;
 }
 
-size_t tome_workspace_bytes(int batch, int n)
+size_t tome_workspace_bytes(int batch, int n, int ck)
 {
-    return (size_t) batch * (size_t) tome_scratch_words(n) * sizeof(int);
+    return (size_t) batch * (size_t) tome_scratch_words(n, ck) * sizeof(int);
 }
 
 size_t prune_workspace_bytes(int batch, int n)

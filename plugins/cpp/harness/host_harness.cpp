@@ -22,7 +22,7 @@ template <typename T>
 void tome_typed(tc::ToMeShape const& sh, int batch, int threads, void const* x, void const* metric, float const* size,
     float const* mask, void* x_out, float* size_out, float* mask_out)
 {
-    std::vector<int> scratch = garbage_scratch(batch * tc::tome_scratch_words(sh.n));
+    std::vector<int> scratch = garbage_scratch(batch * tc::tome_scratch_words(sh.n, sh.ck));
     tc::run_tome_rows(sh, batch, threads, static_cast<T const*>(x), static_cast<T const*>(metric), size, mask,
         static_cast<T*>(x_out), size_out, mask_out, scratch.data());
 }

@@ -53,9 +53,9 @@ TC_TOME_INSTANTIATE(bf16)
 namespace tc
 {
 
-size_t tome_workspace_bytes(int batch, int n)
+size_t tome_workspace_bytes(int batch, int n, int ck)
 {
-    return (size_t) batch * (size_t) tome_scratch_words(n) * sizeof(int);
+    return (size_t) batch * (size_t) tome_scratch_words(n, ck) * sizeof(int);
 }
 
 template <typename T>

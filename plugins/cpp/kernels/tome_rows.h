@@ -52,18 +52,18 @@ struct ToMeShape
 };
 
 // Scratch words per row, in the order tome_scratch lays them out.
-TC_HD long long tome_scratch_words(int n)
+TC_HD long long tome_scratch_words(int n, int ck)
 {
     int n_a = (n + 1) / 2;
-    return 3LL * n     // norm, dest, primary
-        + 3LL * n_a    // node_max, node_idx, rank
-        + n_a          // member (merged A tokens grouped by destination)
-        + (n + 1);     // start (first member of each output token)
+    return 2LL * n          // dest, primary
+        + 3LL * n_a         // node_max, node_idx, rank
+        + n_a               // member (merged A tokens grouped by destination)
+        + (n + 1)           // start (first member of each output token)
+        + (long long) n * ck; // unit (the metric scaled to unit norm)
 }
 
 struct ToMeScratch
 {
-    float* norm;     // [n]   clamped L2 norm of each metric row
     float* node_max; // [n_a] best score of each A token
     int* node_idx;   // [n_a] its B partner (first argmax)
     int* rank;       // [n_a] position in the stable descending order of node_max
@@ -71,20 +71,21 @@ struct ToMeScratch
     int* primary;    // [n_out] the one input token each output token starts from
     int* member;     // [r]   merged A tokens (token index), grouped by destination, A order within a group
     int* start;      // [n_out + 1] first member of each output token
+    float* unit;     // [n, ck] metric rows divided by their norm (once, not once per pair)
 };
 
 TC_HD ToMeScratch tome_scratch(int* words, int n)
 {
     int n_a = (n + 1) / 2;
     ToMeScratch s;
-    s.norm = words_as_floats(words);
-    s.node_max = s.norm + n;
-    s.node_idx = words + n + n_a;
+    s.node_max = words_as_floats(words);
+    s.node_idx = words + n_a;
     s.rank = s.node_idx + n_a;
     s.dest = s.rank + n_a;
     s.primary = s.dest + n;
     s.member = s.primary + n;
     s.start = s.member + n_a;
+    s.unit = words_as_floats(s.start + n + 1); // last: the only part whose length depends on ck
     return s;
 }
 
@@ -102,7 +103,7 @@ struct ToMeRow
     ToMeScratch s;
 };
 
-// Batch row b of the whole tensors (scratch: tome_scratch_words(n) words per row).
+// Batch row b of the whole tensors (scratch: tome_scratch_words(n, ck) words per row).
 template <typename TX, typename TM>
 TC_HD ToMeRow<TX, TM> tome_row_at(ToMeShape const& sh, int b, TX const* x, TM const* metric, float const* size,
     float const* mask, TX* x_out, float* size_out, float* mask_out, int* scratch)
@@ -116,7 +117,7 @@ TC_HD ToMeRow<TX, TM> tome_row_at(ToMeShape const& sh, int b, TX const* x, TM co
     row.x_out = x_out + b * n_out * sh.c;
     row.size_out = size_out + b * n_out;
     row.mask_out = mask_out != nullptr ? mask_out + b * n_out : nullptr;
-    row.s = tome_scratch(scratch + b * tome_scratch_words(sh.n), sh.n);
+    row.s = tome_scratch(scratch + b * tome_scratch_words(sh.n, sh.ck), sh.n);
     return row;
 }
 
@@ -135,13 +136,12 @@ TC_HD float tome_score(ToMeShape const& sh, ToMeRow<TX, TM> const& row, int i, i
     {
         return kToMeProtectedScore;
     }
-    TM const* ma = row.metric + (long long) ta * sh.ck;
-    TM const* mb = row.metric + (long long) tb * sh.ck;
-    float na = row.s.norm[ta], nb = row.s.norm[tb];
+    float const* ua = row.s.unit + (long long) ta * sh.ck;
+    float const* ub = row.s.unit + (long long) tb * sh.ck;
     float dot = 0.0f;
     for (int k = 0; k < sh.ck; ++k)
     {
-        dot += (to_float(ma[k]) / na) * (to_float(mb[k]) / nb); // unit vectors, as the reference divides first
+        dot += ua[k] * ub[k];
     }
     if (row.mask != nullptr)
     {
@@ -174,7 +174,8 @@ TC_HD bool tome_merged(ToMeShape const& sh, ToMeScratch const& s, int i)
     return sh.r > 0 && 2 * i >= sh.protect && s.rank[i] < sh.r;
 }
 
-// Phase 0: metric norms (clamped like the reference).
+// Phase 0: metric rows scaled to unit norm (norm clamped like the reference, which also divides before the
+// product, so the scores are products of the same rounded unit values).
 template <typename TX, typename TM>
 TC_HD void tome_phase_norms(ToMeShape const& sh, ToMeRow<TX, TM> const& row, int t, int nt)
 {
@@ -188,7 +189,12 @@ TC_HD void tome_phase_norms(ToMeShape const& sh, ToMeRow<TX, TM> const& row, int
             sum += v * v;
         }
         float norm = sqrt_f(sum);
-        row.s.norm[token] = norm > kToMeNormEps ? norm : kToMeNormEps;
+        norm = norm > kToMeNormEps ? norm : kToMeNormEps;
+        float* unit = row.s.unit + (long long) token * sh.ck;
+        for (int k = 0; k < sh.ck; ++k)
+        {
+            unit[k] = to_float(m[k]) / norm;
+        }
     }
 }
 

@@ -18,7 +18,7 @@ struct ToMeLaunch
     void* x_out;
     float* size_out;
     float* mask_out; // null without the mask input
-    void* workspace; // tome_workspace_bytes(batch, n)
+    void* workspace; // tome_workspace_bytes(batch, n, ck)
 };
 
 struct PruneLaunch
@@ -36,7 +36,7 @@ struct PruneLaunch
     void* workspace; // prune_workspace_bytes(batch, n)
 };
 
-size_t tome_workspace_bytes(int batch, int n);
+size_t tome_workspace_bytes(int batch, int n, int ck);
 size_t prune_workspace_bytes(int batch, int n);
 
 // Enqueue the kernels on `stream`: no allocation, no synchronisation (safe inside CUDA graph capture).

@@ -62,7 +62,7 @@ std::string TokenPrunePlugin::checkFits(int64_t n) const
     return "";
 }
 
-size_t TokenPrunePlugin::workspaceBytes(int32_t batch, int32_t n) const
+size_t TokenPrunePlugin::workspaceBytes(int32_t batch, int32_t n, int32_t) const
 {
     return prune_workspace_bytes(batch, n);
 }

@@ -21,7 +21,7 @@ protected:
     {
         return 2; // cls_attention [B, N]
     }
-    size_t workspaceBytes(int32_t batch, int32_t n) const override;
+    size_t workspaceBytes(int32_t batch, int32_t n, int32_t decision_channels) const override;
     cudaError_t launch(int32_t element, int32_t batch, int32_t n, int32_t c, int32_t decision_channels,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) const override;
 };

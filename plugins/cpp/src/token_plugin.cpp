@@ -301,7 +301,8 @@ size_t TokenPlugin::getWorkspaceSize(
     DynamicPluginTensorDesc const* inputs, int32_t, DynamicPluginTensorDesc const*, int32_t) const noexcept
 {
     Dims const& most = inputs[kInX].max;
-    return workspaceBytes(static_cast<int32_t>(most.d[0]), static_cast<int32_t>(most.d[1]));
+    int32_t const channels = decisionRank() == 3 ? static_cast<int32_t>(inputs[kInDecision].max.d[2]) : 1;
+    return workspaceBytes(static_cast<int32_t>(most.d[0]), static_cast<int32_t>(most.d[1]), channels);
 }
 
 int32_t TokenPlugin::onShapeChange(

@@ -138,7 +138,7 @@ protected:
     virtual std::string checkFits(int64_t n) const = 0;
     // Rank of the decision tensor: 3 (metric [B,N,Ck]) or 2 (cls_attention [B,N]).
     virtual int32_t decisionRank() const = 0;
-    virtual size_t workspaceBytes(int32_t batch, int32_t n) const = 0;
+    virtual size_t workspaceBytes(int32_t batch, int32_t n, int32_t decision_channels) const = 0;
     // Enqueue the kernels for x [batch, n, c]; decision_channels is Ck (or 1).
     virtual cudaError_t launch(int32_t element, int32_t batch, int32_t n, int32_t c, int32_t decision_channels,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) const = 0;

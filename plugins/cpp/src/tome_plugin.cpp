@@ -62,9 +62,9 @@ std::string ToMeMergePlugin::checkFits(int64_t n) const
     return "";
 }
 
-size_t ToMeMergePlugin::workspaceBytes(int32_t batch, int32_t n) const
+size_t ToMeMergePlugin::workspaceBytes(int32_t batch, int32_t n, int32_t decision_channels) const
 {
-    return tome_workspace_bytes(batch, n);
+    return tome_workspace_bytes(batch, n, decision_channels);
 }
 
 cudaError_t ToMeMergePlugin::launch(int32_t element, int32_t batch, int32_t n, int32_t c, int32_t decision_channels,
