@@ -67,78 +67,59 @@ def _arg_text(value) -> str:
 # ---------------------------------------------------------------------------------------------- configs
 
 
-def _text_config(kind: str, vocab_size: int):
-    import transformers as tf
-
-    common = dict(vocab_size=vocab_size, max_position_embeddings=TEXT_MAX_POSITIONS)
-    bert_like = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                     intermediate_size=2 * WIDTH, **common)
-    if kind == "bert":
-        return tf.BertConfig(**bert_like)
-    if kind == "roberta":
-        return tf.RobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, **bert_like)
-    if kind == "xlm-roberta":
-        return tf.XLMRobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, **bert_like)
-    if kind == "distilbert":
-        return tf.DistilBertConfig(dim=WIDTH, n_layers=LAYERS, n_heads=HEADS, hidden_dim=2 * WIDTH, **common)
-    if kind == "albert":  # one layer's weights shared by all LAYERS layers
-        return tf.AlbertConfig(embedding_size=16, **bert_like)
-    if kind == "electra":
-        return tf.ElectraConfig(embedding_size=16, **bert_like)
-    if kind == "mpnet":
-        return tf.MPNetConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, **bert_like)
-    raise KeyError(kind)
-
-
-def _vision_config(kind: str):
-    import transformers as tf
-
-    common = dict(image_size=IMAGE, patch_size=PATCH, hidden_size=WIDTH, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, intermediate_size=2 * WIDTH)
-    if kind == "vit":
-        return tf.ViTConfig(**common)
-    if kind == "deit":
-        return tf.DeiTConfig(**common)
-    if kind == "clip_vision":
-        return tf.CLIPVisionConfig(**common)
-    if kind == "siglip_vision":
-        return tf.SiglipVisionConfig(**common)
-    if kind == "dinov2":
-        return tf.Dinov2Config(**common)
-    if kind == "dinov2_registers":
-        return tf.Dinov2WithRegistersConfig(num_register_tokens=4, **common)
-    raise KeyError(kind)
+# hf kind -> (transformers config class, what makes it tiny). The class's defaults are the full (base) size.
+_TEXT = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * WIDTH,
+             max_position_embeddings=TEXT_MAX_POSITIONS)
+_ROBERTA_IDS = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)  # <s>=0, <pad>=1: positions start after pad
+_VISION = dict(image_size=IMAGE, patch_size=PATCH, hidden_size=WIDTH, num_hidden_layers=LAYERS,
+               num_attention_heads=HEADS, intermediate_size=2 * WIDTH)
+# Wav2Vec2 / HuBERT: a two-layer conv feature extractor (stride 10) and a small positional conv.
+_AUDIO = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * WIDTH,
+              conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=8,
+              num_conv_pos_embedding_groups=2)
+HF_CONFIGS: dict[str, tuple[str, dict]] = {
+    "bert": ("BertConfig", _TEXT),
+    "roberta": ("RobertaConfig", {**_TEXT, **_ROBERTA_IDS}),
+    "xlm-roberta": ("XLMRobertaConfig", {**_TEXT, **_ROBERTA_IDS}),
+    "distilbert": ("DistilBertConfig", dict(dim=WIDTH, n_layers=LAYERS, n_heads=HEADS, hidden_dim=2 * WIDTH,
+                                            max_position_embeddings=TEXT_MAX_POSITIONS)),
+    "albert": ("AlbertConfig", dict(_TEXT, embedding_size=16)),  # one layer's weights shared by all layers
+    "electra": ("ElectraConfig", dict(_TEXT, embedding_size=16)),
+    "mpnet": ("MPNetConfig", {**_TEXT, **_ROBERTA_IDS}),  # relative attention bias
+    "vit": ("ViTConfig", _VISION),
+    "deit": ("DeiTConfig", _VISION),  # CLS + distillation token
+    "clip_vision": ("CLIPVisionConfig", _VISION),
+    "siglip_vision": ("SiglipVisionConfig", _VISION),  # no CLS token
+    "dinov2": ("Dinov2Config", _VISION),  # layer scale
+    "dinov2_registers": ("Dinov2WithRegistersConfig", dict(_VISION, num_register_tokens=4)),
+    "whisper": ("WhisperConfig", dict(vocab_size=100, num_mel_bins=8, d_model=WIDTH, encoder_layers=LAYERS,
+                                      encoder_attention_heads=HEADS, encoder_ffn_dim=2 * WIDTH, decoder_layers=1,
+                                      decoder_attention_heads=HEADS, decoder_ffn_dim=2 * WIDTH,
+                                      max_source_positions=WHISPER_POSITIONS, max_target_positions=16,
+                                      pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=3)),
+    "wav2vec2": ("Wav2Vec2Config", _AUDIO),
+    "hubert": ("HubertConfig", _AUDIO),
+}
+# Full size: the config class's defaults, except where those are not the common base model.
+HF_FULL_OVERRIDES = {
+    "albert": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),  # the default is xxlarge
+    **{kind: _ROBERTA_IDS for kind in ("roberta", "xlm-roberta", "mpnet")},
+}
 
 
-def _speech_config(kind: str):
-    import transformers as tf
+def hf_config(kind: str, vocab_size: int | None = None, full: bool = False):
+    """The transformers config of an hf kind (see HF_KINDS): tiny, or the base size with `full`.
 
-    if kind == "whisper":
-        return tf.WhisperConfig(vocab_size=100, num_mel_bins=8, d_model=WIDTH, encoder_layers=LAYERS,
-                                encoder_attention_heads=HEADS, encoder_ffn_dim=2 * WIDTH, decoder_layers=1,
-                                decoder_attention_heads=HEADS, decoder_ffn_dim=2 * WIDTH,
-                                max_source_positions=WHISPER_POSITIONS, max_target_positions=16, pad_token_id=1,
-                                bos_token_id=2, eos_token_id=2, decoder_start_token_id=3)
-    # Wav2Vec2 / HuBERT: a two-layer conv feature extractor (stride 10) and a small positional conv.
-    audio = dict(vocab_size=32, hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                 intermediate_size=2 * WIDTH, conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2),
-                 num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2)
-    if kind == "wav2vec2":
-        return tf.Wav2Vec2Config(**audio)
-    if kind == "hubert":
-        return tf.HubertConfig(**audio)
-    raise KeyError(kind)
+    `vocab_size` (text kinds) sizes the embedding for a tokenizer; tiny text models default to SMALL_VOCAB."""
+    import transformers
 
-
-def hf_config(kind: str, vocab_size: int = SMALL_VOCAB):
-    """The tiny transformers config for an hf kind (see HF_KINDS)."""
-    if kind in TEXT_KINDS:
-        return _text_config(kind, vocab_size)
-    if kind in VISION_KINDS:
-        return _vision_config(kind)
-    if kind in SPEECH_KINDS:
-        return _speech_config(kind)
-    raise KeyError(f"unknown hf kind '{kind}'; choose one of {', '.join(HF_KINDS)}")
+    if kind not in HF_CONFIGS:
+        raise KeyError(f"unknown hf kind '{kind}'; choose one of {', '.join(HF_KINDS)}")
+    class_name, tiny = HF_CONFIGS[kind]
+    settings = dict(HF_FULL_OVERRIDES.get(kind, {})) if full else dict(tiny)
+    if kind in TEXT_KINDS and (vocab_size or not full):
+        settings["vocab_size"] = vocab_size or SMALL_VOCAB
+    return getattr(transformers, class_name)(**settings)
 
 
 # ---------------------------------------------------------------------------------------------- directories
@@ -165,13 +146,14 @@ def _save_once(target: Path, write) -> Path:
     return target
 
 
-def hf_dir(kind: str, root: Path, seed: int = SEED) -> Path:
-    """Save (once) a tiny random transformers model of `kind` under `root` and return its directory."""
+def hf_dir(kind: str, root: Path, seed: int = SEED, full: bool = False) -> Path:
+    """Save (once) a random transformers model of `kind` (tiny, or base size with `full`) under `root`."""
     from tcexport.sources import _quiet_transformers
 
-    config = hf_config(kind)
+    config = hf_config(kind, full=full)
     _quiet_transformers()
-    return _save_once(Path(root) / f"hf-{kind}-seed{seed}", lambda tmp: _random_model(config, seed).save_pretrained(tmp))
+    name = f"hf-{kind}{'-full' if full else ''}-seed{seed}"
+    return _save_once(Path(root) / name, lambda tmp: _random_model(config, seed).save_pretrained(tmp))
 
 
 def minilm_tokenizer_dir() -> Path:
@@ -184,8 +166,9 @@ def minilm_tokenizer_dir() -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128) -> Path:
-    """Save (once) a sentence-transformers directory: tiny `kind` encoder + mean Pooling + Normalize.
+def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128, full: bool = False) -> Path:
+    """Save (once) a sentence-transformers directory: a `kind` encoder (tiny, or base size with `full`) + mean
+    Pooling + Normalize.
 
     The tokenizer is MiniLM's (copied), so the encoder's vocabulary is sized to fit it.
     """
@@ -202,15 +185,17 @@ def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128) -
         from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
         encoder = tmp / "encoder"
-        _random_model(_text_config(kind, vocab_size), seed).save_pretrained(encoder)
+        config = hf_config(kind, vocab_size=vocab_size, full=full)
+        _random_model(config, seed).save_pretrained(encoder)
         for name in TOKENIZER_FILES:
             shutil.copy(tokenizer / name, encoder / name)
         transformer = Transformer(str(encoder), max_seq_length=max_seq_length)
-        pipeline = SentenceTransformer(modules=[transformer, Pooling(WIDTH, "mean"), Normalize()], device="cpu")
+        width = config.hidden_size
+        pipeline = SentenceTransformer(modules=[transformer, Pooling(width, "mean"), Normalize()], device="cpu")
         pipeline.save(str(tmp / "st"))
         for item in (tmp / "st").iterdir():
             item.rename(tmp / item.name)
         (tmp / "st").rmdir()
         shutil.rmtree(encoder)
 
-    return _save_once(Path(root) / f"st-{kind}-seed{seed}", write)
+    return _save_once(Path(root) / f"st-{kind}{'-full' if full else ''}-seed{seed}", write)
