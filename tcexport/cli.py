@@ -200,8 +200,11 @@ def compress(model, output, method, r, keep, keep_count, fuse, keep_order, domin
 @click.option("--batch", "batch_text", default="1,3", show_default=True, help="Batch sizes, used in turn.")
 @click.option("--inputs", "user_inputs", type=click.Path(dir_okay=False, path_type=Path),
               help="Also compare on your own inputs: an .npz with one array per model input, named as the inputs.")
+@click.option("--reference-onnx", type=click.Path(path_type=Path), default=None,
+              help="For a model not exported by tcexport: report FIDELITY against this uncompressed ONNX (or its "
+                   "build) on the same inputs (cosine, top-1, max abs diff); exit 1 only below --min-cosine.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inputs, json_path):
+def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inputs, reference_onnx, json_path):
     """Compare an ONNX model, ORT build or TensorRT engine directory with the PyTorch reference.
 
     The reference is the source model (spec and weights from tcexport.source, checked by hash) with the
@@ -216,6 +219,7 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
     Example:
       tcexport validate vit_tome.onnx --samples 6 --json report.json
       tcexport validate build/vit-trt-fp16
+      tcexport validate my_model.tc.onnx --reference-onnx my_model.onnx --min-cosine 0.99
     """
     from tcexport import artifacts
 
@@ -224,6 +228,16 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
         from tcexport.backends import trt as trt_backend
 
         trt_backend.require_engine_runtime(model)
+    if reference_onnx is not None:
+        if atol is not None or rtol is not None:
+            raise UsageError("--atol/--rtol check equality with the eager PyTorch reference; --reference-onnx "
+                             "reports fidelity, where only --min-cosine applies")
+        from tcexport import fidelity
+
+        report = fidelity.run(model, reference_onnx, json_path=json_path, samples=samples, seed=seed,
+                              batches=batches, min_cosine=min_cosine, user_inputs=user_inputs)
+        click.echo(fidelity.format_report(report))
+        return
     from tcexport import validate as validate_mod
 
     report = validate_mod.run(model, json_path=json_path, samples=samples, seed=seed, atol=atol, rtol=rtol,

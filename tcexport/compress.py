@@ -10,7 +10,6 @@ import onnx_ir as ir
 
 from tcexport import inputs as inputs_mod
 from tcexport import metadata, methods, onnxfile
-from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError
 from tcexport.graph import blocks as blocks_mod
 from tcexport.graph import attention, functions, opset, probe
@@ -250,7 +249,6 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     names = list(dict.fromkeys(s.method.name for s in planned))
     plan = Plan("+".join(names), planned, protected, prop_attn, impl, schedule, request)
     compressed, schedule_out = compress_model(model, plan)
-    # Keep the provenance: validate rebuilds the reference from it.
-    with atomic_file(output) as tmp:
-        onnxfile.save(compressed, tmp)
+    # Keep the provenance: validate rebuilds the reference from it. Weights in a .data file stay in one.
+    onnxfile.write(compressed, output, external_data=onnxfile.has_external_data(input_path))
     return schedule_out

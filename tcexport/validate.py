@@ -235,7 +235,9 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
             trt_backend.check_batch_in_profile(artifact.sidecar.get("profile"), batch, str(path))
     source_record, compression_record = _records(artifact)
     if not source_record:
-        raise UsageError(f"{path} has no tcexport.source record; validate needs a model exported by 'tcexport export'")
+        raise UsageError(f"{path} has no tcexport.source record, so there is no PyTorch reference to rebuild; for a "
+                         "model exported elsewhere, compare it with its uncompressed ONNX instead: tcexport validate "
+                         f"{path} --reference-onnx UNCOMPRESSED.onnx")
     source = sources.load_from_record(source_record)
     plan, prop_attn = plan_from_record(compression_record)
     if plan:

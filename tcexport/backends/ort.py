@@ -78,6 +78,32 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+MODEL_FILE = "model.onnx"
+MODEL_DATA_FILE = MODEL_FILE + onnxfile.DATA_SUFFIX
+EXTERNAL_FILE_KEY = "session.optimized_model_external_initializers_file_name"
+EXTERNAL_MIN_SIZE_KEY = "session.optimized_model_external_initializers_min_size_in_bytes"
+
+
+def _source_weights(model_path: str | Path, source: onnx.ModelProto) -> list[Path]:
+    """The external data files the source reads, each checked to exist (ONNX Runtime's own error is cryptic)."""
+    files = [Path(model_path).parent / name for name in onnxfile.external_data_locations(source)]
+    for path in files:
+        if not path.is_file():
+            raise UsageError(f"{model_path}: its weights file {path.name} is missing (it must sit beside the "
+                             ".onnx file); copy it there or re-export")
+    return files
+
+
+def _self_contained_files(directory: Path, optimized: onnx.ModelProto) -> list[str]:
+    """The files of the build; every weights file the optimized model names must be inside `directory`."""
+    names = onnxfile.external_data_locations(optimized)
+    outside = [n for n in names if n != MODEL_DATA_FILE or not (directory / n).is_file()]
+    if outside:
+        raise UsageError(f"ONNX Runtime saved the optimized model with weights outside the build ({outside[0]}); "
+                         "please report this to tcexport")
+    return [MODEL_FILE, *names]
+
+
 def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", threads: int | None = None,
           opt_level: str = "all", batch: int = 1) -> dict:
     """Optimize `model_path` with ONNX Runtime and write OUT_DIR/{model.onnx, tcexport-build.json} atomically.
@@ -88,13 +114,18 @@ def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", th
     source = onnxfile.load(model_path, load_external_data=False)
     specs = inputs.specs_from_graph(source)
     provider_full = provider_name(provider)
+    weights = _source_weights(model_path, source)
     with atomic_dir(out_dir) as tmp:
         options = session_options(threads, opt_level)
-        options.optimized_model_filepath = str(tmp / "model.onnx")
+        options.optimized_model_filepath = str(tmp / MODEL_FILE)
+        if weights:  # the onnxfile layout rule: external data in, external data out (re-saved into OUT_DIR)
+            options.add_session_config_entry(EXTERNAL_FILE_KEY, MODEL_DATA_FILE)
+            options.add_session_config_entry(EXTERNAL_MIN_SIZE_KEY, "1024")
         session = open_session(model_path, provider, options=options)
         # Run once so a graph that loads but cannot execute fails the build, not the first user.
         session.run(None, inputs.random_feeds(specs, batch))
-        optimized = onnx.load(str(tmp / "model.onnx"), load_external_data=False)
+        optimized = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
+        model_files = _self_contained_files(tmp, optimized)
         sidecar = {
             "tool": f"tcexport {__version__}",
             "backend": "ort",
@@ -107,6 +138,9 @@ def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", th
             "outputs": [o.name for o in session.get_outputs()],
             "source_model": str(Path(model_path).resolve()),
             "source_sha256": file_sha256(model_path),
+            # The weights, when they sit beside the .onnx file: hashed too, so a swapped .data file shows.
+            "source_weights": [{"file": str(w.resolve()), "sha256": file_sha256(w)} for w in weights],
+            "model_files": model_files,
             "nodes_before": len(source.graph.node),
             "nodes_after": len(optimized.graph.node),
             # The optimized graph may drop metadata_props; keep the provenance with the build.
