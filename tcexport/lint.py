@@ -16,7 +16,8 @@ Rules (id: what it checks):
     dtype          data types TensorRT lacks (error) or handles partly (warning)
     custom-op      custom-domain nodes: a model-local function (inlined; a warning says whether tcexport's plugin
                    of that name can replace it; an error when the parser would resolve it to another function or
-                   a built-in op), a tcexport plugin (version checks), or an op no known plugin implements (error)
+                   a built-in op), a tcexport plugin (which plugin kinds the version runs: C++ IPluginV3 from
+                   10.0, Python JIT 10.6, AOT 10.9; its INT32 fields; `aot`), or an op no plugin implements (error)
 """
 
 from __future__ import annotations
@@ -441,20 +442,53 @@ class Linter:
                      f"custom op {node.domain}:{node.op_type} is neither a model-local function nor a known plugin; "
                      "TensorRT would need a plugin registered under that name", scope.name)
             return
-        if not trt_backend.supports_python_plugins(self.version):
+        self.check_plugin_fields(scope, node, spec)
+        kinds = trt_backend.plugin_kinds(self.version, spec, with_mask=len(node.input) > 3)
+        if not kinds:
             self.add(ERROR, "custom-op", node,
-                     f"{node.op_type} needs tcexport's Python plugin, and TensorRT {self.report.trt_version} has no "
-                     "Python plugins (10.6+): use plain-ONNX mode (the method as standard ops or a model-local "
-                     "function)", scope.name)
+                     f"no tcexport plugin that TensorRT {self.report.trt_version} can run implements {node.op_type}"
+                     f"{' with a mask' if len(node.input) > 3 else ''} (C++ IPluginV3: 10.0+; Python plugins: 10.6+, "
+                     "ahead of time 10.9+, without a mask): use plain-ONNX mode (--impl subgraph or function)",
+                     scope.name)
         elif not trt_backend.reads_plugin_namespace_from_domain(self.version) and _attr(
                 node, "plugin_namespace", None) is None:
             self.add(ERROR, "custom-op", node,
                      f"before TensorRT 10.10 the parser ignores the node domain: add plugin_namespace="
                      f"'{spec.namespace}' (and plugin_version='{spec.version}') to {node.op_type}", scope.name)
         else:
+            python = [k for k in kinds if k != trt_backend.CPP_PLUGIN]
+            note = ""
+            if not python:
+                note = (" (tcexport's Python plugins take no mask)" if len(node.input) > 3 and
+                        trt_backend.supports_python_plugins(self.version) else
+                        " (no Python plugins here: they need 10.6, ahead of time 10.9)")
             self.add(WARNING, "custom-op", node,
-                     f"{node.op_type} runs as tcexport's plugin {spec.namespace}::{spec.name} v{spec.version}: it "
-                     "must be registered when building and running the engine", scope.name)
+                     f"{node.op_type} runs as tcexport's plugin {spec.namespace}::{spec.name} v{spec.version}, which "
+                     f"must be loaded when building and running the engine (tcexport build --plugins); TensorRT "
+                     f"{self.report.trt_version} can run it as: {', '.join(kinds)}{note}", scope.name)
+            if trt_backend.PYTHON_AOT_PLUGIN in kinds and spec.python_aot and _attr(node, "aot", None) is None:
+                self.add(WARNING, "custom-op", node,
+                         f"{node.op_type} has no 'aot' attribute: with tcexport's Python plugins (JIT and AOT) "
+                         "loaded, the parser needs it (or a PREFER_AOT/PREFER_JIT network flag) to pick one",
+                         scope.name)
+
+    def check_plugin_fields(self, scope: Scope, node: onnx.NodeProto, spec) -> None:
+        """The parser passes only the fields the creator declares, an ONNX INT attribute as an INT32 field; an
+        INT64 tensor attribute is rejected (onnx-tensorrt's plugin field loading)."""
+        attributes = {a.name: a for a in node.attribute}
+        for name in spec.fields:
+            attr = attributes.get(name)
+            if attr is None:
+                self.add(ERROR, "custom-op", node, f"{node.op_type} lacks the plugin field '{name}' (an INT "
+                         "attribute): the plugin would be created without it", scope.name)
+            elif attr.type != onnx.AttributeProto.INT:
+                kind = onnx.AttributeProto.AttributeType.Name(attr.type)
+                self.add(ERROR, "custom-op", node, f"{node.op_type} carries plugin field '{name}' as {kind}: "
+                         "TensorRT's parser passes plugin fields from INT attributes (as INT32) and rejects INT64 "
+                         "tensors; write it as an INT attribute", scope.name)
+            elif not -2**31 <= attr.i < 2**31:
+                self.add(ERROR, "custom-op", node, f"{node.op_type} field '{name}' = {attr.i} does not fit the "
+                         "INT32 field the parser makes of it", scope.name)
 
     # model-local functions. What TensorRT's ONNX parser does with them (onnx-tensorrt ModelImporter.cpp and
     # onnxOpImporters.cpp LocalFunctionImporter; docs/Changelog.md): it imports model-local functions since 9.0 EA

@@ -380,3 +380,14 @@ def test_impl_plugin_refuses_a_method_without_plugin(tiny_vit, tmp_path):
     assert_usage_error(result)
     assert "no TensorRT plugin implements pool" in result.stderr
     assert not (tmp_path / "pool.onnx").exists()
+
+
+def test_lint_accepts_the_plugin_graph_compress_writes(tiny_vit, tmp_path):
+    out = tmp_path / "plugin.onnx"
+    compress.compress_file(tiny_vit, out, method="topk", layers="1", params={"keep": 0.5}, impl="plugin")
+    model = onnx.load(str(out), load_external_data=False)
+    old = lint.lint_model(model, "10.3")  # JetPack 6: the C++ library runs it, Python plugins do not exist
+    assert old.ok and [f.rule for f in old.findings] == ["custom-op"]
+    assert "C++ IPluginV3 library (no Python plugins here" in old.findings[0].message
+    new = lint.lint_model(model, "10.13")
+    assert new.ok and "Python plugin (AOT)" in new.findings[0].message and len(new.findings) == 1  # aot=1 is set

@@ -222,16 +222,58 @@ def test_unknown_custom_op_is_an_error():
     assert (finding.severity, finding.op_type) == ("error", "FancyMerge")
 
 
-def test_tcexport_plugin_op_by_version():
-    def plugin_model(**attrs):
-        node = helper.make_node("ToMeMerge", ["x"], ["y"], domain="tcexport", name="tome", **attrs)
-        return model([node], [vi("x")], [vi("y")], extra_opsets=["tcexport"])
+def _plugin_node(op="ToMeMerge", inputs=("x",), **attrs):
+    node = helper.make_node(op, list(inputs), ["y"], domain="tcexport", name="tome", **attrs)
+    return model([node], [vi(n) for n in inputs], [vi("y")], extra_opsets=["tcexport"])
 
-    assert "plain-ONNX" in only(plugin_model(), "10.3", "custom-op").message  # JetPack 6: no Python plugins
-    assert only(plugin_model(), "10.6", "custom-op").severity == "error"  # namespace from the domain only from 10.10
-    with_ns = plugin_model(plugin_namespace="tcexport", plugin_version="1")
-    assert only(with_ns, "10.6", "custom-op").severity == "warning"
-    assert only(plugin_model(), "10.10", "custom-op").severity == "warning"
+
+TOME_FIELDS = {"r": 8, "protected": 1}
+
+
+def test_tcexport_plugin_op_by_version():
+    """C++ IPluginV3 runs from 10.0 (JetPack 6's 10.3 too); Python plugins JIT from 10.6, AOT from 10.9."""
+    on_10_3 = only(_plugin_node(**TOME_FIELDS, plugin_namespace="tcexport", plugin_version="1", aot=1), "10.3",
+                   "custom-op")
+    assert on_10_3.severity == "warning"  # not "cannot run": the C++ library runs it
+    assert "C++ IPluginV3 library" in on_10_3.message and "Python plugin" not in on_10_3.message.split(":")[-1]
+    assert "no Python plugins here" in on_10_3.message
+    assert only(_plugin_node(**TOME_FIELDS), "10.6", "custom-op").severity == "error"  # domain read from 10.10 only
+    with_ns = _plugin_node(**TOME_FIELDS, plugin_namespace="tcexport", plugin_version="1")
+    jit = only(with_ns, "10.6", "custom-op")
+    assert jit.severity == "warning" and "Python plugin (JIT)" in jit.message and "(AOT)" not in jit.message
+    new = findings(with_ns, "10.10", "custom-op")  # AOT too: and without `aot` the parser cannot choose
+    assert [f.severity for f in new] == ["warning", "warning"]
+    assert "Python plugin (AOT)" in new[0].message and "'aot' attribute" in new[1].message
+    assert len(findings(_plugin_node(**TOME_FIELDS, aot=1), "10.10", "custom-op")) == 1
+
+
+def test_plugin_with_a_mask_has_no_python_plugin():
+    masked = _plugin_node(inputs=("x", "metric", "size", "mask"), **TOME_FIELDS, plugin_namespace="tcexport",
+                          plugin_version="1", aot=1)
+    finding = only(masked, "11.0", "custom-op")
+    assert finding.message.endswith("C++ IPluginV3 library (tcexport's Python plugins take no mask)")
+
+
+def test_plugin_without_any_implementation_is_an_error():
+    pool = _plugin_node("TokenPool", kernel=2, protected=1, grid_side=14, plugin_namespace="tcexport")
+    (finding,) = [f for f in findings(pool, "11.0", "custom-op") if f.severity == "error"]
+    assert "no tcexport plugin" in finding.message
+
+
+def test_plugin_fields_must_be_int_attributes():
+    """onnx-tensorrt's plugin field loading: INT attribute -> INT32 field; INT64 tensors rejected; only declared
+    fields are passed, so a missing one never reaches the plugin."""
+    tensor_k = helper.make_attribute("r", numpy_helper.from_array(np.array([8], np.int64)))
+    m = _plugin_node(protected=1, plugin_namespace="tcexport")
+    m.graph.node[0].attribute.append(tensor_k)
+    errors = [f for f in findings(m, "10.13", "custom-op") if f.severity == "error"]
+    assert len(errors) == 1 and "as TENSOR" in errors[0].message and "INT64" in errors[0].message
+    missing = [f for f in findings(_plugin_node(r=8, plugin_namespace="tcexport"), "10.13", "custom-op")
+               if f.severity == "error"]
+    assert len(missing) == 1 and "lacks the plugin field 'protected'" in missing[0].message
+    huge = [f for f in findings(_plugin_node(r=2**31, protected=1, plugin_namespace="tcexport"), "10.13", "custom-op")
+            if f.severity == "error"]
+    assert len(huge) == 1 and "INT32" in huge[0].message
 
 
 def function_model(body_sorted: int = 1):

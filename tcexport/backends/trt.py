@@ -156,8 +156,9 @@ class PluginSpec:
     # tcexport's Python plugin has both a JIT (impl) and an AOT (aot_impl) implementation: the ONNX parser then
     # needs the node attribute `aot` (or a PREFER_AOT/PREFER_JIT network flag) to choose one.
     python_aot: bool = False
-    # The INT32 fields its creator declares, in order: the ONNX parser passes only these (see plugin_fields).
+    # The INT32 fields its creator declares, in order: the ONNX parser passes only these.
     fields: tuple[str, ...] = ()
+    cpp: bool = False  # implemented in plugins/cpp (libtcexport_plugins.so, IPluginV3)
 
 
 # tcexport's own plugins, by the (domain, op_type) their ONNX nodes carry. Methods that gain a plugin add theirs
@@ -172,13 +173,30 @@ def register_plugin(spec: PluginSpec) -> PluginSpec:
 
 for _spec in (
     PluginSpec("ToMeMerge", description="ToMe bipartite soft matching: merge r token pairs (size-weighted)",
-               python_aot=True, fields=("r", "protected")),
+               python_aot=True, fields=("r", "protected"), cpp=True),
     PluginSpec("TokenPrune", description="keep the K tokens with the highest CLS attention (EViT)", python_aot=True,
-               fields=("k", "protected", "fuse", "keep_order")),
+               fields=("k", "protected", "fuse", "keep_order"), cpp=True),
     PluginSpec("TokenPool", description="average-pool the token grid (no plugin implementation yet)",
                fields=("kernel", "protected", "grid_side")),
 ):
     register_plugin(_spec)
+
+
+# Which plugin kinds a TensorRT version runs: C++ IPluginV3 from 10.0 (JetPack 6's 10.3 included), Python
+# "quickly deployable" plugins JIT from 10.6, ahead of time (aot_impl, no Python at run time) from 10.9.
+CPP_PLUGIN, PYTHON_JIT_PLUGIN, PYTHON_AOT_PLUGIN = "C++ IPluginV3 library", "Python plugin (JIT)", "Python plugin (AOT)"
+
+
+def plugin_kinds(version: str | TrtVersion, spec: PluginSpec, with_mask: bool = False) -> list[str]:
+    """The kinds of tcexport plugin that can run `spec` on TensorRT `version` (the Python ones take no mask)."""
+    version = parse_version(version)
+    kinds = [CPP_PLUGIN] if spec.cpp else []
+    if spec.python_aot and not with_mask:
+        if supports_python_plugins(version):
+            kinds.append(PYTHON_JIT_PLUGIN)
+        if supports_aot_plugins(version):
+            kinds.append(PYTHON_AOT_PLUGIN)
+    return kinds
 
 
 def plugin_spec(name: str) -> PluginSpec:
@@ -919,7 +937,7 @@ class TrtRunner:
 
 
 __all__ = [
-    "builds_strongly_typed", "network_creation_flags", "plugin_choice_attributes", "plugin_spec",
+    "builds_strongly_typed", "network_creation_flags", "plugin_choice_attributes", "plugin_kinds", "plugin_spec",
     "BuildPlan", "DeviceInfo", "PluginSpec", "ProfileShape", "TensorInfo", "TorchCuda", "TrtRunner", "TrtVersion",
     "build", "build_engine", "builder_flags", "check_batch_in_profile", "check_device_precision", "converts_graph",
     "cuda_graph_note", "device_fields", "engine_mismatch", "make_plan", "open_engine_runner", "parse_batch_range",
