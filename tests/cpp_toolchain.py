@@ -111,6 +111,20 @@ def build_probe(out_dir: Path, trt: Path, cuda: list[Path]) -> Path:
     return probe
 
 
+def build_gpu_harness(out_dir: Path, nvcc_path: str) -> Path:
+    """harness/gpu_harness.cu + the kernels, with CMakeLists.txt's arithmetic flags. PTX for compute_75 only,
+    so the driver JIT-compiles it for whatever GPU runs the test (and no GPU is needed to build it)."""
+    library = out_dir / "libtc_gpu.so"
+    command = [nvcc_path, "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-fmad=false", "-prec-div=true",
+               "-prec-sqrt=true", "-ftz=false", "-gencode=arch=compute_75,code=compute_75", f"-I{KERNELS}",
+               f"-I{SOURCES}", str(PLUGINS / "harness" / "gpu_harness.cu"), str(KERNELS / "tome_kernels.cu"),
+               str(KERNELS / "prune_kernels.cu"), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise AssertionError(f"the GPU harness does not build:\n{result.stderr}")
+    return library
+
+
 class Nvrtc:
     """The NVRTC C API through ctypes: CUDA source -> PTX, without nvcc or a GPU."""
 

@@ -6,7 +6,9 @@
    TopK.reference: exact token choices (sizes, masks, which rows), x within 1e-5 (fp32 I/O);
 4. the plugins answer TensorRT's IPluginV3 calls (creators, fields, shapes, types, formats, serialization,
    enqueue) as the contract says, driven through TensorRT's own interfaces by harness/plugin_probe.cpp, with
-   the kernels' per-row code standing in for the GPU (harness/cpu_launch.cpp).
+   the kernels' per-row code standing in for the GPU (harness/cpu_launch.cpp);
+5. where a CUDA toolkit exists: CMake builds the library (slow), and on a GPU (marked gpu) the real kernels
+   give bit for bit what the host harness gives.
 """
 
 from __future__ import annotations
@@ -463,3 +465,61 @@ def test_prune_enqueue_equals_reference(probe, tmp_path, fuse, keep_order, with_
                                                                       int(with_mask)],
                                            {"x": x, "decision": score, "size": size, "mask": mask})
     assert_same((x_out.reshape(b, n_out, c), size_out.reshape(b, n_out), mask_out.reshape(b, n_out)), ref, "enqueue")
+
+
+# --------------------------------------------------------------------- 5. on a GPU: kernels == host harness
+
+
+@pytest.fixture(scope="session")
+def gpu_harness(tmp_path_factory, harness):
+    nvcc = tc.nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (no PyPI package ships nvcc)")
+    lib = ctypes.CDLL(str(tc.build_gpu_harness(tmp_path_factory.mktemp("gpu"), nvcc)))
+    ptr = ctypes.c_void_p
+    lib.tc_tome_gpu.argtypes = [ctypes.c_int] * 8 + [ptr] * 7
+    lib.tc_prune_gpu.argtypes = [ctypes.c_int] * 9 + [ptr] * 7
+    return lib
+
+
+@pytest.mark.slow
+def test_gpu_harness_builds_with_nvcc(gpu_harness):
+    assert gpu_harness.tc_gpu_devices() >= 0  # the launchers, kernels and C ABI compile and link
+
+
+class _GpuAsHost:
+    """The GPU library behind the host harness's names, so run_tome / run_prune drive either."""
+
+    def __init__(self, gpu, host):
+        self.tc_tome_host, self.tc_prune_host = gpu.tc_tome_gpu, gpu.tc_prune_gpu
+        self.tc_float_to_f16, self.tc_float_to_bf16 = host.tc_float_to_f16, host.tc_float_to_bf16
+
+
+def _same_bits(a, b):
+    return np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("element", ["f32", "f16", "bf16"])
+def test_gpu_kernels_equal_host_harness_bit_for_bit(gpu_harness, harness, element):
+    if gpu_harness.tc_gpu_devices() < 1:
+        pytest.skip("no CUDA GPU")
+    device = _GpuAsHost(gpu_harness, harness)
+    rng = np.random.default_rng(31)
+    for n, c, ck, batch in ((13, 6, 4, 3), (197, 64, 64, 4), (128, 32, 32, 2)):
+        for protected in (0, 1, 2):
+            for with_mask in (False, True):
+                x, metric, size, mask = tome_inputs(rng, batch, n, c, ck, with_mask)
+                for r in (0, 1, (n - protected) // 2):
+                    host = run_tome(harness, x, metric, size, mask, r, protected, 128, element)
+                    gpu = run_tome(device, x, metric, size, mask, r, protected, 128, element)
+                    for h, g in zip(host, gpu):
+                        assert _same_bits(h, g), dict(n=n, p=protected, r=r, mask=with_mask)
+                score = rng.random((batch, n)).astype(np.float32)
+                score[:, -3:] = score[:, protected:protected + 1]
+                for k in (1, (n - protected) // 2):
+                    for fuse, keep_order in ((False, False), (True, True)):
+                        host = run_prune(harness, x, score, size, mask, k, protected, fuse, keep_order, 128, element)
+                        gpu = run_prune(device, x, score, size, mask, k, protected, fuse, keep_order, 128, element)
+                        for h, g in zip(host, gpu):
+                            assert _same_bits(h, g), dict(n=n, p=protected, k=k, fuse=fuse, mask=with_mask)
