@@ -1,0 +1,282 @@
+#!/usr/bin/env python
+"""The model matrix: export -> compress (tome, topk) -> validate -> bench over every model family tcexport
+supports, as docs/models.md (one row per model and method) and docs/models.json.
+
+    python scripts/model_matrix.py [--full] [--only NAME,...] [--out docs] [--work DIR] [--iters 20]
+
+Models come from tcexport.zoo: the timm variants (zoo.TIMM), the transformers kinds (zoo.HF_KINDS, saved as
+hf: directories) and the sentence-transformers kinds (zoo.ST_KINDS). By default they are the zoo's tiny
+configs (2 blocks, width 32-64: minutes for the whole matrix); --full uses the real sizes (timm defaults, the
+transformers config classes' base sizes), with seeded weights drawn by tcexport.init.exercise either way.
+
+Each step's UsageError (a family the rewriter or the reference does not cover yet, a refused model) lands in
+its row as the step's status; later steps of that row are skipped. Columns:
+  tokens      tokens into the first block -> out of the last one (tcexport.tokens)
+  max rel     the worst relative error validate measured (fp32, batch 1 and 3)
+  speedup     ONNX Runtime CPU median latency, uncompressed / compressed (interleaved bench, batch 1 and 4)
+  FLOP-ideal  MatMul/Gemm/Conv FLOPs of the model's own ops, uncompressed / compressed (tcexport.flops):
+              the speedup if latency followed FLOPs and the inserted ops were free
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_tome import model_flops  # noqa: E402  (own ops, inserted ops)
+
+from tcexport import bench, compress, export, sources, validate, zoo  # noqa: E402
+from tcexport.atomic import atomic_file  # noqa: E402
+from tcexport.errors import UsageError, ValidationFailed  # noqa: E402
+
+METHODS = ("tome", "topk")
+BATCHES = (1, 4)
+TINY_TEXT_LEN = 32
+FULL_TEXT_LEN = 128
+TOPK_KEEP = 0.7
+
+# What each model exercises, for the family column.
+TIMM_FAMILIES = {
+    "vit_tiny_patch16_224": "ViT, CLS token",
+    "beit_base_patch16_224": "BEiT: relative position bias, layer scale",
+    "vit_relpos_small_patch16_224": "ViT relpos: MLP position bias, avg pool",
+    "eva02_tiny_patch14_224": "EVA-02: rotary embedding",
+    "vit_medium_patch16_gap_256": "ViT, global avg pool, no CLS",
+    "vit_small_patch14_reg4_dinov2": "DINOv2 ViT: 4 registers + CLS",
+    "vit_base_patch16_reg4_gap_256": "ViT: 4 registers, avg pool",
+    "deit3_small_patch16_224": "DeiT-III: layer scale",
+    "vit_base_patch16_siglip_224": "SigLIP ViT: attention-pool head",
+    "swin_tiny_patch4_window7_224": "Swin: windowed attention (refused)",
+    "convnext_atto": "ConvNeXt: no attention (refused)",
+}
+
+
+@dataclass
+class Entry:
+    """One model of the matrix: a name for --only, a family, and how to load it."""
+
+    name: str
+    family: str
+    make_spec: object  # (work_dir) -> spec string
+    load_options: dict = field(default_factory=dict)
+
+
+def entries(full: bool) -> list[Entry]:
+    text_len = FULL_TEXT_LEN if full else TINY_TEXT_LEN
+    found = []
+    for name in zoo.TIMM:
+        options = {} if full else {"model_args": zoo.timm_model_args(name)}
+        found.append(Entry(name, f"timm {TIMM_FAMILIES.get(name, '')}".strip(), lambda work, n=name: f"timm:{n}",
+                           options))
+    for kind in zoo.HF_KINDS:
+        modality = ("text" if kind in zoo.TEXT_KINDS else "vision" if kind in zoo.VISION_KINDS else "speech")
+        options = {"seq_len": text_len} if kind in zoo.TEXT_KINDS else {}
+        if kind in ("wav2vec2", "hubert") and not full:
+            options = {"input_shape": str(zoo.AUDIO_SAMPLES)}
+        found.append(Entry(f"hf-{kind}", f"transformers {kind} ({modality})",
+                           lambda work, k=kind: f"hf:{zoo.hf_dir(k, work / 'zoo', full=full)}", options))
+    for kind in zoo.ST_KINDS:
+        found.append(Entry(f"st-{kind}", f"sentence-transformers {kind}",
+                           lambda work, k=kind: f"st:{zoo.st_dir(k, work / 'zoo', full=full)}", {"seq_len": text_len}))
+    return found
+
+
+def select(all_entries: list[Entry], only: str | None) -> list[Entry]:
+    if not only:
+        return all_entries
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    known = {e.name: e for e in all_entries}
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise UsageError(f"--only: unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return [known[n] for n in wanted]
+
+
+def compress_params(method: str, tokens: int, depth: int, protected: int) -> dict:
+    """A moderate budget for any size: ToMe removes about a third of the mergeable tokens over all blocks;
+    top-k keeps 70% at a quarter, half and three quarters of the depth (EViT's placement)."""
+    if method == "tome":
+        per_block = max(1, (tokens - protected) // (3 * max(depth, 1)))
+        return {"method": "tome", "r": str(per_block)}
+    layers = sorted({max(0, depth * q // 4) for q in (1, 2, 3)} - {depth}) or [0]
+    return {"method": "topk", "params": {"keep": TOPK_KEEP}, "layers": ",".join(map(str, layers))}
+
+
+def step(row: dict, name: str, fn):
+    """Run one step; its UsageError (or any other error, labelled internal) becomes the row's status."""
+    start = time.perf_counter()
+    try:
+        result = fn()
+    except UsageError as exc:
+        row[name] = f"refused: {_one_line(exc)}"
+        return None
+    except ValidationFailed as exc:
+        row[name] = f"failed: {_one_line(exc)}"
+        return None
+    except Exception as exc:  # a bug somewhere in tcexport: keep going, but say so loudly
+        row[name] = f"internal error: {type(exc).__name__}: {_one_line(exc)}"
+        row.setdefault("tracebacks", {})[name] = traceback.format_exc(limit=6)
+        return None
+    finally:
+        row.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 2)
+    row[name] = "ok"
+    return result
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def run_entry(entry: Entry, work: Path, iters: int, warmup: int, methods: tuple[str, ...]) -> list[dict]:
+    """Rows for one model: one per method (all carrying the export's status when the export fails)."""
+    base_row = {"model": entry.name, "family": entry.family}
+    model_dir = work / entry.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    base_path = model_dir / "model.onnx"
+
+    def do_export():
+        source = sources.load(entry.make_spec(work), **entry.load_options)
+        # zoo directories live in a temp dir: record the spec only where it is reproducible by itself
+        base_row["spec"] = source.spec if source.spec.startswith("timm:") else f"zoo {entry.name}"
+        base_row["load_options"] = entry.load_options
+        base_row["depth"] = int(source.info.get("depth") or 0)
+        export.export_to_file(source, base_path)
+        return source
+
+    source = step(base_row, "export", do_export)
+    rows = []
+    for method in methods:
+        row = {**base_row, "method": method}
+        rows.append(row)
+        if source is None:
+            continue
+        compressed = model_dir / f"{method}.onnx"
+        schedule = step(row, "compress", lambda: compress.compress_file(base_path, compressed, **_params(method, source)))
+        if schedule is None:
+            continue
+        row["tokens_in"], row["tokens_out"] = schedule[0]["in"], schedule[-1]["out"]
+        report = step(row, "validate", lambda: validate.validate(compressed, samples=2))
+        if report is not None:
+            row["validate"] = "passed" if report.passed else "failed"
+            row["max_rel"] = report.worst("max_rel")
+            row["max_abs"] = report.worst("max_abs")
+        results = step(row, "bench", lambda: bench.run([base_path, compressed], batches=list(BATCHES), iters=iters,
+                                                       warmup=warmup))
+        if results is not None:
+            for entry_ in results["results"][1::2]:
+                row[f"speedup_b{entry_['batch']}"] = entry_["speedup"]
+        ideal = step(row, "flops", lambda: model_flops(base_path, 1)[0] / model_flops(compressed, 1)[0])
+        if ideal is not None:
+            row["flop_ideal_speedup"] = ideal
+    return rows
+
+
+def _params(method: str, source) -> dict:
+    tokens = int(source.info.get("tokens") or _tokens_of(source))
+    depth = int(source.info.get("depth") or 1)
+    protected = int(source.info.get("num_prefix_tokens") or 0)
+    return compress_params(method, tokens, depth, protected)
+
+
+def _tokens_of(source) -> int:
+    """Tokens of a timm ViT or a text model when the source does not record them."""
+    model = source.model
+    if hasattr(model, "patch_embed"):
+        return int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 0))
+    return int(source.inputs[0].shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def status(row: dict, name: str) -> str:
+    text = row.get(name)
+    if text is None:
+        return "—"
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def markdown(rows: list[dict], command: str, settings: dict) -> str:
+    lines = [
+        "# Model matrix",
+        "",
+        f"Produced by `{command}` ({settings['size']} configs, seeded weights; {settings['when']}).",
+        "",
+        "Each row: export -> compress -> validate (fp32, batch 1 and 3, vs the eager PyTorch reference) -> bench "
+        "(ONNX Runtime CPU, interleaved, median latency). FLOP-ideal: MatMul/Gemm/Conv FLOPs of the model's own "
+        "ops, uncompressed / compressed. A step that is refused says why; the steps after it are skipped.",
+        "",
+        "| model | family | method | tokens | export | compress | validate | max rel err | speedup b1 | speedup b4 "
+        "| FLOP-ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tokens = f"{r['tokens_in']} → {r['tokens_out']}" if "tokens_in" in r else "—"
+        lines.append(
+            f"| {r['model']} | {r['family']} | {r['method']} | {tokens} | {status(r, 'export')} | "
+            f"{status(r, 'compress')} | {status(r, 'validate')} | {fmt(r.get('max_rel'), '.1e')} | "
+            f"{fmt(r.get('speedup_b1'), '.2f')} | {fmt(r.get('speedup_b4'), '.2f')} | "
+            f"{fmt(r.get('flop_ideal_speedup'), '.2f')} |")
+    passed = sum(1 for r in rows if r.get("validate") == "passed")
+    lines += ["", f"{passed} of {len(rows)} rows validate.", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], out: Path, command: str, settings: dict) -> None:
+    with atomic_file(out / "models.md") as tmp:
+        tmp.write_text(markdown(rows, command, settings), encoding="utf-8")
+    with atomic_file(out / "models.json") as tmp:
+        tmp.write_text(json.dumps({"command": command, "settings": settings, "rows": rows}, indent=2) + "\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="real model sizes instead of the zoo's tiny configs")
+    parser.add_argument("--only", help="comma-separated model names (timm names, hf-KIND, st-KIND)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where models.md and models.json go")
+    parser.add_argument("--work", type=Path, default=None, help="keep the ONNX files here (default: a temp dir)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="compression methods, comma-separated")
+    parser.add_argument("--iters", type=int, default=20, help="bench rounds per batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="bench warm-up runs per artifact")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    chosen = select(entries(args.full), args.only)
+    command = "python scripts/model_matrix.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
+    settings = {"size": "full" if args.full else "tiny", "methods": list(methods), "batches": list(BATCHES),
+                "iters": args.iters, "warmup": args.warmup, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "versions": export.versions()}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tcexport-matrix-") as tmp:
+        work = args.work or Path(tmp)
+        for entry in chosen:
+            print(f"[matrix] {entry.name}", file=sys.stderr, flush=True)
+            rows.extend(run_entry(entry, work, args.iters, args.warmup, methods))
+    write_outputs(rows, args.out, command, settings)
+    print(f"wrote {args.out / 'models.md'} and {args.out / 'models.json'} ({len(rows)} rows)", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
