@@ -8,13 +8,17 @@ Results are plain dicts and lists, ready for json.dumps:
 
     {"tool", "environment": {...}, "settings": {...},
      "artifacts": [{"label", "path", "model_path", "backend", "provider", "opt_level", "threads", ...}],
-     "results": [{"artifact", "batch", "iters", "latency_ms": {min, max, mean, median, p90, p95, p99, std},
+     "results": [{"artifact", "batch", "iters", "warmup_runs",
+                  "latency_ms": {min, max, mean, median, p90, p95, p99, std}, "wall_s",
                   "throughput_qps", "throughput_samples_per_s", "speedup",
-                  ["gpu_compute_ms", "h2d_ms", "d2h_ms"]: {same statistics}}]}
+                  ["gpu_compute_ms", "h2d_ms", "d2h_ms"]: {same statistics}}],
+     "warnings": [why some numbers should not be trusted: p99 > 3x median, too few runs for a percentile]}
 
 latency_ms is host wall time around each run, for every backend (an engine run waits for its stream, so it
 covers the same work as a synchronous ONNX Runtime run); speedup is the median latency of the first artifact at
-the same batch size divided by this one's median, and throughput comes from the mean of latency_ms.
+the same batch size divided by this one's median, and throughput is timed runs over the wall-clock they held (wall_s:
+from each run's start to the next run's start, so loop overhead counts, as in trtexec's host walltime; not
+1 / mean latency).
 
 TensorRT engine directories (sidecar backend "trt") run through tcexport.backends.trt.TrtRunner, which also
 reports device times measured with CUDA events on its stream, per run, so they sit next to latency_ms:
@@ -28,29 +32,27 @@ fields. Engine artifacts add "precision", "tensorrt_version", "gpu_name", "inclu
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from tcexport import __version__, inputs, onnxfile
+from tcexport import __version__, inputs, onnxfile, progress
 from tcexport.artifacts import Artifact, resolve
 from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError
 
 DEFAULT_ITERS = 50
 MIN_ROUNDS_WITH_DURATION = 3  # a duration budget still yields a few samples per artifact, even for slow models
-PROGRESS_MIN_RUNS = 200  # below this a run is over too quickly for a progress bar to help
-PROGRESS_MIN_SECONDS = 2.0  # the same threshold for --duration budgets
-PROGRESS_REFRESH_S = 0.25  # redraw the bar at most this often
 PERCENTILES = {"p90": 90, "p95": 95, "p99": 99}
+NOISY_P99_OVER_MEDIAN = 3.0  # a p99 beyond this many medians: the machine interfered, the numbers do not describe the model
 
 
 class Runner(Protocol):
@@ -208,22 +210,51 @@ def round_order(n_artifacts: int, round_index: int) -> list[int]:
     return [(round_index + k) % n_artifacts for k in range(n_artifacts)]
 
 
+@dataclass
+class Timing:
+    """What one interleaved timing produced, per runner (in the runners' order)."""
+
+    latencies_ns: list[list[int]]  # each timed run, start to end
+    wall_ns: list[int]  # the wall-clock each runner held: from each of its runs' start to the next run's start
+    warmup_runs: list[int]  # warm-up runs done (a --warmup-ms budget turns into a count)
+
+
+def warm_up(runner: Runner, feed: dict, runs: int, ms: float | None = None) -> int:
+    """Run `runs` times, or for at least `ms` milliseconds (and at least once) when ms is given; return the count."""
+    if ms is None:
+        for _ in range(runs):
+            runner.run(feed)
+        return runs
+    done, deadline = 0, time.perf_counter_ns() + int(ms * 1e6)
+    while done == 0 or time.perf_counter_ns() < deadline:
+        runner.run(feed)
+        done += 1
+    return done
+
+
 def time_interleaved(runners: Sequence[Runner], feeds: Sequence[dict], warmup: int, iters: int | None = None,
-                     duration: float | None = None,
-                     on_round: Callable[[int], None] | None = None) -> list[list[int]]:
-    """Latencies in ns, one list per runner. Stops after `iters` rounds, or once `duration` seconds of rounds
-    (after warm-up) have passed and at least MIN_ROUNDS_WITH_DURATION rounds are done. on_round(runs) is called
-    after every round, outside the timed region."""
+                     duration: float | None = None, on_round: Callable[[int], None] | None = None,
+                     warmup_ms: float | None = None) -> Timing:
+    """Time the runners in rotating rounds. Stops after `iters` rounds, or once `duration` seconds of rounds (after
+    warm-up) have passed and at least MIN_ROUNDS_WITH_DURATION rounds are done. on_round(runs) is called after
+    every round, outside the timed region.
+
+    Each run's wall-clock slice lasts from its start to the start of the next run (the last of a round: to the
+    round's end), so the slices hold the loop's own overhead too and add up to the timed wall-clock, less the
+    pauses between rounds where the progress bar is drawn: throughput comes from them, as trtexec's comes from
+    the host wall time of its runs.
+    """
     if iters is None and duration is None:
         iters = DEFAULT_ITERS
+    warmup_runs = []
     for runner, feed in zip(runners, feeds):
         stage = getattr(runner, "stage", None)
         if stage is not None:
             stage(feed)
-        for _ in range(warmup):
-            runner.run(feed)
+        warmup_runs.append(warm_up(runner, feed, warmup, warmup_ms))
         pop_device_times(runner)  # warm-up runs are not samples
     latencies_ns: list[list[int]] = [[] for _ in runners]
+    wall_ns = [0] * len(runners)
     deadline_ns = None if duration is None else time.perf_counter_ns() + int(duration * 1e9)
     round_index = 0
     while True:
@@ -232,44 +263,20 @@ def time_interleaved(runners: Sequence[Runner], feeds: Sequence[dict], warmup: i
                 break
         elif round_index >= MIN_ROUNDS_WITH_DURATION and time.perf_counter_ns() >= deadline_ns:
             break
+        previous = None  # (runner index, its start) of the run before this one in the round
         for i in round_order(len(runners), round_index):
             runner, feed = runners[i], feeds[i]
             start = time.perf_counter_ns()
+            if previous is not None:
+                wall_ns[previous[0]] += start - previous[1]
             runner.run(feed)
             latencies_ns[i].append(time.perf_counter_ns() - start)
+            previous = (i, start)
+        wall_ns[previous[0]] += time.perf_counter_ns() - previous[1]
         round_index += 1
         if on_round is not None:
             on_round(len(runners))
-    return latencies_ns
-
-
-@contextlib.contextmanager
-def progress_bar(total: float, show: bool, description: str = "timing runs") -> Iterator[Callable[[float], None]]:
-    """Yield advance(amount). A rich bar on stderr when `show` and stderr is a terminal; a no-op otherwise."""
-    if not show:
-        yield lambda amount: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    # disable= on a non-terminal: no control codes in a log file. transient: the table that follows is not pushed
-    # down by a finished bar. auto_refresh=False: no render thread competing with a timed run for the GIL; the
-    # bar is redrawn from advance(), which the timing loop calls between rounds.
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                  console=console, transient=True, auto_refresh=False, disable=not console.is_terminal,
-                  redirect_stdout=False, redirect_stderr=False) as progress:
-        task = progress.add_task(description, total=total)
-        last_refresh = [0.0]
-
-        def advance(amount: float) -> None:
-            progress.advance(task, amount)
-            now = time.monotonic()
-            if now - last_refresh[0] >= PROGRESS_REFRESH_S:
-                progress.refresh()
-                last_refresh[0] = now
-
-        yield advance
+    return Timing(latencies_ns, wall_ns, warmup_runs)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -328,21 +335,25 @@ def merge_device_stats(entry: dict, device_times: dict[str, Sequence[float]] | N
     return entry
 
 
-def summarize(label: str, batch: int, latencies_ns: Sequence[int],
-              device_times: dict[str, Sequence[float]] | None = None) -> dict:
+def summarize(label: str, batch: int, latencies_ns: Sequence[int], wall_ns: int,
+              device_times: dict[str, Sequence[float]] | None = None, warmup_runs: int | None = None) -> dict:
     """One result entry (speedup is filled in by add_speedups once every artifact at this batch is known).
 
-    device_times ({field: [ms per run]}) adds device statistics for runners that measure them.
+    Throughput is timed runs over wall_ns, the wall-clock those runs held (see time_interleaved), not 1 / mean
+    latency. device_times ({field: [ms per run]}) adds device statistics for runners that measure them.
     """
     if not latencies_ns:
         raise ValueError(f"{label}: no timed runs at batch {batch}")
     latency_ms = latency_stats(np.asarray(latencies_ns, dtype=np.float64) / 1e6)
-    runs_per_s = 1000.0 / latency_ms["mean"] if latency_ms["mean"] > 0 else float("inf")
+    wall_s = wall_ns / 1e9
+    runs_per_s = len(latencies_ns) / wall_s if wall_s > 0 else float("inf")
     entry = {
         "artifact": label,
         "batch": batch,
         "iters": len(latencies_ns),
+        "warmup_runs": warmup_runs,
         "latency_ms": latency_ms,
+        "wall_s": wall_s,
         "throughput_qps": runs_per_s,
         "throughput_samples_per_s": batch * runs_per_s,
         "speedup": None,
@@ -400,12 +411,69 @@ def environment(threads: int | None) -> dict:
     }
 
 
-def run(paths: Sequence[str | Path], batches: Sequence[int] = (1,), threads: int | None = None, warmup: int = 10,
-        iters: int | None = None, duration: float | None = None, include_copies: bool = False,
-        cuda_graph: bool = False) -> dict:
+@dataclass
+class FeedPlan:
+    """Where the inputs come from: random at each batch size, random at --shapes, or the arrays of --load-inputs."""
+
+    batches: list[int]
+    shapes: dict[str, tuple[int, ...]] | None = None
+    arrays: dict[str, np.ndarray] | None = None
+    origin: str = ""  # the option that gave them, for errors
+
+    def feeds(self, prepared: Prepared, batch: int) -> dict[str, np.ndarray]:
+        if self.arrays is not None:
+            return inputs.feeds_from_arrays(self.arrays, prepared.specs, f"{self.origin} ({prepared.label})")
+        if self.shapes is not None:
+            shaped = inputs.with_shapes(prepared.specs, self.shapes, prepared.label)
+            return feeds_for_batch(Prepared(prepared.artifact, prepared.label, prepared.runner, shaped,
+                                            prepared.provider, prepared.opt_level, prepared.info), batch)
+        return feeds_for_batch(prepared, batch)
+
+    def check_names(self, prepared: Sequence[Prepared]) -> None:
+        """A name no artifact takes is a typo, not something to ignore."""
+        given = self.arrays if self.arrays is not None else self.shapes
+        known = {spec.name for p in prepared for spec in p.specs}
+        unknown = sorted(set(given or {}) - known)
+        if unknown:
+            raise UsageError(f"{self.origin}: no artifact takes an input named {', '.join(unknown)} (inputs: "
+                             f"{', '.join(sorted(known))})")
+
+
+def feed_plan(batches: Sequence[int] | None, shapes: str | dict | None, load_inputs: str | Path | None) -> FeedPlan:
+    """Check how the inputs are chosen; the batch comes from --shapes or --load-inputs when one is given."""
+    if shapes is not None and load_inputs is not None:
+        raise UsageError("give --shapes or --load-inputs, not both (the loaded arrays have their own shapes)")
+    if (shapes is not None or load_inputs is not None) and batches:
+        raise UsageError(f"{'--shapes' if shapes is not None else '--load-inputs'} sets the batch size (the first "
+                         "dimension); drop --batch")
+    if shapes is not None:
+        parsed = inputs.parse_shapes(shapes) if isinstance(shapes, str) else dict(shapes)
+        return FeedPlan([inputs.shapes_batch(parsed)], shapes=parsed, origin="--shapes")
+    if load_inputs is not None:
+        path = Path(load_inputs)
+        if not path.is_file():
+            raise UsageError(f"--load-inputs {path}: no such file; save one with numpy.savez(path, input_name=array)")
+        arrays = inputs.read_npz(path, "--load-inputs")
+        first_dims = {a.shape[0] for a in arrays.values() if a.ndim}
+        if len(first_dims) != 1:
+            raise UsageError(f"--load-inputs {path}: the arrays disagree on the batch size ({sorted(first_dims)})")
+        return FeedPlan([first_dims.pop()], arrays=arrays, origin=f"--load-inputs {path}")
+    batches = list(dict.fromkeys(batches or [1]))  # a repeated batch size would only repeat rows
+    if any(b < 1 for b in batches):
+        raise UsageError(f"batch sizes must be positive integers, got {batches}")
+    return FeedPlan(batches)
+
+
+def run(paths: Sequence[str | Path], batches: Sequence[int] | None = None, threads: int | None = None,
+        warmup: int = 10, iters: int | None = None, duration: float | None = None, include_copies: bool = False,
+        cuda_graph: bool = False, warmup_ms: float | None = None, shapes: str | dict | None = None,
+        load_inputs: str | Path | None = None) -> dict:
     """Time every artifact at every batch size, interleaved; return the results structure (see module doc).
 
-    include_copies / cuda_graph apply to TensorRT engines: time H2D/D2H copies every run, replay a CUDA graph.
+    warmup_ms replaces the warm-up run count with a time budget per artifact (trtexec's --warmUp). shapes
+    ('name:1x3x224x224,...', trtexec's --shapes) or load_inputs (an .npz of arrays named as the inputs) fix the
+    inputs, and with them the one batch size (pass batches=None). include_copies / cuda_graph apply to TensorRT
+    engines: time H2D/D2H copies every run, replay a CUDA graph.
     """
     if iters is not None and duration is not None:
         raise UsageError("give iters or duration, not both")
@@ -415,11 +483,11 @@ def run(paths: Sequence[str | Path], batches: Sequence[int] = (1,), threads: int
         raise UsageError(f"duration must be positive, got {duration}")
     if warmup < 0:
         raise UsageError(f"warmup must be 0 or more, got {warmup}")
-    batches = list(dict.fromkeys(batches))  # a repeated batch size would only repeat rows
-    if not batches or any(b < 1 for b in batches):
-        raise UsageError(f"batch sizes must be positive integers, got {batches}")
+    if warmup_ms is not None and warmup_ms <= 0:
+        raise UsageError(f"--warmup-ms must be positive, got {warmup_ms}")
     if not paths:
         raise UsageError("no artifacts to bench; pass .onnx files or build directories")
+    plan = feed_plan(batches, shapes, load_inputs)
     if iters is None and duration is None:
         iters = DEFAULT_ITERS
 
@@ -427,37 +495,43 @@ def run(paths: Sequence[str | Path], batches: Sequence[int] = (1,), threads: int
     artifacts = [resolve(p) for p in paths]
     check_engine_options(artifacts, include_copies, cuda_graph)
     labels = unique_labels(artifacts)
-    prepared = [prepare(a, label, threads, include_copies, cuda_graph) for a, label in zip(artifacts, labels)]
+    with progress.step(f"open {len(artifacts)} artifact{'s' if len(artifacts) > 1 else ''}"):
+        prepared = [prepare(a, label, threads, include_copies, cuda_graph) for a, label in zip(artifacts, labels)]
+    plan.check_names(prepared)
     runners = [p.runner for p in prepared]
 
-    if duration is None:
-        progress_total = iters * len(prepared) * len(batches)  # timed runs
-        show_progress = progress_total > PROGRESS_MIN_RUNS
-    else:
-        progress_total = duration * len(batches)  # seconds of budget
-        show_progress = progress_total >= PROGRESS_MIN_SECONDS
-
     entries = []
-    with progress_bar(progress_total, show_progress) as advance:
-        for batch in batches:
-            # Feeds are made once per (artifact, batch), outside the timed region; artifacts may differ in inputs.
-            feeds = [feeds_for_batch(p, batch) for p in prepared]
+    for batch in plan.batches:
+        # Feeds are made once per (artifact, batch), outside the timed region; artifacts may differ in inputs.
+        feeds = [plan.feeds(p, batch) for p in prepared]
+        amount = f"{duration:g} s" if duration is not None else f"{iters} rounds"
+        total = duration if duration is not None else iters * len(prepared)
+        with progress.step(f"time {len(prepared)} artifact{'s' if len(prepared) > 1 else ''} at batch {batch}: "
+                           f"{amount}, interleaved", total=total) as step:
             if duration is None:
-                on_round = advance
+                def on_round(runs):
+                    progress.advance(step, runs)
             else:
                 round_start = [time.perf_counter()]
 
                 def on_round(_runs, start=round_start):  # a duration bar advances in seconds, not runs
                     now = time.perf_counter()
-                    advance(min(now - start[0], duration))
+                    progress.advance(step, min(now - start[0], duration))
                     start[0] = now
-            latencies = time_interleaved(runners, feeds, warmup, iters=iters, duration=duration, on_round=on_round)
-            entries.extend(summarize(p.label, batch, lat, pop_device_times(p.runner))
-                           for p, lat in zip(prepared, latencies))
+            timing = time_interleaved(runners, feeds, warmup, iters=iters, duration=duration, on_round=on_round,
+                                      warmup_ms=warmup_ms)
+            step.note(f"{len(timing.latencies_ns[0])} timed runs each")
+        entries.extend(summarize(p.label, batch, lat, wall, pop_device_times(p.runner), warm)
+                       for p, lat, wall, warm in zip(prepared, timing.latencies_ns, timing.wall_ns,
+                                                     timing.warmup_runs))
     add_speedups(entries)
 
-    settings = {"batches": batches, "warmup": warmup, "iters": iters, "duration_s": duration,
-                "threads": threads, "interleaved": True, "ort_intra_op_spinning": False}
+    settings = {"batches": plan.batches, "warmup": warmup, "warmup_ms": warmup_ms, "iters": iters,
+                "duration_s": duration, "threads": threads, "interleaved": True, "ort_intra_op_spinning": False,
+                "inputs": ("random" if plan.shapes is None and plan.arrays is None else plan.origin),
+                "throughput": "timed runs / wall-clock they held (run start to next run start)"}
+    if plan.shapes is not None:
+        settings["shapes"] = {name: list(dims) for name, dims in plan.shapes.items()}
     if any(p.artifact.backend == "trt" for p in prepared):
         settings.update(include_copies=include_copies, cuda_graph=cuda_graph,
                         device_timing="CUDA events on the engine's stream, one sample per timed run")
@@ -467,7 +541,31 @@ def run(paths: Sequence[str | Path], batches: Sequence[int] = (1,), threads: int
         "settings": settings,
         "artifacts": [artifact_entry(p, threads) for p in prepared],
         "results": entries,
+        "warnings": noise_warnings(entries),
     }
+
+
+def noise_warnings(entries: Sequence[dict]) -> list[str]:
+    """Why some numbers should not be trusted: a long tail (p99 > 3x median), or too few runs for a percentile."""
+    warnings = []
+    for entry in entries:
+        latency = entry["latency_ms"]
+        if latency["median"] > 0 and latency["p99"] > NOISY_P99_OVER_MEDIAN * latency["median"]:
+            warnings.append(f"{entry['artifact']} at batch {entry['batch']}: p99 {latency['p99']:.3g} ms is "
+                            f"{latency['p99'] / latency['median']:.1f}x the median {latency['median']:.3g} ms: too "
+                            "noisy to trust; stop other work on the machine, pin --threads, or time longer")
+    fewest = min((e["iters"] for e in entries), default=0)
+    short = [name for name, q in PERCENTILES.items() if fewest < runs_needed(q)]
+    if short:
+        need = runs_needed(PERCENTILES[short[-1]])
+        warnings.append(f"{fewest} timed runs are too few for {', '.join(short)}: a {short[-1]} needs at least "
+                        f"{need} runs to be more than the slowest run interpolated; use --iters {need} or more")
+    return warnings
+
+
+def runs_needed(percentile: float) -> int:
+    """Runs for a percentile to rest on at least one run beyond it: p99 needs 100, p95 20, p90 10."""
+    return math.ceil(100 / (100 - percentile))
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -483,21 +581,13 @@ def _stdout_console():
     return console
 
 
-def _fmt_ms(value: float) -> str:
-    # Tiny models run in microseconds: keep a fourth decimal below 1 ms so they do not all read 0.005.
-    if value < 1:
-        return f"{value:.4f}"
-    return f"{value:.3f}" if value < 1000 else f"{value:,.0f}"
-
-
-def _fmt_rate(value: float) -> str:
-    return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
-
-
-TABLE_COLUMNS = ("artifact", "batch", "min", "median", "mean", "p90", "p95", "p99", "qps", "samples/s", "speedup")
+TABLE_COLUMNS = ("artifact", "batch", "runs", "min", "median", "mean", "p90", "p95", "p99", "qps", "samples/s",
+                 "speedup")
+LATENCY_COLUMNS = ("min", "median", "mean", "p90", "p95", "p99")
 # Device columns (median of each device field), shown only when some entry has that field; placed after p99.
 DEVICE_COLUMNS = {"gpu_compute_ms": "gpu", "h2d_ms": "h2d", "d2h_ms": "d2h"}
 MISSING_CELL = "-"
+SIGNIFICANT_DIGITS = 3  # a column's smallest value keeps this many; every cell of the column has its decimals
 
 
 def table_columns(results: dict) -> tuple[str, ...]:
@@ -511,39 +601,67 @@ def table_columns(results: dict) -> tuple[str, ...]:
     return TABLE_COLUMNS[:split] + tuple(present) + TABLE_COLUMNS[split:]
 
 
-def table_row(entry: dict, columns: Sequence[str]) -> list[str]:
-    """The cells of one result entry under `columns` (see table_columns)."""
-    latency = entry["latency_ms"]
+def cell_value(entry: dict, column: str) -> float | None:
+    """The number behind a numeric cell (None where not measured)."""
     field_by_column = {column: name for name, column in DEVICE_COLUMNS.items()}
+    if column in LATENCY_COLUMNS:
+        return entry["latency_ms"][column]
+    if column in field_by_column:
+        stats = entry.get(field_by_column[column])
+        return stats["median"] if stats else None
+    if column == "qps":
+        return entry["throughput_qps"]
+    if column == "samples/s":
+        return entry["throughput_samples_per_s"]
+    raise ValueError(f"unknown table column {column!r}")
+
+
+def column_decimals(values: Sequence[float | None]) -> int:
+    """One format per column: enough decimals for its smallest value to keep SIGNIFICANT_DIGITS (0 to 4)."""
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v) and v != 0]
+    if not finite:
+        return 2
+    return max(0, min(4, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(min(finite)))))
+
+
+def column_formats(entries: Sequence[dict], columns: Sequence[str]) -> dict[str, int]:
+    numeric = [c for c in columns if c not in ("artifact", "batch", "runs", "speedup")]
+    return {c: column_decimals([cell_value(e, c) for e in entries]) for c in numeric}
+
+
+def table_row(entry: dict, columns: Sequence[str], decimals: dict[str, int] | None = None) -> list[str]:
+    """The cells of one result entry under `columns` (see table_columns), numbers at the column's `decimals`."""
+    decimals = decimals if decimals is not None else column_formats([entry], columns)
     cells = []
     for column in columns:
         if column == "artifact":
             cells.append(entry["artifact"])
-        elif column == "batch":
-            cells.append(str(entry["batch"]))
-        elif column in ("min", "median", "mean", "p90", "p95", "p99"):
-            cells.append(_fmt_ms(latency[column]))
-        elif column in field_by_column:
-            stats = entry.get(field_by_column[column])
-            cells.append(_fmt_ms(stats["median"]) if stats else MISSING_CELL)
-        elif column == "qps":
-            cells.append(_fmt_rate(entry["throughput_qps"]))
-        elif column == "samples/s":
-            cells.append(_fmt_rate(entry["throughput_samples_per_s"]))
+        elif column in ("batch", "runs"):
+            cells.append(str(entry["batch"] if column == "batch" else entry["iters"]))
         elif column == "speedup":
             cells.append(f"{entry['speedup']:.2f}x")
         else:
-            raise ValueError(f"unknown table column {column!r}")
+            value = cell_value(entry, column)
+            cells.append(MISSING_CELL if value is None else f"{value:.{decimals[column]}f}")
     return cells
 
 
-def table_caption(columns: Sequence[str]) -> str:
+def table_caption(columns: Sequence[str], settings: dict | None = None) -> str:
     caption = "speedup = first artifact's median / median, same batch"
     device = [c for c in columns if c in DEVICE_COLUMNS.values()]
     if device:
         caption += (f"; {'/'.join(device)} = median device time (CUDA events, TensorRT engines; "
                     f"{MISSING_CELL} = not measured)")
+    if settings:
+        caption += f"\nruns = timed runs per artifact, after {warmup_text(settings)}; qps = runs / wall-clock they took"
     return caption
+
+
+def warmup_text(settings: dict) -> str:
+    if settings.get("warmup_ms") is not None:
+        return f"{settings['warmup_ms']:g} ms of warm-up"
+    runs = settings.get("warmup", 0)
+    return f"{runs} warm-up run{'s' if runs != 1 else ''}"
 
 
 def results_table(results: dict, compact: bool = False):
@@ -553,23 +671,49 @@ def results_table(results: dict, compact: bool = False):
 
     style = dict(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0)) if compact else {}
     columns = table_columns(results)
-    table = Table(title="latency in ms (interleaved runs)", caption=table_caption(columns), **style)
+    decimals = column_formats(results["results"], columns)
+    table = Table(title="latency in ms (interleaved runs)", caption=table_caption(columns, results.get("settings")),
+                  **style)
     table.add_column(columns[0], overflow="fold")
     for name in columns[1:]:
         table.add_column(name, justify="right", no_wrap=True)
     for entry in results["results"]:
-        table.add_row(*table_row(entry, columns))
+        table.add_row(*table_row(entry, columns, decimals))
     return table
 
 
 def print_table(results: dict) -> None:
     console = _stdout_console()
     table = results_table(results)
-    # Eleven columns overflow a narrow terminal, and rich would then cut every number short: go compact first.
+    # Twelve columns overflow a narrow terminal, and rich would then cut every number short: go compact first.
     natural_width = console.measure(table, options=console.options.update_width(10_000)).maximum
     if natural_width > console.width:
         table = results_table(results, compact=True)
     console.print(table)
+
+
+def summary_lines(results: dict) -> list[str]:
+    """The closing lines: each artifact against the first, naming both, at every batch size."""
+    artifacts = results.get("artifacts") or []
+    path_of = {a["label"]: a.get("path", a["label"]) for a in artifacts}
+    entries = results["results"]
+    labels = list(dict.fromkeys(e["artifact"] for e in entries))
+    if len(labels) < 2:
+        return []
+    base = labels[0]
+    lines = []
+    for label in labels[1:]:
+        speedups = ", ".join(f"{e['speedup']:.2f}x at batch {e['batch']}" for e in entries if e["artifact"] == label)
+        lines.append(f"{label} ({path_of.get(label, label)}) vs {base} ({path_of.get(base, base)}): {speedups} "
+                     "(median latency)")
+    return lines
+
+
+def print_warnings(results: dict) -> None:
+    import sys
+
+    for text in results.get("warnings", []):
+        print(f"warning: {text}", file=sys.stderr)
 
 
 def write_json(results: dict, path: str | Path) -> None:
@@ -577,8 +721,26 @@ def write_json(results: dict, path: str | Path) -> None:
         tmp.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def plot_caption(results: dict) -> str:
+    """Machine and settings, so a printed plot says what it measured."""
+    env, settings = results.get("environment") or {}, results.get("settings") or {}
+    machine = ", ".join(filter(None, [env.get("processor"), f"{env['usable_cpus']} usable CPUs"
+                                      if env.get("usable_cpus") else None, env.get("platform")]))
+    if settings.get("duration_s") is not None:
+        amount = f"{settings['duration_s']:g} s per batch size"
+    else:
+        amount = f"{settings.get('iters', '?')} timed runs per artifact"
+    threads = settings.get("threads") or "ONNX Runtime default"
+    lines = [machine or "machine not recorded",
+             f"onnxruntime {env.get('onnxruntime_version', '?')}, threads {threads}, {amount} after "
+             f"{warmup_text(settings)}, interleaved; bars: median, whisker to p90; label: speedup vs the first",
+             f"{results.get('tool', 'tcexport')}, {env.get('timestamp', '')}"]
+    return "\n".join(lines)
+
+
 def write_plot(results: dict, path: str | Path) -> None:
-    """A grouped bar chart: one group per batch size, one bar per artifact at its median, whisker up to p90."""
+    """One panel per batch size (latencies differ by orders of magnitude between them): a bar per artifact at
+    its median, a whisker up to p90, its speedup written on the bar, machine and settings in the caption."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UsageError(f"{path}: the plot is written as PNG; give a path ending in .png")
@@ -590,26 +752,39 @@ def write_plot(results: dict, path: str | Path) -> None:
     entries = results["results"]
     labels = list(dict.fromkeys(e["artifact"] for e in entries))
     batches = list(dict.fromkeys(e["batch"] for e in entries))
-    by_key = {(e["artifact"], e["batch"]): e["latency_ms"] for e in entries}
-    group_x = np.arange(len(batches))
-    bar_width = 0.8 / max(len(labels), 1)
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.6 * len(batches) * len(labels)), 4.5))
+    by_key = {(e["artifact"], e["batch"]): e for e in entries}
+    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(labels))]
+    width = max(6.0, 1.2 + len(batches) * (0.9 + 0.75 * len(labels)))
+    fig, axes = plt.subplots(1, len(batches), figsize=(width, 5.2), squeeze=False)
     try:
-        for i, label in enumerate(labels):
-            medians = [by_key.get((label, b), {}).get("median", np.nan) for b in batches]
-            p90_above = [max(by_key.get((label, b), {}).get("p90", np.nan) - m, 0.0) if not np.isnan(m) else 0.0
-                         for m, b in zip(medians, batches)]
-            offsets = group_x - 0.4 + bar_width * (i + 0.5)
-            ax.bar(offsets, medians, bar_width, label=label,
-                   yerr=[np.zeros(len(batches)), p90_above], capsize=3)
-        ax.set_xticks(group_x)
-        ax.set_xticklabels([f"batch {b}" for b in batches])
-        ax.set_ylabel("latency (ms): median, whisker to p90")
-        ax.set_title("tcexport bench")
-        ax.legend(fontsize="small")
-        fig.tight_layout()
+        for ax, batch in zip(axes[0], batches):
+            shown = [label for label in labels if (label, batch) in by_key]
+            medians = [by_key[(label, batch)]["latency_ms"]["median"] for label in shown]
+            above = [max(by_key[(label, batch)]["latency_ms"]["p90"] - m, 0.0) for label, m in zip(shown, medians)]
+            x = np.arange(len(shown))
+            bars = ax.bar(x, medians, 0.7, color=[colors[labels.index(label)] for label in shown],
+                          yerr=[np.zeros(len(shown)), above], capsize=4, edgecolor="black", linewidth=0.6)
+            for bar, label in zip(bars, shown):
+                speedup = by_key[(label, batch)]["speedup"]
+                ax.annotate(f"{speedup:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height() / 2),
+                            ha="center", va="center", fontsize=12, fontweight="bold", color="white",
+                            bbox=dict(boxstyle="round,pad=0.2", facecolor="black", alpha=0.55, linewidth=0))
+            ax.set_xticks(x)
+            ax.set_xticklabels(shown, rotation=20 if max(map(len, shown)) > 10 else 0, ha="right"
+                               if max(map(len, shown)) > 10 else "center", fontsize=11)
+            ax.set_title(f"batch {batch}", fontsize=13)
+            ax.set_ylim(0, max(m + a for m, a in zip(medians, above)) * 1.12)
+            ax.tick_params(axis="y", labelsize=10)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].set_ylabel("latency (ms)", fontsize=12)
+        fig.suptitle("tcexport bench: median latency per batch size", fontsize=14)
+        import textwrap
+
+        caption = plot_caption(results).splitlines()
+        caption = [wrapped for line in caption for wrapped in textwrap.wrap(line, int(width * 13))]  # 8.5 pt mono
+        fig.text(0.01, 0.01, "\n".join(caption), fontsize=8.5, ha="left", va="bottom", family="monospace")
+        fig.tight_layout(rect=(0, 0.035 * len(caption) + 0.02, 1, 0.95))
         with atomic_file(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)  # tmp ends in .tmp, so the format must be explicit
+            fig.savefig(tmp, format="png", dpi=150)  # tmp ends in .tmp, so the format must be explicit
     finally:
         plt.close(fig)

@@ -105,9 +105,10 @@ def cli():
               help="Compare ONNX Runtime against PyTorch on random inputs (batch 1 and 3) after export.")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter; dynamo keeps the module scopes the rewriter uses.")
+@click.option("--force", is_flag=True, help="Replace OUT.onnx even when tcexport did not write it.")
 @model_spec_options
-def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkpoint, seed, input_shape, seq_len,
-           model_args):
+def export(spec, output, opset, batch, atol, check, exporter, force, pretrained, checkpoint, seed, input_shape,
+           seq_len, model_args):
     """Export a model spec to ONNX with provenance metadata.
 
     Uses the dynamo exporter (it keeps the per-node module scopes the rewriter needs), records
@@ -118,16 +119,14 @@ def export(spec, output, opset, batch, atol, check, exporter, pretrained, checkp
       tcexport export timm:vit_tiny_patch16_224 --checkpoint vit.pth -o vit.onnx
       tcexport export st:all-MiniLM-L6-v2 --seq-len 128 -o minilm.onnx
     """
-    from tcexport import export as export_mod
-    from tcexport import sources
+    from tcexport import pipeline
 
-    source = sources.load(spec, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
-                          input_shape=input_shape, seq_len=seq_len, model_args=model_args)
-    report = export_mod.export_to_file(source, output, opset=opset, batch=export_mod.parse_batch(batch),
-                                       check=check, atol=atol, exporter=exporter)
-    click.echo(f"wrote {output}")
+    report = pipeline.export(spec, output, opset=opset, batch=batch, check=check, atol=atol, exporter=exporter,
+                             force=force, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
+                             input_shape=input_shape, seq_len=seq_len, model_args=model_args)
     if report:
         click.echo(report.summary())
+    click.echo(f"wrote {output}")  # after the check's verdict: the file exists only because it passed
 
 
 @cli.command()
@@ -173,16 +172,20 @@ def compress(model, output, method, r, keep, keep_count, fuse, keep_order, domin
       tcexport compress vit.onnx --r 16 --schedule decreasing --layers 0-5 -o vit_tome.onnx
       tcexport compress minilm.onnx --r 4,4,8 --layers 1,2,3 -o minilm_tome.onnx
     """
-    from tcexport import compress as compress_mod
+    from tcexport import pipeline, progress
 
     given = {"keep": keep, "keep_count": keep_count, "fuse": fuse, "keep_order": keep_order, "dominant": dominant,
              "contextual": contextual, "kernel": kernel, "seed": method_seed}
     params = {key: value for key, value in given.items() if value is not None}
     if stages and (params or r is not None):
         raise UsageError("--stage carries each method's parameters; drop --r/--keep/... when using --stage")
-    schedule_out = compress_mod.compress_file(model, output, method=method, r=r, layers=layers, schedule=schedule,
-                                              prop_attn=prop_attn, impl=impl, protected=protected, params=params,
-                                              stages=list(stages))
+    pipeline.check_onnx_input(model)  # before the method registry imports torch
+    from tcexport import compress as compress_mod
+
+    with progress.step(f"compress {model} ({' + '.join(stages) or method}) -> {output}"):
+        schedule_out = compress_mod.compress_file(model, output, method=method, r=r, layers=layers,
+                                                  schedule=schedule, prop_attn=prop_attn, impl=impl,
+                                                  protected=protected, params=params, stages=list(stages))
     counts = " -> ".join([str(schedule_out[0]["in"])] + [str(s["out"]) for s in schedule_out])
     click.echo(f"wrote {output} (tokens per block: {counts})")
 
@@ -224,6 +227,8 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
     from tcexport import artifacts
 
     batches = tuple(_positive_int_list(batch_text, "--batch"))
+    if user_inputs is not None and not user_inputs.is_file():
+        raise UsageError(f"--inputs {user_inputs}: no such file; save one with numpy.savez(path, input_name=array)")
     if artifacts.resolve(model).backend == "trt":  # say what is missing before the slow PyTorch import
         from tcexport.backends import trt as trt_backend
 
@@ -270,9 +275,11 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
 @click.option("--plugins", default="auto", show_default=True, metavar="auto|none|python|PATH.so",
               help="trt: TensorRT plugins loaded before parsing (auto: only for --impl plugin graphs; the C++ "
                    "library when found, else the Python plugins). Recorded for validate/bench.")
+@click.option("--force", is_flag=True,
+              help="Replace OUT_DIR even when it holds files tcexport did not write (a recipe: another recipe's).")
 @model_spec_options
 def build(source_arg, output, backend, provider, opt_level, threads, opset, precision, batch_range, workspace_mb,
-          timing_cache, plugins, pretrained, checkpoint, seed, input_shape, seq_len, model_args):
+          timing_cache, plugins, force, pretrained, checkpoint, seed, input_shape, seq_len, model_args):
     """Build an optimized engine from an .onnx file, a model spec, or a YAML recipe.
 
     \b
@@ -291,7 +298,7 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
       tcexport build timm:vit_tiny_patch16_224 -o build/vit-ort
       tcexport build recipes/minilm_tome.yaml -o out/minilm_tome
     """
-    from tcexport import pipeline
+    from tcexport import overwrite, pipeline, spec_check
 
     if backend == "trt":
         import tempfile
@@ -300,6 +307,12 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
 
         trt_backend.require_tensorrt()  # fail before exporting or writing anything
         trt_backend.require_gpu()
+        if source_arg.endswith(".onnx"):
+            pipeline.check_onnx_input(source_arg)
+        else:
+            spec_check.check(source_arg, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
+                             input_shape=input_shape, seq_len=seq_len)
+        overwrite.check_build_dir(output, force)
         options = dict(precision=precision, batch=batch_range, workspace_mb=workspace_mb, timing_cache=timing_cache,
                        plugins=plugins)
         if source_arg.endswith(".onnx"):
@@ -321,7 +334,7 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
         raise UsageError("--precision/--batch/--workspace/--timing-cache/--plugins apply to --backend trt; the ONNX "
                          "Runtime build runs the float32 graph as exported")
     sidecar = pipeline.build(source_arg, output, provider=provider, opt_level=opt_level, threads=threads,
-                             opset=opset, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
+                             opset=opset, force=force, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
                              input_shape=input_shape, seq_len=seq_len, model_args=model_args)
     click.echo(f"wrote {output} ({sidecar['backend']}, {sidecar['provider']}, "
                f"{sidecar['nodes_before']} -> {sidecar['nodes_after']} nodes)")
@@ -329,9 +342,15 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
 
 @cli.command()
 @click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--batch", "batch_text", default="1", show_default=True, help="Batch sizes, e.g. 1,8.")
+@click.option("--batch", "batch_text", default=None, help="Batch sizes, e.g. 1,8 (default 1).")
+@click.option("--shapes", default=None, metavar="NAME:DIMS[,...]",
+              help="Input shapes as trtexec takes them, e.g. pixel_values:4x3x224x224 (sets the batch size).")
+@click.option("--load-inputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Time on your own inputs: an .npz with one array per input, named as the inputs (sets the batch).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: ORT's choice).")
-@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True, help="Warm-up runs per artifact.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up runs per artifact (default 10).")
+@click.option("--warmup-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Warm up each artifact for this many milliseconds instead (trtexec's --warmUp).")
 @click.option("--iters", type=click.IntRange(min=1), default=None, help="Timed runs per artifact (default 50).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Time budget in seconds per batch size instead of --iters.")
@@ -341,7 +360,8 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
               help="TensorRT engines: copy inputs in and outputs out every run and time them (h2d/d2h).")
 @click.option("--cuda-graph", is_flag=True,
               help="TensorRT engines: replay a CUDA graph of each run where the engine allows capture.")
-def bench(artifacts, batch_text, threads, warmup, iters, duration, json_path, plot_path, include_copies, cuda_graph):
+def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms, iters, duration, json_path, plot_path,
+          include_copies, cuda_graph):
     """Time artifacts side by side (.onnx files or build directories, ONNX Runtime or TensorRT).
 
     Runs are interleaved (one run of each artifact in turn) so machine drift hits all of them equally.
@@ -353,17 +373,25 @@ def bench(artifacts, batch_text, threads, warmup, iters, duration, json_path, pl
     Example:
       tcexport bench base.onnx build/vit-ort --batch 1,8 --iters 100 --plot bench.png
       tcexport bench build/vit-ort build/vit-trt --include-copies --cuda-graph
+      tcexport bench vit.onnx --shapes pixel_values:4x3x224x224 --warmup-ms 500
     """
     from tcexport import bench as bench_mod
 
     if iters is not None and duration is not None:
         raise UsageError("give --iters or --duration, not both")
+    if warmup is not None and warmup_ms is not None:
+        raise UsageError("give --warmup (runs) or --warmup-ms (milliseconds), not both")
     if plot_path and plot_path.suffix != ".png":
         raise UsageError(f"--plot {plot_path}: the plot is written as PNG; give a .png path")
     batches = _positive_int_list(batch_text, "--batch")
-    results = bench_mod.run(list(artifacts), batches=batches, threads=threads, warmup=warmup,
-                            iters=iters, duration=duration, include_copies=include_copies, cuda_graph=cuda_graph)
+    results = bench_mod.run(list(artifacts), batches=batches, threads=threads,
+                            warmup=10 if warmup is None else warmup, warmup_ms=warmup_ms, iters=iters,
+                            duration=duration, include_copies=include_copies, cuda_graph=cuda_graph, shapes=shapes,
+                            load_inputs=load_inputs)
     bench_mod.print_table(results)
+    for line in bench_mod.summary_lines(results):
+        click.echo(line)
+    bench_mod.print_warnings(results)
     if json_path:
         bench_mod.write_json(results, json_path)
         click.echo(f"wrote {json_path}")
@@ -416,6 +444,9 @@ def lint(model, trt_version, as_json):
 
 
 def main():
+    from tcexport import progress
+
+    progress.configure("auto")  # progress on stderr for people and CI logs; library calls stay quiet
     cli()
 
 

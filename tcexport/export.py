@@ -18,27 +18,15 @@ import numpy as np
 import onnx
 import torch
 
-from tcexport import __version__, metadata, onnxfile
+from tcexport import __version__, metadata, onnxfile, progress
 from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError, ValidationFailed
 from tcexport.sources import Source
+from tcexport.spec_check import parse_batch  # noqa: F401 - checked up front, kept importable here
 
 EXPORTERS = ("dynamo", "torchscript")
 EXAMPLE_BATCH = 2
 MAX_BATCH = 4096
-
-
-def parse_batch(text: str | int | None) -> int | None:
-    """'dynamic' -> None, otherwise a positive int."""
-    if text is None or str(text).lower() == "dynamic":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got '{text}'") from None
-    if value <= 0:
-        raise UsageError(f"--batch must be 'dynamic' or a positive integer, got '{text}'")
-    return value
 
 
 @dataclass
@@ -176,12 +164,15 @@ def export_to_file(source: Source, output: Path, opset: int = 18, batch: int | N
     output = Path(output)
     if output.suffix != ".onnx":
         raise UsageError(f"output {output} must end with .onnx")
-    model = export_model(source, opset=opset, batch=batch, exporter=exporter)
+    with progress.step(f"export {source.spec} ({exporter}, opset {opset}, batch {batch or 'dynamic'})"):
+        model = export_model(source, opset=opset, batch=batch, exporter=exporter)
     with atomic_file(output) as tmp:
         onnxfile.save(model, tmp)
         report = None
         if check:
-            report = check_against_torch(source, tmp, [1, 3] if batch is None else [batch], atol)
+            batches = [1, 3] if batch is None else [batch]
+            with progress.step(f"check ONNX Runtime vs PyTorch at batch {', '.join(map(str, batches))}"):
+                report = check_against_torch(source, tmp, batches, atol)
             if not report.passed:
                 raise ValidationFailed(f"{report.summary()}; nothing written (use --no-check to keep the file)",
                                        {"rows": report.rows})

@@ -108,3 +108,95 @@ def random_feeds(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str,
         else:
             feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
     return feeds
+
+
+# ---------------------------------------------------------------------------------------------- user-given inputs
+
+
+def read_npz(path, flag: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, by name; `flag` names the option in errors (--inputs, --load-inputs)."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        with np.load(path) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{flag} {path}: not a readable .npz file ({type(exc).__name__}); save one with "
+                         "numpy.savez(path, input_name=array, ...)") from None
+
+
+def feeds_from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec], origin: str) -> dict[str, np.ndarray]:
+    """One feed per spec from arrays named as the inputs (any batch size, the same for all)."""
+    missing = [spec.name for spec in specs if spec.name not in arrays]
+    if missing:
+        raise UsageError(f"{origin}: no array for input(s) {', '.join(missing)} (it has "
+                         f"{', '.join(arrays) or 'none'})")
+    feeds, batches = {}, set()
+    for spec in specs:
+        array = arrays[spec.name]
+        expected = spec.concrete_shape(array.shape[0] if array.ndim else 0)
+        if array.shape != expected:
+            raise UsageError(f"{origin}: '{spec.name}' has shape {list(array.shape)}, the model takes "
+                             f"{list(spec.shape)}")
+        feeds[spec.name] = array.astype(spec.dtype)
+        batches.add(array.shape[0])
+    if len(batches) != 1:
+        raise UsageError(f"{origin}: the arrays disagree on the batch size ({sorted(batches)})")
+    return feeds
+
+
+def load_npz_feeds(path, specs: list[InputSpec], flag: str) -> dict[str, np.ndarray]:
+    """Feeds from an .npz file with one array per model input, named as the inputs."""
+    return feeds_from_arrays(read_npz(path, flag), specs, f"{flag} {path}")
+
+
+def parse_shapes(text: str) -> dict[str, tuple[int, ...]]:
+    """trtexec's --shapes: 'input:1x3x224x224[,other:1x128]' -> {name: dims}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hint = "--shapes takes NAME:DIMS[,NAME:DIMS...], e.g. pixel_values:1x3x224x224"
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, dims_text = item.rpartition(":")
+        try:
+            dims = tuple(int(d) for d in dims_text.lower().split("x"))
+        except ValueError:
+            dims = ()
+        if not sep or not name or not dims or any(d <= 0 for d in dims):
+            raise UsageError(f"{hint}; got '{item}'")
+        if name in shapes:
+            raise UsageError(f"--shapes names '{name}' twice")
+        shapes[name] = dims
+    if not shapes:
+        raise UsageError(f"{hint}; got '{text}'")
+    return shapes
+
+
+def shapes_batch(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The batch size --shapes implies: the first dimension, the same for every input."""
+    batches = {dims[0] for dims in shapes.values()}
+    if len(batches) != 1:
+        raise UsageError(f"--shapes: the inputs disagree on the batch size (first dimension: {sorted(batches)})")
+    return batches.pop()
+
+
+def with_shapes(specs: list[InputSpec], shapes: dict[str, tuple[int, ...]], origin: str) -> list[InputSpec]:
+    """Specs with the --shapes dims filled in; a static dimension that differs is refused."""
+    from dataclasses import replace
+
+    out = []
+    for spec in specs:
+        dims = shapes.get(spec.name)
+        if dims is None:
+            out.append(spec)
+            continue
+        if len(dims) != len(spec.shape):
+            raise UsageError(f"{origin}: --shapes gives '{spec.name}' {len(dims)} dimensions, the model takes "
+                             f"{len(spec.shape)} ({list(spec.shape)})")
+        fixed = [(axis, want, got) for axis, (want, got) in enumerate(zip(spec.shape, dims))
+                 if isinstance(want, int) and want > 0 and want != got and axis > 0]
+        if fixed:
+            axis, want, got = fixed[0]
+            raise UsageError(f"{origin}: --shapes gives '{spec.name}' {got} at axis {axis}, where the model is fixed "
+                             f"at {want} ({list(spec.shape)})")
+        out.append(replace(spec, shape=list(dims)))
+    return out

@@ -26,6 +26,7 @@ and hf:/st: directories written ./DIR or ../DIR (hf:NAME and st:NAME stay hub id
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -33,20 +34,20 @@ import math
 import os
 import re
 import shutil
-import time
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_serializer, \
     field_validator, model_serializer, model_validator
 
+from tcexport import progress
 from tcexport.errors import UsageError, ValidationFailed
+from tcexport.overwrite import SUMMARY
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 DEFAULT_DYNAMIC_VALIDATE_BATCHES = [1, 3]
 DEFAULT_DYNAMIC_BENCH_BATCHES = [1, 8]
-SUMMARY = "summary.json"
 _LAYERS_TEXT = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
@@ -241,6 +242,16 @@ class ModelSection(Section):
     def _consistent(self) -> "ModelSection":
         if self.pretrained and self.checkpoint:
             raise ValueError("give pretrained or checkpoint, not both")
+        if not self.spec.endswith(".onnx"):
+            from tcexport import spec_check
+
+            try:  # the options the spec's kind cannot take (seq_len for timm:, input_shape for st:, ...)
+                spec_check.check(self.spec, pretrained=self.pretrained, checkpoint=None, input_shape=self.input_shape,
+                                 seq_len=self.seq_len, check_paths=False)
+            except UsageError as exc:
+                text = _recipe_terms(str(exc))
+                blamed = next((f for f in ("seq_len", "input_shape", "pretrained") if text.startswith(f)), None)
+                raise ValueError(f"{blamed}: {text}" if blamed else text) from None
         if self.spec.endswith(".onnx"):
             extra = [name for name in ("seq_len", "input_shape", "checkpoint", "seed", "pretrained")
                      if name in self.model_fields_set]
@@ -566,6 +577,12 @@ class Recipe(Section):
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
+class _ModelOnly(Section):
+    """The model section alone, checked first (see parse)."""
+
+    model: ModelSection
+
+
 SECTIONS: dict[tuple[str, ...], type[BaseModel]] = {
     (): Recipe, ("model",): ModelSection, ("export",): ExportSection, ("compress",): CompressSection,
     ("compress", "stages"): StageSection,
@@ -679,6 +696,12 @@ def parse(data: Any, origin: str = "recipe") -> Recipe:
     """Check a recipe given as plain data (what the YAML file holds); UsageError on any problem."""
     if data is None:
         raise UsageError(f"{origin}: the recipe is empty; it needs at least model.spec")
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        # The model section holds most mistakes and needs no torch; compress's checks import the method registry.
+        try:
+            _ModelOnly.model_validate({"model": data["model"]})
+        except ValidationError as exc:
+            raise UsageError(f"{origin}: {describe(exc)}") from None
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -745,25 +768,26 @@ def _in_stage(recipe: Recipe, stage: str, exc: UsageError) -> UsageError:
     return UsageError(f"{recipe.path or 'recipe'}: {stage}: {text}")
 
 
-def check_output(recipe: Recipe, out_dir: Path) -> None:
-    """Refuse an OUT_DIR whose replacement would destroy something that is not an earlier recipe output."""
+def check_output(recipe: Recipe, out_dir: Path, force: bool = False) -> str | None:
+    """Refuse an OUT_DIR whose replacement would destroy something this recipe did not write (see
+    tcexport.overwrite; --force replaces it anyway). Returns the note to show when an earlier output goes."""
+    from tcexport import overwrite
+
     out = out_dir.resolve()
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out_dir}: exists and is not a directory; choose another -o")
     if recipe.path is not None and out in recipe.path.resolve().parents:
         raise UsageError(f"{out_dir}: holds the recipe itself and would be replaced; choose another -o")
-    if out.is_dir() and any(out.iterdir()) and not (out / SUMMARY).is_file():
-        raise UsageError(f"{out_dir}: exists and is not the output of a recipe (no {SUMMARY}); choose another -o "
-                         "or remove it")
+    return overwrite.check_recipe_dir(out_dir, recipe.path, force)
 
 
-def run(recipe: Recipe, out_dir: str | Path, echo: Echo | None = None) -> dict:
+def run(recipe: Recipe, out_dir: str | Path, echo: Echo | None = None, force: bool = False) -> dict:
     """Run every stage into OUT_DIR (atomically); return the summary (also written as summary.json)."""
     from tcexport.atomic import atomic_dir
 
     echo = echo or _echo
     out_dir = Path(out_dir)
-    check_output(recipe, out_dir)
+    replacing = check_output(recipe, out_dir, force)
+    if replacing:
+        echo(replacing)
     stages = ["export", "compress" if recipe.compress else None, "validate" if recipe.validation else None,
               "build", "bench" if recipe.bench else None]
     runner = _Runner(recipe, echo, [s for s in stages if s], out_dir)
@@ -789,13 +813,12 @@ class _Runner:
         self.timings: dict[str, float] = {}
         self.extra_inputs: list[str] = []
 
-    def step(self, stage: str, text: str) -> float:
-        self.echo(f"[{self.stages.index(stage) + 1}/{len(self.stages)}] {stage:<9} {text}")
-        return time.perf_counter()
-
-    def done(self, stage: str, start: float, text: str = "") -> None:
-        self.timings[stage] = round(time.perf_counter() - start, 3)
-        self.echo(f"    {text + ' ' if text else ''}({self.timings[stage]:.1f} s)")
+    @contextlib.contextmanager
+    def stage(self, stage: str, text: str) -> Iterator[progress.Step]:
+        """One stage under a progress line on stderr ('[2/5] compress  ...: what it found (12.3 s)')."""
+        with progress.step(f"[{self.stages.index(stage) + 1}/{len(self.stages)}] {stage:<9} {text}") as item:
+            yield item
+            self.timings[stage] = round(item.elapsed, 3)
 
     def run(self, work: Path, final: Path) -> dict:
         recipe = self.recipe
@@ -824,8 +847,9 @@ class _Runner:
 
             self.echo(validate_mod.format_report(report).replace(str(work), str(final)))
         for entry in summary["speedup"]:
-            self.echo(f"speedup at batch {entry['batch']}: {entry['speedup']:.2f}x "
-                      f"(median {entry['baseline_median_ms']:.3f} -> {entry['compressed_median_ms']:.3f} ms)")
+            self.echo(f"speedup at batch {entry['batch']}: {entry['speedup']:.2f}x, {self.out_dir / 'compressed'} "
+                      f"vs {self.out_dir / 'baseline'} (median {entry['compressed_median_ms']:.3f} ms vs "
+                      f"{entry['baseline_median_ms']:.3f} ms)")
         return summary
 
     # ------------------------------------------------------------------ stages
@@ -833,9 +857,9 @@ class _Runner:
     def export(self, output: Path) -> dict | None:
         recipe, model = self.recipe, self.recipe.model
         if model.spec.endswith(".onnx"):
-            start = self.step("export", f"{model.spec} (already exported) -> model.onnx")
-            shutil.copyfile(model.spec, output)
-            self.done("export", start, "copied")
+            with self.stage("export", f"{model.spec} (already exported) -> model.onnx") as item:
+                shutil.copyfile(model.spec, output)
+                item.note("copied")
             return None
         from tcexport import export as export_mod
         from tcexport import sources
@@ -843,17 +867,18 @@ class _Runner:
         options = dict(pretrained=model.pretrained, checkpoint=model.checkpoint, seed=model.seed,
                        input_shape=model.input_shape, seq_len=model.seq_len)
         described = ", ".join(f"{k} {v}" for k, v in options.items() if v not in (None, False))
-        start = self.step("export", f"{model.spec}{f' ({described})' if described else ''}, opset "
-                                    f"{recipe.export.opset}, batch {recipe.export.batch} -> model.onnx")
-        try:
-            source = sources.load(model.spec, **options)
-            check = export_mod.export_to_file(source, output, opset=recipe.export.opset,
-                                              batch=export_mod.parse_batch(recipe.export.batch),
-                                              check=recipe.export.check, atol=recipe.export.atol,
-                                              exporter=recipe.export.exporter)
-        except UsageError as exc:
-            raise _in_stage(recipe, "export", exc) from None
-        self.done("export", start, check.summary() if check else "")
+        with self.stage("export", f"{model.spec}{f' ({described})' if described else ''}, opset "
+                                  f"{recipe.export.opset}, batch {recipe.export.batch} -> model.onnx") as item:
+            try:
+                source = sources.load(model.spec, **options)
+                check = export_mod.export_to_file(source, output, opset=recipe.export.opset,
+                                                  batch=export_mod.parse_batch(recipe.export.batch),
+                                                  check=recipe.export.check, atol=recipe.export.atol,
+                                                  exporter=recipe.export.exporter)
+            except UsageError as exc:
+                raise _in_stage(recipe, "export", exc) from None
+            if check:
+                item.note(check.summary())
         return {"passed": check.passed, "max_abs": check.max_abs, "atol": check.atol} if check else None
 
     def compress(self, exported: Path, output: Path) -> list[dict]:
@@ -861,18 +886,19 @@ class _Runner:
         from tcexport import metadata, onnxfile
 
         c = self.recipe.compress
-        start = self.step("compress", f"{c.describe()} -> model.tc.onnx")
-        try:
-            schedule = compress_mod.compress_file(exported, output, **c.plan())
-        except UsageError as exc:
-            raise _in_stage(self.recipe, "compress", exc) from None
+        with self.stage("compress", f"{c.describe()} -> model.tc.onnx") as item:
+            try:
+                schedule = compress_mod.compress_file(exported, output, **c.plan())
+            except UsageError as exc:
+                raise _in_stage(self.recipe, "compress", exc) from None
+            item.note("tokens per block: " + _token_path(schedule))
         # Which method ran at which block (the token schedule alone does not say), and inputs a method added.
         record = metadata.read(onnxfile.load(output, load_external_data=False), metadata.COMPRESSION) or {}
         by_block = dict(zip(record.get("layers", []), record.get("methods", [])))
         schedule = [{**entry, "method": by_block.get(entry["block"])} for entry in schedule]
         self.extra_inputs = [spec["name"] for spec in record.get("extra_inputs", [])]
-        added = f"; adds model input(s) {', '.join(self.extra_inputs)}" if self.extra_inputs else ""
-        self.done("compress", start, "tokens per block: " + _token_path(schedule) + added)
+        if self.extra_inputs:
+            self.echo(f"compress: the compressed model takes the extra input(s) {', '.join(self.extra_inputs)}")
         return schedule
 
     def validate(self, model: Path, json_path: Path):
@@ -880,20 +906,19 @@ class _Runner:
 
         v = self.recipe.validation
         samples = f"{v.samples} sample{'s' if v.samples > 1 else ''}"
-        start = self.step("validate", f"{model.name} vs PyTorch: {samples}, batch {','.join(map(str, v.batch))}, "
-                                      f"atol {v.atol:g}, rtol {v.rtol:g}")
-        try:
-            report = validate_mod.run(model, json_path=json_path, samples=v.samples, seed=v.seed, atol=v.atol,
-                                      rtol=v.rtol, batches=tuple(v.batch), threads=v.threads)
-        except UsageError as exc:
-            raise _in_stage(self.recipe, "validate", exc) from None
-        except ValidationFailed as exc:
-            # The report names the temporary directory, which is about to vanish: name the file alone.
-            text = str(exc).replace(f"{model.parent}{os.sep}", "")
-            raise ValidationFailed(f"{text}\n{self.recipe.path or 'recipe'}: nothing written to {self.out_dir}; "
-                                   "loosen validate.atol/rtol or compress less", exc.report) from None
-        self.done("validate", start, f"passed: max abs {report.worst('max_abs'):.2e}, "
-                                     f"{len(report.diverged)} discrete divergence(s)")
+        with self.stage("validate", f"{model.name} vs PyTorch: {samples}, batch {','.join(map(str, v.batch))}, "
+                                    f"atol {v.atol:g}, rtol {v.rtol:g}") as item:
+            try:
+                report = validate_mod.run(model, json_path=json_path, samples=v.samples, seed=v.seed, atol=v.atol,
+                                          rtol=v.rtol, batches=tuple(v.batch), threads=v.threads)
+            except UsageError as exc:
+                raise _in_stage(self.recipe, "validate", exc) from None
+            except ValidationFailed as exc:
+                # The report names the temporary directory, which is about to vanish: name the file alone.
+                text = str(exc).replace(f"{model.parent}{os.sep}", "")
+                raise ValidationFailed(f"{text}\n{self.recipe.path or 'recipe'}: nothing written to {self.out_dir}; "
+                                       "loosen validate.atol/rtol or compress less", exc.report) from None
+            item.note(f"passed: max abs {report.worst('max_abs'):.2e}, {len(report.diverged)} discrete divergence(s)")
         return report
 
     def build(self, exported: Path, compressed: Path | None, work: Path) -> dict[str, dict]:
@@ -901,17 +926,16 @@ class _Runner:
 
         b = self.recipe.build
         targets = {"baseline": exported, **({"compressed": compressed} if compressed else {})}
-        start = self.step("build", f"{b.backend} {b.provider}, opt level {b.opt_level}: "
-                                   + ", ".join(f"{src.name} -> {name}/" for name, src in targets.items()))
         builds = {}
-        try:
-            for name, source in targets.items():
-                builds[name] = ort_backend.build(source, work / name, provider=b.provider, threads=b.threads,
-                                                 opt_level=b.opt_level)
-        except UsageError as exc:
-            raise _in_stage(self.recipe, "build", exc) from None
-        self.done("build", start, ", ".join(f"{name}: {s['nodes_before']} -> {s['nodes_after']} nodes"
-                                            for name, s in builds.items()))
+        with self.stage("build", f"{b.backend} {b.provider}, opt level {b.opt_level}: "
+                                 + ", ".join(f"{src.name} -> {name}/" for name, src in targets.items())) as item:
+            try:
+                for name, source in targets.items():
+                    builds[name] = ort_backend.build(source, work / name, provider=b.provider, threads=b.threads,
+                                                     opt_level=b.opt_level)
+            except UsageError as exc:
+                raise _in_stage(self.recipe, "build", exc) from None
+            item.note(", ".join(f"{name}: {s['nodes_before']} -> {s['nodes_after']} nodes" for name, s in builds.items()))
         return builds
 
     def bench(self, work: Path, names: list[str]) -> dict:
@@ -919,16 +943,16 @@ class _Runner:
 
         b = self.recipe.bench
         amount = f"{b.duration:g} s" if b.duration else f"{b.iters or bench_mod.DEFAULT_ITERS} iters"
-        start = self.step("bench", f"{' vs '.join(names)}: batch {','.join(map(str, b.batch))}, {amount} "
-                                   f"after {b.warmup} warm-up (interleaved)")
-        try:
-            results = bench_mod.run([work / name for name in names], batches=b.batch, threads=b.threads,
-                                    warmup=b.warmup, iters=b.iters, duration=b.duration)
-            bench_mod.write_json(results, work / "bench.json")
-            bench_mod.write_plot(results, work / "bench.png")
-        except UsageError as exc:
-            raise _in_stage(self.recipe, "bench", exc) from None
-        self.done("bench", start, "bench.json, bench.png")
+        with self.stage("bench", f"{' vs '.join(names)}: batch {','.join(map(str, b.batch))}, {amount} "
+                                 f"after {b.warmup} warm-up (interleaved)") as item:
+            try:
+                results = bench_mod.run([work / name for name in names], batches=b.batch, threads=b.threads,
+                                        warmup=b.warmup, iters=b.iters, duration=b.duration)
+                bench_mod.write_json(results, work / "bench.json")
+                bench_mod.write_plot(results, work / "bench.png")
+            except UsageError as exc:
+                raise _in_stage(self.recipe, "bench", exc) from None
+            item.note("bench.json, bench.png")
         return results
 
     # ------------------------------------------------------------------ summary
@@ -1035,10 +1059,10 @@ def _repoint(work: Path, final: Path) -> None:
 # ---------------------------------------------------------------------------------------------- CLI entry
 
 
-def build_from_file(path: str | Path, output: str | Path, echo: Echo | None = None) -> dict:
+def build_from_file(path: str | Path, output: str | Path, echo: Echo | None = None, force: bool = False) -> dict:
     """`tcexport build RECIPE.yaml -o DIR`: load, run, and return the main build's sidecar (for the CLI's line)."""
     recipe = load(path)
-    summary = run(recipe, output, echo=echo)
+    summary = run(recipe, output, echo=echo, force=force)
     main = "compressed" if recipe.compress else "baseline"
     from tcexport.artifacts import SIDECAR
 

@@ -1,11 +1,14 @@
-"""Shared fixtures: tiny models exported once per test session."""
+"""Shared fixtures: tiny models exported once per test run, even when pytest-xdist runs several workers."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -31,68 +34,87 @@ def assert_usage_error(result: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in result.stderr
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A directory holding what make(directory) writes, made once per test run.
+
+    Under pytest-xdist every worker is its own session, so a session fixture would export the same model once
+    per worker; instead the first worker makes it, under a file lock, in the run's shared temporary root
+    (the workers' basetemps share a parent), and the others wait for it and reuse it.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        directory = tmp_path_factory.mktemp(name)
+        make(directory)
+        return directory
+    root = tmp_path_factory.getbasetemp().parent / "made_once"
+    root.mkdir(exist_ok=True)
+    directory, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a worker that failed half-way left this
+            directory.mkdir()
+            make(directory)
+            done.touch()
+    return directory
+
+
+def exported(tmp_path_factory, name: str, spec: str, filename: str, **load_options) -> Path:
+    """`spec` exported to ONNX once per test run (see made_once)."""
+
+    def make(directory: Path) -> None:
+        from tcexport import export, sources
+
+        export.export_to_file(sources.load(spec, **load_options), directory / filename)
+
+    return made_once(tmp_path_factory, name, make) / filename
+
+
 @pytest.fixture(scope="session")
 def vit_checkpoint(tmp_path_factory) -> Path:
     """A vit_tiny state dict with seeded random weights, saved as a user's checkpoint file would be."""
-    import timm
-    import torch
 
-    torch.manual_seed(1234)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
-    path = tmp_path_factory.mktemp("ckpt") / "vit_tiny.pth"
-    torch.save(model.state_dict(), path)
-    return path
+    def make(directory: Path) -> None:
+        import timm
+        import torch
+
+        torch.manual_seed(1234)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+        torch.save(model.state_dict(), directory / "vit_tiny.pth")
+
+    return made_once(tmp_path_factory, "ckpt", make) / "vit_tiny.pth"
 
 
 @pytest.fixture(scope="session")
 def vit_onnx(tmp_path_factory, vit_checkpoint) -> Path:
-    from tcexport import export, sources
-
-    source = sources.load("timm:vit_tiny_patch16_224", checkpoint=vit_checkpoint)
-    path = tmp_path_factory.mktemp("vit") / "vit_tiny.onnx"
-    export.export_to_file(source, path)
-    return path
+    return exported(tmp_path_factory, "vit", "timm:vit_tiny_patch16_224", "vit_tiny.onnx", checkpoint=vit_checkpoint)
 
 
 @pytest.fixture(scope="session")
 def minilm_onnx(tmp_path_factory) -> Path:
-    from tcexport import export, sources
-
-    source = sources.load("st:all-MiniLM-L6-v2", seq_len=128)
-    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
-    export.export_to_file(source, path)
-    return path
+    return exported(tmp_path_factory, "minilm", "st:all-MiniLM-L6-v2", "minilm.onnx", seq_len=128)
 
 
 @pytest.fixture(scope="session")
 def deit_distilled_onnx(tmp_path_factory) -> Path:
-    from tcexport import export, sources
-
-    source = sources.load("timm:deit_tiny_distilled_patch16_224", seed=3)
-    path = tmp_path_factory.mktemp("deit") / "deit_tiny_distilled.onnx"
-    export.export_to_file(source, path)
-    return path
+    return exported(tmp_path_factory, "deit", "timm:deit_tiny_distilled_patch16_224", "deit_tiny_distilled.onnx", seed=3)
 
 
 @pytest.fixture(scope="session")
 def bert_dir(tmp_path_factory) -> Path:
     """A tiny random BERT saved as a transformers directory (what hf:DIR loads offline)."""
-    import torch
-    from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("bert") / "bert"
-    BertModel(config).save_pretrained(path)
-    return path
+    def make(directory: Path) -> None:
+        import torch
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(directory / "bert")
+
+    return made_once(tmp_path_factory, "bert", make) / "bert"
 
 
 @pytest.fixture(scope="session")
 def bert_onnx(tmp_path_factory, bert_dir) -> Path:
-    from tcexport import export, sources
-
-    source = sources.load(f"hf:{bert_dir}", seq_len=24)
-    path = tmp_path_factory.mktemp("bert_onnx") / "bert.onnx"
-    export.export_to_file(source, path)
-    return path
+    return exported(tmp_path_factory, "bert_onnx", f"hf:{bert_dir}", "bert.onnx", seq_len=24)

@@ -71,13 +71,16 @@ def test_latency_stats_match_numpy():
 def test_summarize_and_speedup():
     base_ns = [2_000_000, 2_000_000, 4_000_000]  # median 2 ms, mean 8/3 ms
     fast_ns = [1_000_000, 500_000, 1_000_000]  # median 1 ms
-    entries = [bench.summarize("base", 4, base_ns), bench.summarize("fast", 4, fast_ns),
-               bench.summarize("base", 1, [3_000_000]), bench.summarize("fast", 1, [6_000_000])]
+    # The wall-clock the runs held is longer than their latencies (loop overhead between runs): 12 ms for 3 runs.
+    entries = [bench.summarize("base", 4, base_ns, 12_000_000), bench.summarize("fast", 4, fast_ns, 3_000_000),
+               bench.summarize("base", 1, [3_000_000], 3_000_000), bench.summarize("fast", 1, [6_000_000], 6_000_000)]
     bench.add_speedups(entries)
     base4, fast4, base1, fast1 = entries
     assert base4["latency_ms"]["median"] == pytest.approx(2.0)
-    assert base4["throughput_qps"] == pytest.approx(1000 / (8 / 3))
-    assert base4["throughput_samples_per_s"] == pytest.approx(4 * 1000 / (8 / 3))
+    assert base4["throughput_qps"] == pytest.approx(3 / 0.012)  # runs / wall-clock, not 1 / mean latency
+    assert base4["throughput_qps"] != pytest.approx(1000 / (8 / 3))
+    assert base4["throughput_samples_per_s"] == pytest.approx(4 * 3 / 0.012)
+    assert base4["wall_s"] == pytest.approx(0.012)
     assert base4["iters"] == 3
     assert base4["speedup"] == 1.0 and base1["speedup"] == 1.0
     assert fast4["speedup"] == pytest.approx(base4["latency_ms"]["median"] / fast4["latency_ms"]["median"])
@@ -105,7 +108,7 @@ def test_time_interleaved_rotates_and_warms_up():
     calls: list[str] = []
     runners = [RecordingRunner(n, calls) for n in "abc"]
     rounds = []
-    latencies = bench.time_interleaved(runners, [{}, {}, {}], warmup=2, iters=4, on_round=rounds.append)
+    latencies = bench.time_interleaved(runners, [{}, {}, {}], warmup=2, iters=4, on_round=rounds.append).latencies_ns
     warm, timed = calls[:6], calls[6:]
     assert sorted(warm) == sorted("aabbcc")
     assert timed == list("abc" "bca" "cab" "abc")
@@ -118,13 +121,13 @@ def test_time_interleaved_rotates_and_warms_up():
 def test_time_interleaved_duration_runs_at_least_three_rounds():
     calls: list[str] = []
     runners = [RecordingRunner(n, calls) for n in "ab"]
-    latencies = bench.time_interleaved(runners, [{}, {}], warmup=0, duration=1e-9)
+    latencies = bench.time_interleaved(runners, [{}, {}], warmup=0, duration=1e-9).latencies_ns
     assert [len(lat) for lat in latencies] == [bench.MIN_ROUNDS_WITH_DURATION] * 2
 
 
 def test_time_interleaved_default_iters():
     calls: list[str] = []
-    latencies = bench.time_interleaved([RecordingRunner("a", calls)], [{}], warmup=0)
+    latencies = bench.time_interleaved([RecordingRunner("a", calls)], [{}], warmup=0).latencies_ns
     assert len(latencies[0]) == bench.DEFAULT_ITERS
 
 
@@ -184,11 +187,20 @@ def test_static_batch_model_at_other_batch(tmp_path):
         bench.run([static], batches=[4], warmup=0, iters=2)
 
 
-def test_progress_bar_with_many_runs_off_a_terminal(small_onnx, capsys):
-    runs = bench.PROGRESS_MIN_RUNS + 1
-    results = bench.run([small_onnx], batches=[1], warmup=0, iters=runs)
-    assert results["results"][0]["iters"] == runs
-    assert capsys.readouterr().err == ""  # no control codes in a captured/redirected stderr
+def test_progress_off_a_terminal_is_one_line_per_step(small_onnx, capsys, monkeypatch):
+    monkeypatch.setenv("TCEXPORT_PROGRESS", "lines")
+    results = bench.run([small_onnx], batches=[1, 2], warmup=0, iters=300)
+    assert results["results"][0]["iters"] == 300
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines  # open, then one per batch size: no bar redraws in a log
+    assert lines[0].startswith("open 1 artifact") and lines[1].startswith("time 1 artifact at batch 1")
+    assert all(line.endswith(" s)") and "\x1b" not in line for line in lines)  # elapsed time, no control codes
+
+
+def test_library_calls_are_quiet_by_default(small_onnx, capsys, monkeypatch):
+    monkeypatch.delenv("TCEXPORT_PROGRESS", raising=False)
+    bench.run([small_onnx], batches=[1], warmup=0, iters=3)
+    assert capsys.readouterr().err == ""
 
 
 def test_missing_artifact(tmp_path):
@@ -215,7 +227,7 @@ def test_iters_and_duration_together():
 
 @pytest.fixture()
 def fake_results() -> dict:
-    entries = [bench.summarize(label, batch, [int(ns * 1e6) for ns in lat])
+    entries = [bench.summarize(label, batch, [int(ns * 1e6) for ns in lat], int(sum(lat) * 1.1e6))
                for label, batch, lat in (("base", 1, [1.0, 1.2, 1.1]), ("tome", 1, [0.6, 0.7, 0.9]),
                                          ("base", 8, [5.0, 6.0, 5.5]), ("tome", 8, [3.0, 3.2, 3.1]))]
     return {"artifacts": [], "environment": {}, "settings": {}, "results": bench.add_speedups(entries)}
@@ -235,7 +247,7 @@ def test_print_table_fits_a_narrow_terminal(fake_results, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "…" not in out  # compact layout instead of numbers cut short
-    assert "0.7000" in out and "1.57x" in out and "speedup" in out
+    assert "0.700" in out and "1.57x" in out and "speedup" in out
 
 
 def test_write_json(fake_results, tmp_path):
@@ -329,7 +341,8 @@ def test_time_interleaved_stages_and_drops_warmup_device_times():
     calls: list[str] = []
     device = FakeDeviceRunner("trt")
     feeds = [{}, {"x": 1}]
-    latencies = bench.time_interleaved([RecordingRunner("ort", calls), device], feeds, warmup=2, iters=3)
+    latencies = bench.time_interleaved([RecordingRunner("ort", calls), device], feeds, warmup=2,
+                                       iters=3).latencies_ns
     assert device.staged == [feeds[1]]  # staged once, before its warm-up
     assert device.runs == 5 and [len(lat) for lat in latencies] == [3, 3]
     # The warm-up runs (1 ms, 2 ms) were dropped; what is left lines up with the three timed runs.
@@ -337,39 +350,41 @@ def test_time_interleaved_stages_and_drops_warmup_device_times():
 
 
 def test_summarize_merges_device_stats_next_to_host_latency():
-    entry = bench.summarize("trt", 2, [4_000_000, 5_000_000, 6_000_000],
+    entry = bench.summarize("trt", 2, [4_000_000, 5_000_000, 6_000_000], 15_000_000,
                             {"gpu_compute_ms": [1.0, 2.0, 3.0], "h2d_ms": [0.1, 0.1, 0.4], "d2h_ms": [0.2] * 3})
     assert entry["latency_ms"]["median"] == pytest.approx(5.0)  # host wall time is untouched
     assert entry["gpu_compute_ms"] == bench.latency_stats([1.0, 2.0, 3.0])
     assert entry["h2d_ms"]["max"] == pytest.approx(0.4) and entry["d2h_ms"]["median"] == pytest.approx(0.2)
-    assert entry["throughput_qps"] == pytest.approx(1000 / 5.0)  # throughput stays host-based, as trtexec's
-    plain = bench.summarize("ort", 2, [4_000_000, 5_000_000, 6_000_000], {})
+    assert entry["throughput_qps"] == pytest.approx(3 / 0.015)  # throughput stays host-based, as trtexec's
+    plain = bench.summarize("ort", 2, [4_000_000, 5_000_000, 6_000_000], 15_000_000, {})
     assert not set(bench.DEVICE_FIELDS) & set(plain)
-    assert bench.summarize("ort", 2, [1, 2, 3]).keys() == plain.keys()
+    assert bench.summarize("ort", 2, [1, 2, 3], 6).keys() == plain.keys()
     with pytest.raises(ValueError, match="2 gpu_compute_ms samples for 3 timed runs"):
-        bench.summarize("trt", 1, [1, 2, 3], {"gpu_compute_ms": [1.0, 2.0]})
+        bench.summarize("trt", 1, [1, 2, 3], 6, {"gpu_compute_ms": [1.0, 2.0]})
 
 
 @pytest.fixture()
 def mixed_results() -> dict:
-    entries = [bench.summarize("ort", 1, [2_000_000, 2_000_000]),
-               bench.summarize("trt", 1, [1_000_000, 1_000_000], {"gpu_compute_ms": [0.25, 0.75]}),
-               bench.summarize("trt-copies", 1, [1_500_000, 1_500_000],
+    entries = [bench.summarize("ort", 1, [2_000_000, 2_000_000], 4_000_000),
+               bench.summarize("trt", 1, [1_000_000, 1_000_000], 2_000_000, {"gpu_compute_ms": [0.25, 0.75]}),
+               bench.summarize("trt-copies", 1, [1_500_000, 1_500_000], 3_000_000,
                                {"gpu_compute_ms": [0.5, 0.5], "h2d_ms": [0.125, 0.125], "d2h_ms": [0.0625, 0.0625]})]
     return {"artifacts": [], "environment": {}, "settings": {}, "results": bench.add_speedups(entries)}
 
 
 def test_table_columns_for_each_mix(fake_results, mixed_results):
     assert bench.table_columns(fake_results) == bench.TABLE_COLUMNS  # ONNX Runtime only: as before
-    assert bench.table_columns(mixed_results) == ("artifact", "batch", "min", "median", "mean", "p90", "p95", "p99",
-                                                  "gpu", "h2d", "d2h", "qps", "samples/s", "speedup")
+    assert bench.table_columns(mixed_results) == ("artifact", "batch", "runs", "min", "median", "mean", "p90", "p95",
+                                                  "p99", "gpu", "h2d", "d2h", "qps", "samples/s", "speedup")
     compute_only = {"results": mixed_results["results"][:2]}
-    assert bench.table_columns(compute_only)[8:10] == ("gpu", "qps")
+    assert bench.table_columns(compute_only)[9:11] == ("gpu", "qps")
     columns = bench.table_columns(mixed_results)
-    ort_row, trt_row, copies_row = (bench.table_row(e, columns) for e in mixed_results["results"])
-    assert ort_row[8:11] == [bench.MISSING_CELL] * 3 and ort_row[-1] == "1.00x"
-    assert trt_row[8:11] == ["0.5000", "-", "-"] and trt_row[-1] == "2.00x"
-    assert copies_row[8:11] == ["0.5000", "0.1250", "0.0625"]
+    decimals = bench.column_formats(mixed_results["results"], columns)
+    ort_row, trt_row, copies_row = (bench.table_row(e, columns, decimals) for e in mixed_results["results"])
+    assert ort_row[2] == "2" and ort_row[9:12] == [bench.MISSING_CELL] * 3 and ort_row[-1] == "1.00x"
+    # One format per column: gpu's smallest median is 0.5 -> 3 decimals for all; d2h's 0.0625 -> 4.
+    assert trt_row[9:12] == ["0.500", "-", "-"] and trt_row[-1] == "2.00x"
+    assert copies_row[9:12] == ["0.500", "0.125", "0.0625"]
     assert "gpu/h2d/d2h = median device time" in bench.table_caption(columns)
     assert bench.table_caption(bench.TABLE_COLUMNS) == "speedup = first artifact's median / median, same batch"
 
@@ -377,7 +392,7 @@ def test_table_columns_for_each_mix(fake_results, mixed_results):
 def test_print_table_mixed(mixed_results, capsys):
     bench.print_table(mixed_results)
     out = capsys.readouterr().out
-    assert "gpu" in out and "h2d" in out and "0.5000" in out and "0.0625" in out and "2.00x" in out
+    assert "gpu" in out and "h2d" in out and "0.500" in out and "0.0625" in out and "2.00x" in out
 
 
 def make_engine_dir(tmp_path: Path, onnx_path: Path, name: str = "engine", batch_max: int = 4) -> Path:
@@ -484,3 +499,167 @@ def test_cli_cuda_provider_build_on_a_cpu_only_machine(small_onnx, tmp_path):
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith(f"error: {build_dir}: built for CUDAExecutionProvider")
     assert "'cuda' is not available" in lines[0] and "tcexport[gpu]" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------- trustworthy numbers
+
+
+class FakeClock:
+    """perf_counter_ns that advances by `overhead_ns` per reading; runners advance it by their run time."""
+
+    def __init__(self, overhead_ns: int):
+        self.now = 0
+        self.overhead_ns = overhead_ns
+
+    def perf_counter_ns(self) -> int:
+        self.now += self.overhead_ns
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.perf_counter_ns() / 1e9
+
+
+class ClockedRunner:
+    def __init__(self, name: str, clock: FakeClock, run_ns: int):
+        self.name, self.clock, self.run_ns = name, clock, run_ns
+
+    def run(self, feeds):
+        self.clock.now += self.run_ns
+
+
+def test_throughput_comes_from_wall_time_not_mean_latency(monkeypatch):
+    clock = FakeClock(overhead_ns=1_000_000)  # 1 ms of loop overhead per clock reading
+    monkeypatch.setattr(bench, "time", clock)
+    runners = [ClockedRunner("a", clock, 2_000_000), ClockedRunner("b", clock, 4_000_000)]
+    timing = bench.time_interleaved(runners, [{}, {}], warmup=0, iters=5)
+    # A run is timed from one reading to the next: its run time plus one reading (1 ms).
+    assert timing.latencies_ns == [[3_000_000] * 5, [5_000_000] * 5]
+    # Its wall-clock slice runs to the next run's start: one more reading, so 4 ms and 6 ms per run.
+    assert timing.wall_ns == [5 * 4_000_000, 5 * 6_000_000]
+    # The slices tile the timed region, from the first start, except the 4 pauses between the 5 rounds (one
+    # reading each), where the progress bar is drawn: that is tcexport's time, not an artifact's.
+    assert sum(timing.wall_ns) == clock.now - 1_000_000 - 4 * 1_000_000
+    entry = bench.summarize("a", 2, timing.latencies_ns[0], timing.wall_ns[0])
+    assert entry["throughput_qps"] == pytest.approx(1 / 0.004)  # 250 runs/s from wall time
+    assert entry["throughput_qps"] != pytest.approx(1000 / entry["latency_ms"]["mean"])  # 333/s would be 1/mean
+    assert entry["throughput_samples_per_s"] == pytest.approx(2 / 0.004)
+
+
+def test_warmup_ms_runs_for_a_time_budget(monkeypatch):
+    clock = FakeClock(overhead_ns=0)
+    monkeypatch.setattr(bench, "time", clock)
+    runner = ClockedRunner("a", clock, 3_000_000)
+    assert bench.warm_up(runner, {}, runs=99, ms=10.0) == 4  # 3 ms runs until 10 ms have passed
+    assert bench.warm_up(runner, {}, runs=2) == 2
+    assert bench.warm_up(runner, {}, runs=0, ms=1e-6) == 1  # at least one run
+
+
+def _entry(label: str, latencies_ms: list[float]) -> dict:
+    ns = [int(v * 1e6) for v in latencies_ms]
+    return bench.summarize(label, 1, ns, sum(ns))
+
+
+def test_noise_warning_for_a_long_tail_and_for_too_few_runs():
+    steady = _entry("steady", [1.0] * 200)
+    assert bench.noise_warnings([steady]) == []
+    spiky = _entry("spiky", [1.0] * 190 + [10.0] * 10)  # p99 = 10 ms = 10x the median
+    warnings = bench.noise_warnings([steady, spiky])
+    assert len(warnings) == 1 and warnings[0].startswith("spiky at batch 1: p99") and "too noisy" in warnings[0]
+    short = bench.noise_warnings([_entry("short", [1.0] * 15)])
+    assert len(short) == 1 and "15 timed runs are too few for p95, p99" in short[0] and "--iters 100" in short[0]
+    assert [bench.runs_needed(q) for q in (90, 95, 99)] == [10, 20, 100]
+
+
+def test_run_reports_runs_warmup_and_warnings(small_onnx):
+    results = bench.run([small_onnx], batches=[1], warmup=3, iters=12)
+    entry = results["results"][0]
+    assert entry["iters"] == 12 and entry["warmup_runs"] == 3 and entry["wall_s"] > 0
+    assert entry["throughput_qps"] == pytest.approx(12 / entry["wall_s"])
+    assert any("too few for p95, p99" in w for w in results["warnings"])
+    assert results["settings"]["warmup"] == 3 and "wall-clock" in results["settings"]["throughput"]
+
+
+def test_one_number_format_per_column():
+    entries = [_entry("slow", [75.923] * 3), _entry("fast", [0.5] * 3)]
+    bench.add_speedups(entries)
+    columns = bench.table_columns({"results": entries})
+    decimals = bench.column_formats(entries, columns)
+    rows = [bench.table_row(e, columns, decimals) for e in entries]
+    for index, column in enumerate(columns):
+        if column in ("artifact", "batch", "runs", "speedup"):
+            continue
+        places = {len(row[index].partition(".")[2]) for row in rows}
+        assert len(places) == 1, (column, [row[index] for row in rows])  # same decimals down the column
+        assert not any("," in row[index] for row in rows)
+    assert rows[0][columns.index("median")] == "75.923" and rows[1][columns.index("median")] == "0.500"
+
+
+def test_summary_names_both_artifacts(fake_results):
+    fake_results["artifacts"] = [{"label": "base", "path": "b/base"}, {"label": "tome", "path": "b/tome"}]
+    assert bench.summary_lines(fake_results) == ["tome (b/tome) vs base (b/base): 1.57x at batch 1, 1.77x at batch 8 "
+                                                 "(median latency)"]
+
+
+def test_plot_has_one_panel_per_batch_and_a_caption(fake_results, tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))  # keep the figure to look at it
+    fake_results["environment"] = {"processor": "TestCPU", "usable_cpus": 2, "onnxruntime_version": "9.9"}
+    fake_results["settings"] = {"iters": 3, "warmup": 1, "threads": 2}
+    bench.write_plot(fake_results, tmp_path / "bench.png")
+    fig = figures[0]
+    assert [ax.get_title() for ax in fig.axes] == ["batch 1", "batch 8"]
+    labels = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert labels == ["1.00x", "1.57x", "1.00x", "1.77x"]
+    caption = " ".join(t.get_text() for t in fig.texts)
+    assert "TestCPU" in caption and "onnxruntime 9.9" in caption and "threads 2" in caption and "1 warm-up run" in caption
+    close(fig)
+
+
+def test_shapes_set_the_inputs_and_the_batch(small_onnx):
+    results = bench.run([small_onnx], batches=None, shapes="x:4x64", warmup=0, iters=2)
+    assert results["settings"]["batches"] == [4] and results["settings"]["shapes"] == {"x": [4, 64]}
+    assert results["results"][0]["batch"] == 4
+    with pytest.raises(UsageError, match="fixed at 64"):
+        bench.run([small_onnx], batches=None, shapes="x:4x32", warmup=0, iters=1)
+    with pytest.raises(UsageError, match="no artifact takes an input named pixel_values"):
+        bench.run([small_onnx], batches=None, shapes="x:1x64,pixel_values:1x3", warmup=0, iters=1)
+    with pytest.raises(UsageError, match="NAME:DIMS"):
+        bench.run([small_onnx], batches=None, shapes="x=1x64", warmup=0, iters=1)
+    with pytest.raises(UsageError, match="drop --batch"):
+        bench.run([small_onnx], batches=[2], shapes="x:1x64", warmup=0, iters=1)
+
+
+def test_load_inputs_times_the_users_arrays(small_onnx, tmp_path, monkeypatch):
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.ones((3, 64), dtype=np.float32))
+    seen = []
+    original = bench.OrtRunner.run
+    monkeypatch.setattr(bench.OrtRunner, "run", lambda self, feeds: (seen.append(feeds), original(self, feeds))[1])
+    results = bench.run([small_onnx], batches=None, load_inputs=path, warmup=0, iters=2)
+    assert results["results"][0]["batch"] == 3 and results["settings"]["inputs"] == f"--load-inputs {path}"
+    assert all(np.array_equal(feeds["x"], np.ones((3, 64), dtype=np.float32)) for feeds in seen) and len(seen) == 2
+    np.savez(path, y=np.ones((3, 64), dtype=np.float32))  # a typo in the array's name
+    with pytest.raises(UsageError, match="no artifact takes an input named y"):
+        bench.run([small_onnx], batches=None, load_inputs=path, warmup=0, iters=1)
+
+
+def test_cli_shapes_load_inputs_and_warmup_ms(small_onnx, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.zeros((2, 64), dtype=np.float32))
+    proc = run_cli(str(small_onnx), "--load-inputs", "in.npz", "--iters", "3", "--warmup-ms", "5", "--json", "o.json",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "o.json").read_text())
+    assert data["results"][0]["batch"] == 2 and data["settings"]["warmup_ms"] == 5
+    assert data["results"][0]["warmup_runs"] >= 1
+    assert "warning: 3 timed runs are too few" in proc.stderr
+    for bad in (["--shapes", "x:1x64", "--batch", "2"], ["--warmup", "3", "--warmup-ms", "5"],
+                ["--load-inputs", "missing.npz"], ["--shapes", "x:1xA"]):
+        proc = run_cli(str(small_onnx), *bad, cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), (bad, proc.stderr)

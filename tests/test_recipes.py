@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from tcexport import recipes
+from tcexport import progress, recipes
 from tcexport.errors import UsageError
 
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -275,10 +277,33 @@ def test_vit_tiny_recipe_end_to_end(vit_tiny_run):
     resolved = recipes.load(out / "recipe.yaml")
     assert resolved.bench.iters == 3 and resolved.compress.r == 8 and resolved.validation.batch == [1, 3]
 
-    # Progress lines, then the bench table and the validation summary.
-    for text in ("[1/5] export", "[2/5] compress", "[3/5] validate", "[4/5] build", "[5/5] bench",
-                 "latency in ms", "PASSED", "speedup at batch 8"):
+    # Progress: one line per stage on stderr (not a terminal), each with its elapsed time; stdout keeps the results.
+    stages = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert [line[:len("[1/5] export")] for line in stages] == \
+        ["[1/5] export", "[2/5] compre", "[3/5] valida", "[4/5] build ", "[5/5] bench "], result.stderr
+    assert all(line.endswith(" s)") for line in stages)
+    assert "[1/5]" not in result.stdout
+    for text in ("latency in ms", "PASSED", "speedup at batch 8"):
         assert text in result.stdout, (text, result.stdout)
+    # The closing summary names both builds.
+    assert f"{out / 'compressed'} vs {out / 'baseline'}" in result.stdout
+
+
+def test_rerun_into_its_own_output_is_fine_another_recipes_output_needs_force(vit_tiny_run, tmp_path):
+    _, out, work = vit_tiny_run
+    recipe = recipes.load(work / "vit_tiny_short.yaml")
+    assert recipes.check_output(recipe, out) == f"replacing the earlier output of this recipe in {out}"
+    other_path = tmp_path / "other.yaml"
+    other_path.write_text(GOOD)
+    other = recipes.load(other_path)
+    with pytest.raises(UsageError, match="holds the output of another recipe"):
+        recipes.check_output(other, out)
+    assert "(--force)" in recipes.check_output(other, out, force=True)
+    summary = (out / "summary.json").read_text()
+    result = run_cli("build", other_path, "-o", out)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "--force" in lines[0], result.stderr
+    assert (out / "summary.json").read_text() == summary  # untouched
 
 
 def test_failed_validation_exits_1_and_leaves_no_dir(vit_tiny_run, tmp_path):
@@ -295,7 +320,7 @@ def test_failed_validation_exits_1_and_leaves_no_dir(vit_tiny_run, tmp_path):
     }))
     result = run_cli("build", recipe, "-o", tmp_path / "out")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "[1/4] export" in result.stdout and "already exported" in result.stdout
+    assert "[1/4] export" in result.stderr and "already exported" in result.stderr
     assert "validation failed" in result.stderr and "EXCEEDS TOLERANCE" in result.stderr
     assert "nothing written" in result.stderr and ".tmp" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "strict.yaml"]
@@ -314,8 +339,14 @@ def multistage_run(tmp_path_factory):
     path = work / "vit_tiny_multistage.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     lines: list[str] = []
-    summary = recipes.run(recipes.load(path), work / "out", echo=lines.append)
-    return summary, work / "out", "\n".join(lines)
+    progress_log = io.StringIO()
+    with contextlib.redirect_stderr(progress_log):
+        progress.configure("lines")
+        try:
+            summary = recipes.run(recipes.load(path), work / "out", echo=lines.append)
+        finally:
+            progress.configure("off")
+    return summary, work / "out", progress_log.getvalue()
 
 
 def test_multistage_recipe_end_to_end(multistage_run):

@@ -105,8 +105,11 @@ def _self_contained_files(directory: Path, optimized: onnx.ModelProto) -> list[s
 
 
 def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-          opt_level: str = "all", batch: int = 1) -> dict:
+          opt_level: str = "all", batch: int = 1, source_model: str | None = None) -> dict:
     """Optimize `model_path` with ONNX Runtime and write OUT_DIR/{model.onnx, tcexport-build.json} atomically.
+
+    source_model: what the sidecar names as the source (default: model_path, resolved); a build from a model
+    spec passes the spec, since the file it exported to is temporary.
 
     ORT_ENABLE_ALL may fuse nodes into provider-specific kernels, so the saved model belongs to the provider it
     was built for; the sidecar records which. Returns the sidecar.
@@ -136,7 +139,7 @@ def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", th
             "options": {"graph_optimization_level": opt_level, "intra_op_num_threads": threads},
             "inputs": [s.to_json() for s in specs],
             "outputs": [o.name for o in session.get_outputs()],
-            "source_model": str(Path(model_path).resolve()),
+            "source_model": source_model or str(Path(model_path).resolve()),
             "source_sha256": file_sha256(model_path),
             # The weights, when they sit beside the .onnx file: hashed too, so a swapped .data file shows.
             "source_weights": [{"file": str(w.resolve()), "sha256": file_sha256(w)} for w in weights],
