@@ -3,7 +3,7 @@ uncompressed one, for models tcexport did not export (no tcexport.source record,
 
 This is a FIDELITY report, not an equality check: token compression changes the outputs by design, so nothing
 is expected to match to rounding. Both models run on the same random inputs (specs read off the reference graph;
-text inputs get random padding as in validate, token ids stay below the vocabulary the ids index), at each batch
+text inputs get random padding as in validate, token ids stay below the vocabulary), at each batch
 size in turn. Per output: cosine similarity (mean and worst row), top-1 agreement for classifier-like outputs
 ([batch, classes]), and the max abs difference when the shapes match. The check passes unless --min-cosine is
 given and some output's worst row falls below it.
@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from tcexport import artifacts, onnxfile
 from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError, ValidationFailed
-from tcexport.inputs import TOKEN_IDS, InputSpec, specs_from_graph
+from tcexport.inputs import InputSpec, specs_from_graph
 
 LABEL = "FIDELITY vs the uncompressed model (how close, not an equality check)"
 # Outputs whose name says they are features, not class scores, get no top-1 agreement.
@@ -64,11 +63,15 @@ class FidelityReport:
 
     @property
     def below_floor(self) -> list[str]:
-        """Outputs whose worst row is below --min-cosine (or not comparable at all while a floor is set)."""
+        """Outputs whose worst row is below --min-cosine. Outputs whose shape compression changed (a hidden state
+        with fewer tokens) cannot be compared and are skipped, unless no output can be: then all fail."""
         if self.min_cosine is None:
             return []
-        return [name for name, s in self.summary().items()
-                if s["cosine_min"] is None or s["cosine_min"] < self.min_cosine]
+        summary = self.summary()
+        comparable = {name: s for name, s in summary.items() if s["cosine_min"] is not None}
+        if not comparable:
+            return list(summary)
+        return [name for name, s in comparable.items() if s["cosine_min"] < self.min_cosine]
 
     @property
     def passed(self) -> bool:
@@ -126,35 +129,11 @@ def _runner(artifact: artifacts.Artifact, threads: int | None):
     return _OrtRunner(artifact, threads)
 
 
-def _specs(artifact: artifacts.Artifact) -> tuple[list[InputSpec], onnx.ModelProto | None]:
-    """Input specs of an artifact: its build sidecar's, else its graph's (token ids bounded by the vocabulary)."""
+def _specs(artifact: artifacts.Artifact) -> list[InputSpec]:
+    """Input specs of an artifact: its build sidecar's, else its graph's (token ids below the vocabulary)."""
     if artifact.sidecar.get("inputs"):
-        specs = [InputSpec.from_json(s) for s in artifact.sidecar["inputs"]]
-        if artifact.backend != "ort":
-            return specs, None
-    graph = onnxfile.load(artifact.model_path, load_external_data=False)
-    if not artifact.sidecar.get("inputs"):
-        specs = specs_from_graph(graph)
-    for spec in specs:
-        if spec.kind == TOKEN_IDS:
-            vocab = vocabulary_size(graph, spec.name)
-            if vocab is not None:
-                spec.high = min(spec.high or vocab, vocab)
-    return specs, graph
-
-
-def vocabulary_size(model: onnx.ModelProto, input_name: str) -> int | None:
-    """Rows of the smallest embedding table the input indexes (Gather on an initializer, through Casts)."""
-    tables = {t.name: t for t in model.graph.initializer}
-    names, sizes = {input_name}, []
-    for node in model.graph.node:  # graph order: a Cast of the ids comes before the Gather that reads it
-        if node.op_type == "Cast" and node.input and node.input[0] in names:
-            names.add(node.output[0])
-        elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in names:
-            table = tables.get(node.input[0])
-            if table is not None and table.dims:
-                sizes.append(int(table.dims[0]))
-    return min(sizes) if sizes else None
+        return [InputSpec.from_json(s) for s in artifact.sidecar["inputs"]]
+    return specs_from_graph(onnxfile.load(artifact.model_path, load_external_data=False))
 
 
 def compare_with_reference(path: Path, reference_onnx: Path, samples: int = 4, seed: int = 0,
@@ -167,9 +146,9 @@ def compare_with_reference(path: Path, reference_onnx: Path, samples: int = 4, s
     if reference.backend != "ort":
         raise UsageError(f"--reference-onnx {reference_onnx}: pass the uncompressed .onnx file (or its ONNX "
                          "Runtime build), not a TensorRT engine")
-    reference_specs, _ = _specs(reference)
+    reference_specs = _specs(reference)
     known = {s.name for s in reference_specs}
-    compressed_specs, _ = _specs(compressed)
+    compressed_specs = _specs(compressed)
     _check_inputs(path, reference_onnx, reference_specs, {s.name: s for s in compressed_specs})
     # Inputs only the compressed model takes (the query method's "query") are fed to it alone.
     specs = reference_specs + [s for s in compressed_specs if s.name not in known]

@@ -89,8 +89,24 @@ def specs_from_graph(model: onnx.ModelProto) -> list[InputSpec]:
             raise UsageError(f"input '{value.name}' has an element type tcexport cannot feed ({tensor_type.elem_type})")
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "dynamic") for d in tensor_type.shape.dim]
         kind = guess_kind(value.name, dtype)
-        specs.append(InputSpec(value.name, shape, dtype, kind, high=1000 if kind == TOKEN_IDS else None))
+        high = (vocabulary_size(model, value.name) or 1000) if kind == TOKEN_IDS else None
+        specs.append(InputSpec(value.name, shape, dtype, kind, high=high))
     return specs
+
+
+def vocabulary_size(model: onnx.ModelProto, input_name: str) -> int | None:
+    """Rows of the smallest embedding table the input indexes (a Gather on an initializer, through Casts), so
+    random token ids stay in range for a graph without a tcexport.source record."""
+    tables = {t.name: t for t in model.graph.initializer}
+    names, sizes = {input_name}, []
+    for node in model.graph.node:  # graph order: a Cast of the ids comes before the Gather that reads it
+        if node.op_type == "Cast" and node.input and node.input[0] in names:
+            names.add(node.output[0])
+        elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in names:
+            table = tables.get(node.input[0])
+            if table is not None and table.dims:
+                sizes.append(int(table.dims[0]))
+    return min(sizes) if sizes else None
 
 
 def random_feeds(specs: list[InputSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
