@@ -218,6 +218,8 @@ class ModelSection(Section):
     checkpoint: str | None = None
     seed: int | None = None
     pretrained: bool = False
+    # timm create_model / py factory keyword arguments (`--model-arg`), e.g. {depth: 2, img_size: 32}
+    model_args: dict[str, int | float | bool | str | list[int | float | bool | str] | None] | None = None
 
     @field_validator("spec")
     @classmethod
@@ -253,7 +255,7 @@ class ModelSection(Section):
                 blamed = next((f for f in ("seq_len", "input_shape", "pretrained") if text.startswith(f)), None)
                 raise ValueError(f"{blamed}: {text}" if blamed else text) from None
         if self.spec.endswith(".onnx"):
-            extra = [name for name in ("seq_len", "input_shape", "checkpoint", "seed", "pretrained")
+            extra = [name for name in ("seq_len", "input_shape", "checkpoint", "seed", "pretrained", "model_args")
                      if name in self.model_fields_set]
             if extra:
                 raise ValueError(f"{', '.join(extra)} do not apply to an .onnx spec (fixed when it was exported)")
@@ -746,7 +748,7 @@ Echo = Callable[[str], None]
 _FLAG_FIELDS = {
     "export": {"--opset": "export.opset", "--exporter": "export.exporter", "--batch": "export.batch",
                "--checkpoint": "model.checkpoint", "--pretrained": "model.pretrained", "--seed": "model.seed",
-               "--input-shape": "model.input_shape", "--seq-len": "model.seq_len"},
+               "--input-shape": "model.input_shape", "--seq-len": "model.seq_len", "--model-arg": "model.model_args"},
     "compress": {"--r": "compress.r", "--layers": "compress.layers", "--schedule": "compress.schedule",
                  "--impl": "compress.impl", "--protected": "compress.protected"},
 }
@@ -865,7 +867,7 @@ class _Runner:
         from tcexport import sources
 
         options = dict(pretrained=model.pretrained, checkpoint=model.checkpoint, seed=model.seed,
-                       input_shape=model.input_shape, seq_len=model.seq_len)
+                       input_shape=model.input_shape, seq_len=model.seq_len, model_args=model.model_args)
         described = ", ".join(f"{k} {v}" for k, v in options.items() if v not in (None, False))
         with self.stage("export", f"{model.spec}{f' ({described})' if described else ''}, opset "
                                   f"{recipe.export.opset}, batch {recipe.export.batch} -> model.onnx") as item:
@@ -1061,6 +1063,9 @@ def _repoint(work: Path, final: Path) -> None:
 
 def build_from_file(path: str | Path, output: str | Path, echo: Echo | None = None, force: bool = False) -> dict:
     """`tcexport build RECIPE.yaml -o DIR`: load, run, and return the main build's sidecar (for the CLI's line)."""
+    from tcexport import overwrite
+
+    overwrite.check_recipe_dir(output, Path(path), force)  # before load: the schema's checks import torch
     recipe = load(path)
     summary = run(recipe, output, echo=echo, force=force)
     main = "compressed" if recipe.compress else "baseline"

@@ -216,6 +216,7 @@ def bad_inputs(tmp_path_factory) -> Path:
     (work / "notes").mkdir()
     (work / "notes" / "todo.txt").write_text("keep")
     (work / "badspec.yaml").write_text("model: {spec: 'timm:x', seq_len: 8}\ncompress: {r: 4}\n")
+    (work / "good.yaml").write_text("model: {spec: 'timm:vit_tiny_patch16_224'}\ncompress: {r: 4}\n")
     from tests.test_bench import make_matmul_model
 
     make_matmul_model(work / "m.onnx", [8, 8])
@@ -237,6 +238,7 @@ BAD_COMMANDS = {
     "build missing recipe": ["build", "missing.yaml", "-o", "out"],
     "build recipe with a bad model": ["build", "badspec.yaml", "-o", "out"],
     "build into a user's directory": ["build", "m.onnx", "-o", "notes"],
+    "recipe into a user's directory": ["build", "good.yaml", "-o", "notes"],
     "build spec option": ["build", "timm:vit_tiny_patch16_224", "--seq-len", "8", "-o", "out"],
     "compress missing": ["compress", "missing.onnx", "--r", "4", "-o", "c.onnx"],
     "validate missing": ["validate", "missing.onnx"],
