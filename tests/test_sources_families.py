@@ -258,3 +258,15 @@ def test_st_kind_exports_the_pipeline_and_has_one_block_per_layer(kind, zoo_root
         embedding = source.model(*source.example_inputs(2))
     assert torch.allclose(embedding.norm(dim=-1), torch.ones(2), atol=1e-5)  # the Normalize module is in
     assert _export_and_count_blocks(source, tmp_path / f"{kind}.onnx") == zoo.LAYERS
+
+
+def test_recipe_model_args_reach_the_loader(tmp_path):
+    from tcexport import recipes
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text("model:\n  spec: timm:vit_tiny_patch16_224\n  model_args: {img_size: [32, 32], depth: 2}\n")
+    assert recipes.load(path).model.model_args == {"img_size": [32, 32], "depth": 2}
+    onnx_spec = tmp_path / "onnx.yaml"
+    onnx_spec.write_text("model:\n  spec: model.onnx\n  model_args: {depth: 2}\n")
+    with pytest.raises(UsageError, match="model_args"):
+        recipes.load(onnx_spec)
