@@ -17,6 +17,7 @@ import torch
 
 from tcexport.errors import UsageError
 from tcexport.inputs import ATTENTION_MASK, FLOAT, TOKEN_IDS, InputSpec
+from tcexport.spec_check import parse_shape
 
 MODALITIES = {"input_ids": "text", "pixel_values": "vision", "input_features": "speech", "input_values": "speech"}
 DEFAULT_SEQ_LEN = 128
@@ -67,8 +68,6 @@ def _pair(value) -> tuple[int, int]:
 
 
 def _shape_option(text: str, dims: int, example: str) -> tuple[int, ...]:
-    from tcexport.sources import parse_shape
-
     shape = parse_shape(text)
     if len(shape) != dims:
         raise UsageError(f"--input-shape for this model is {example}, got '{text}'")

