@@ -125,10 +125,19 @@ def write(model: onnx.ModelProto, path: str | Path, external_data: bool = False)
             onnx.save_model(copy, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_file_name(path), size_threshold=1024)
             data = path.with_name(data_file_name(path))
+            _readable(staging / data.name)
             os.replace(staging / data.name, data)
         else:
             onnx.save_model(model, str(staged))
+        _readable(staged)
         os.replace(staged, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [path, path.with_name(data_file_name(path))] if external else [path]
+
+
+def _readable(path: Path) -> None:
+    """Give a written file the permissions any new file gets (the external data writer makes it 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
