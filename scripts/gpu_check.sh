@@ -17,7 +17,8 @@ status=0
 elapsed() { echo $(( $(date +%s) - START )); }
 skip() { echo "SKIP part $1: $2"; }
 
-has_cuda_torch() { python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+CUDA_OK=$(python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)  # one torch import
+has_cuda_torch() { [ "$CUDA_OK" = 1 ]; }
 has_triton() { python -c "import triton" 2>/dev/null; }
 has_tensorrt() { python -c "import tensorrt" 2>/dev/null; }
 

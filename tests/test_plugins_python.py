@@ -181,3 +181,84 @@ def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
                           env={**os.environ, "GPU_CHECK_OUT": str(tmp_path / "out")})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SKIP part 1: torch has no CUDA device" in done.stdout and "SKIP part 2: no CUDA device" in done.stdout
+
+
+# ---------------------------------------------------------------- the tensorrt.plugin registrations, on a fake
+
+FAKE_TRTP_SCRIPT = textwrap.dedent('''
+    import json, sys, types
+
+    class Expr:
+        """A dimension expression: constant, or symbolic (the batch)."""
+        def __init__(self, value=None, name=None):
+            self.value, self.name = value, name
+        is_constant = property(lambda self: self.value is not None)
+        constant_value = property(lambda self: self.value)
+        def __sub__(self, other):
+            return Expr(self.value - other) if self.is_constant else Expr(name=f"({self.name}-{other})")
+        def __repr__(self):
+            return str(self.value) if self.is_constant else self.name
+
+    class Desc:
+        def __init__(self, *dims, dtype="FLOAT"):
+            self.shape_expr = [Expr(name="batch")] + [Expr(d) for d in dims]
+            self.dtype = types.SimpleNamespace(name=dtype)
+
+    registry = {}
+    def decorator(kind):
+        def make(plugin_id):
+            def keep(fn):
+                registry.setdefault(plugin_id, {})[kind] = fn
+                return fn
+            return keep
+        return make
+
+    class Extras(list):
+        def __init__(self, n):
+            super().__init__([None] * n)
+
+    plugin = types.ModuleType("tensorrt.plugin")
+    plugin.register, plugin.impl, plugin.aot_impl = decorator("register"), decorator("impl"), decorator("aot_impl")
+    plugin.TensorDesc = plugin.Tensor = Desc
+    plugin.from_shape_expr = lambda shape, dtype: ([repr(d) for d in shape], dtype.name)
+    plugin.KernelLaunchParams = types.SimpleNamespace
+    plugin.SymIntExprs = Extras
+    plugin.SymInt32 = lambda value: value
+    tensorrt = types.ModuleType("tensorrt")
+    tensorrt.plugin = plugin
+    sys.modules.update({"tensorrt": tensorrt, "tensorrt.plugin": plugin})
+
+    from tcexport.plugins import python as plugins
+    plugins._capability = lambda: 87
+    found = {"registered": {k: sorted(v) for k, v in registry.items()}}
+    x, metric, size = Desc(33, 48), Desc(33, 16), Desc(33, 1)
+    found["tome_desc"] = registry["tcexport::ToMeMerge"]["register"](x, metric, size, 7, 1)
+    name, ptx, launch, extra = registry["tcexport::ToMeMerge"]["aot_impl"](x, metric, size, 7, 1, (), 0)
+    found["tome_aot"] = {"name": name, "version": ptx.split(".version", 1)[1].split()[0], "grid": repr(launch.grid_x),
+                         "block": launch.block_x, "extra": list(extra),
+                         "params": ptx.split(".entry", 1)[1].split(")", 1)[0].count(".param")}
+    score = Desc(33)
+    found["prune_desc"] = registry["tcexport::TokenPrune"]["register"](Desc(33, 48, dtype="HALF"), score, size,
+                                                                      10, 2, 1, 0)
+    name, ptx, launch, extra = registry["tcexport::TokenPrune"]["aot_impl"](Desc(33, 48, dtype="HALF"), score, size,
+                                                                           10, 2, 1, 0, (), 0)
+    found["prune_aot"] = {"name": name, "extra": list(extra), "f16": ".f16" in ptx or "b16" in ptx}
+    print(json.dumps(found))
+''')
+
+
+def test_python_plugins_register_and_compile_on_a_fake_tensorrt_plugin_module():
+    """tcexport/plugins/python.py against a stand-in for tensorrt.plugin: what it registers, the output shapes it
+    declares, and what aot_impl returns (real PTX from triton.compile; extra args in the kernel's scalar order)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", FAKE_TRTP_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    both = ["aot_impl", "impl", "register"]
+    assert found["registered"] == {"tcexport::ToMeMerge": both, "tcexport::TokenPrune": both}
+    assert found["tome_desc"] == [[["batch", "26", "48"], "FLOAT"], [["batch", "26", "1"], "FLOAT"]]  # N - r
+    assert found["tome_aot"] == {"name": "tome_merge_kernel", "version": "8.0", "grid": "batch", "block": 128,
+                                 "extra": [33, 48, 16, 7, 1], "params": 3 + 5 + 2 + 2}
+    assert found["prune_desc"] == [[["batch", "13", "48"], "HALF"], [["batch", "13", "1"], "FLOAT"]]  # 2 + 10 + 1
+    assert found["prune_aot"] == {"name": "token_prune_kernel", "extra": [33, 48, 10, 2], "f16": True}

@@ -43,7 +43,8 @@ from tcexport.artifacts import SIDECAR
 from tcexport.errors import UsageError
 
 ENGINE_FILE = "model.engine"
-INSTALL_HINT = "pip install 'tcexport[trt]' on a machine with an NVIDIA GPU (on Jetson: JetPack's python3-libnvinfer)"
+INSTALL_HINT = ("pip install 'tcexport[trt10]' (TensorRT 10.x, CUDA 12) or 'tcexport[trt11]' (= tcexport[trt], "
+                "TensorRT 11.x, CUDA 13) on a machine with an NVIDIA GPU (on Jetson: JetPack's python3-libnvinfer)")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_DYNAMIC_BATCH = (1, 1, 8)
 

@@ -113,8 +113,10 @@ def tome_aot(x: trtp.TensorDesc, metric: trtp.TensorDesc, size: trtp.TensorDesc,
 def prune_desc(x: trtp.TensorDesc, cls_attention: trtp.TensorDesc, size: trtp.TensorDesc, k: int, protected: int,
                fuse: int, keep_order: int) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
     n_out = protected + k + (1 if fuse else 0)
-    x_out = trtp.from_shape_expr((x.shape_expr[0], n_out, x.shape_expr[2]), dtype=x.dtype)
-    size_out = trtp.from_shape_expr((size.shape_expr[0], n_out, size.shape_expr[2]), dtype=size.dtype)
+    dropped = _static(x.shape_expr[1]) - n_out  # tokens out as an expression of the input's (a ShapeExpr)
+    x_out = trtp.from_shape_expr((x.shape_expr[0], x.shape_expr[1] - dropped, x.shape_expr[2]), dtype=x.dtype)
+    size_out = trtp.from_shape_expr((size.shape_expr[0], size.shape_expr[1] - dropped, size.shape_expr[2]),
+                                    dtype=size.dtype)
     return x_out, size_out
 
 
