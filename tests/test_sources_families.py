@@ -270,3 +270,13 @@ def test_recipe_model_args_reach_the_loader(tmp_path):
     onnx_spec.write_text("model:\n  spec: model.onnx\n  model_args: {depth: 2}\n")
     with pytest.raises(UsageError, match="model_args"):
         recipes.load(onnx_spec)
+
+
+def test_zoo_directories_are_reproducible_and_exercise_layer_scale(tmp_path):
+    first = sources.load(f"hf:{zoo.hf_dir('dinov2', tmp_path / 'a')}")
+    again = sources.load(f"hf:{zoo.hf_dir('dinov2', tmp_path / 'b')}")
+    assert first.weights["sha256"] == again.weights["sha256"]
+    scales = _layer_scales(first.model)
+    assert len(scales) == 2 * zoo.LAYERS  # Dinov2LayerScale.lambda1 after attention and after the MLP
+    values = torch.cat([s.detach().flatten() for s in scales])
+    assert values.min() >= 0.5 and values.max() <= 1.0
