@@ -160,20 +160,23 @@ def mask_input(graph: ir.Graph, model: onnx.ModelProto) -> ir.Value | None:
     return found[0] if found else None
 
 
-def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True) -> tuple[onnx.ModelProto, list[dict]]:
-    """Return the rewritten model and its token schedule."""
+def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True,
+                   shapes: dict | None = None) -> tuple[onnx.ModelProto, list[dict]]:
+    """Return the rewritten model and its token schedule. `shapes`: the probe's, when the caller has them."""
     model = attention.decompose_attention(model)  # opset 23: blocks are found on each attention's Softmax
-    shapes = probe.concrete_shapes(model)
+    if shapes is None:
+        shapes = probe.concrete_shapes(model)
     ir_model = ir.from_proto(model)
     graph = ir_model.graph
-    found = blocks_mod.find_blocks(graph)
+    found = blocks_mod.find_blocks(graph, shapes)
     if plan.stages and max(s.block for s in plan.stages) >= len(found):
         raise UsageError(f"layer {max(s.block for s in plan.stages)} is beyond the model's {len(found)} blocks")
     if strict_caps and plan.schedule == "constant":
         _check_caps(plan, found, shapes)
     original_inputs = {v.name for v in graph.inputs}
     schedule = insert_stages(graph, found, plan.stages, plan.protected, shapes, prop_attn=plan.prop_attn,
-                             mask_input=mask_input(graph, model))
+                             mask_input=mask_input(graph, model),
+                             pool_attentions=blocks_mod.find_pool_attentions(graph, shapes))
     # Inputs a method added (query: [batch, C]); validate feeds them, so the record lists them.
     extra_inputs = [_input_spec(v).to_json() for v in graph.inputs if v.name not in original_inputs]
     # The methods emit opset-18 forms; write them as the model's opset defines (function bodies copy them).
@@ -237,7 +240,8 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     if metadata.read(model, metadata.COMPRESSION):
         raise UsageError(f"{input_path} is already compressed; compress the uncompressed export instead")
     model = attention.decompose_attention(model)
-    depth = len(blocks_mod.find_blocks(ir.from_proto(model).graph))
+    shapes = probe.concrete_shapes(model)
+    depth = len(blocks_mod.find_blocks(ir.from_proto(model).graph, shapes))
     if stages:
         planned = plan_stages(depth, stages)
         request = {"stages": list(stages)}
@@ -248,7 +252,7 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
         protected = default_protected(model)
     names = list(dict.fromkeys(s.method.name for s in planned))
     plan = Plan("+".join(names), planned, protected, prop_attn, impl, schedule, request)
-    compressed, schedule_out = compress_model(model, plan)
+    compressed, schedule_out = compress_model(model, plan, shapes=shapes)
     # Keep the provenance: validate rebuilds the reference from it. Weights in a .data file stay in one.
     onnxfile.write(compressed, output, external_data=onnxfile.has_external_data(input_path))
     return schedule_out

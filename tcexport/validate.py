@@ -255,7 +255,8 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
         if plan:
             from tcexport.reference import compressed_reference
 
-            reference = compressed_reference(source, plan, prop_attn=prop_attn)
+            reference = compressed_reference(source, plan, prop_attn=prop_attn,
+                                             protected=compression_record.get("protected"))
         else:
             reference = source.model
     if engine:

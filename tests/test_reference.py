@@ -211,10 +211,13 @@ def test_avg_pool_is_size_weighted(vit, images):
     assert (run(compressed_reference(source, no_merge_plan(12)), images) - expected).abs().max() < TOL
 
     reference = compressed_reference(source, {i: ToMe(r=8) for i in range(12)})
+    normed = []
+    hook = reference.model.norm.register_forward_hook(lambda module, args, out: normed.append(out))
     logits = run(reference, images)
-    x, size, _ = reference.state
+    hook.remove()
+    _, size, _ = reference.state
     with torch.no_grad():
-        tokens, weight = model.norm(x)[:, 1:], size[:, 1:]
+        tokens, weight = normed[0][:, 1:], size[:, 1:]
         pooled = (tokens * weight).sum(1) / weight.sum(1)
         assert (logits - model.head(model.fc_norm(pooled))).abs().max() < TOL
     assert weight.sum(1).eq(196).all()
@@ -293,19 +296,24 @@ def test_bad_plans(vit, plan, message):
         compressed_reference(vit, plan)
 
 
-def test_unsupported_models_and_pooling(vit, minilm):
-    with pytest.raises(UsageError, match="no compressed reference"):
-        compressed_reference(dataclasses.replace(vit, info={**vit.info, "family": "py"}), {})
+def test_models_without_global_self_attention_are_refused(vit):
+    convnet = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 16, stride=16), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    with pytest.raises(UsageError, match="no self-attention"):
+        compressed_reference(dataclasses.replace(vit, model=convnet), {})
+
+
+def test_max_pooling_pools_the_compressed_tokens(vit, images):
+    """Max over tokens needs no weights: it is taken over the tokens that are left, as the graph does."""
     model = copy.deepcopy(vit.model)
     model.global_pool = "max"
-    with pytest.raises(UsageError, match="global_pool='max'"):
-        compressed_reference(dataclasses.replace(vit, model=model), {})
-    with pytest.raises(UsageError, match="BertModel"):
-        compressed_reference(dataclasses.replace(minilm, model=vit.model), {})
-    model = copy.deepcopy(minilm.model)
-    model.st[1].pooling_mode = "max"
-    with pytest.raises(UsageError, match="pooling max"):
-        compressed_reference(dataclasses.replace(minilm, model=model), {})
+    source = dataclasses.replace(vit, model=model)
+    reference = compressed_reference(source, {i: ToMe(r=8) for i in range(12)})
+    normed = []
+    hook = reference.model.norm.register_forward_hook(lambda module, args, out: normed.append(out))
+    logits = run(reference, images)
+    hook.remove()
+    with torch.no_grad():
+        assert (logits - model.head(model.fc_norm(normed[0][:, 1:].amax(1)))).abs().max() < TOL
 
 
 def test_mismatched_batch_or_seq(tiny_bert, tiny_inputs):

@@ -145,33 +145,62 @@ def _hidden_after(residual_add: ir.Node) -> ir.Value:
     return out
 
 
-def find_blocks(graph: ir.Graph) -> list[Block]:
-    """All attention blocks in graph order. Raises UsageError when the graph has none or an odd layout."""
-    order = {node: i for i, node in enumerate(graph)}
+def _attention_softmaxes(graph: ir.Graph) -> list[ir.Node]:
     softmaxes = [node for node in graph if node.op_type == "Softmax"]
     if not softmaxes:
         fused = [node for node in graph if node.op_type in ("Attention", "MultiHeadAttention")]
         if fused:
             raise UsageError(f"the graph holds fused '{fused[0].op_type}' nodes instead of a decomposed attention; "
                              "re-export with opset <= 22 so each block's Softmax is visible")
-        raise UsageError("found no attention Softmax in the graph; is this a transformer?")
+        raise UsageError("found no attention Softmax in the graph: tcexport compresses transformers with global "
+                         "self-attention, and this graph has none (a convolutional network such as ConvNeXt?)")
+    return softmaxes
+
+
+def _is_pooling(softmax: ir.Node, shapes: dict | None) -> bool:
+    """A Softmax over [.., Nq, Nk] logits with Nq != Nk: a probe attending over the tokens, not a block."""
+    shape = shapes.get(softmax.inputs[0].name) if shapes else None
+    return shape is not None and len(shape) >= 3 and shape[-2] != shape[-1]
+
+
+def find_pool_attentions(graph: ir.Graph, shapes: dict) -> list[ir.Node]:
+    """Softmax nodes of attentions that pool the tokens with a learned probe (SigLIP's MAP head, timm attn_pool)."""
+    return [s for s in _attention_softmaxes(graph) if _is_pooling(s, shapes)]
+
+
+def find_blocks(graph: ir.Graph, shapes: dict | None = None) -> list[Block]:
+    """All attention blocks in graph order. Raises UsageError when the graph has none or an odd layout.
+
+    With the run-time `shapes` (graph/probe.py), pooling attentions are told apart from blocks, and attention that
+    does not span the block's tokens (windowed, as in Swin) is refused."""
+    order = {node: i for i, node in enumerate(graph)}
+    softmaxes = [s for s in _attention_softmaxes(graph) if not _is_pooling(s, shapes)]
     blocks = []
     for index, softmax in enumerate(softmaxes):
         matmul = _logits_matmul(softmax)
         residual = _residual_add(softmax, order)
         hidden = _hidden_after(residual)
-        if hidden.shape is not None and len(hidden.shape) != 3:
-            raise UsageError(f"block {index}: the hidden state '{hidden.name}' has rank {len(hidden.shape)}, "
-                             "expected [batch, tokens, channels]")
+        hidden_shape = shapes.get(hidden.name) if shapes else (tuple(hidden.shape) if hidden.shape else None)
+        if hidden_shape is not None and len(hidden_shape) != 3:
+            raise UsageError(f"block {index}: the hidden state '{hidden.name}' has rank {len(hidden_shape)}, "
+                             "expected [batch, tokens, channels]; tcexport compresses transformers with global "
+                             "self-attention over a token sequence (not windowed attention on a grid, as in Swin)")
+        keys = shapes.get(softmax.inputs[0].name) if shapes else None
+        if keys is not None and hidden_shape is not None and keys[-1] != hidden_shape[1]:
+            raise UsageError(f"block {index} attends over {keys[-1]} keys but holds {hidden_shape[1]} tokens "
+                             "(windowed or local attention, as in Swin); tcexport compresses global self-attention "
+                             "only")
         blocks.append(Block(index, softmax, matmul, residual, hidden, block_scope(softmax)))
-    _check_scopes(blocks)
+    _name_repeated_scopes(blocks)
     return blocks
 
 
-def _check_scopes(blocks: list[Block]) -> None:
-    named = [b.scope for b in blocks if b.scope]
-    if not named:
-        return
-    if len(named) != len(blocks) or len(set(named)) != len(named):
-        raise UsageError("the module scopes disagree with the attention layout (a block with several Softmax "
-                         f"nodes or unnamed ones: {named[:4]}...); strip node metadata to use the structural finder")
+def _name_repeated_scopes(blocks: list[Block]) -> None:
+    """Scopes only name blocks. One module run several times (ALBERT shares one layer's weights across all
+    layers) gives several blocks one scope: number them by call, `scope#k`."""
+    seen: dict[str, int] = {}
+    repeated = {b.scope for b in blocks if b.scope and sum(1 for o in blocks if o.scope == b.scope) > 1}
+    for block in blocks:
+        if block.scope in repeated:
+            seen[block.scope] = seen.get(block.scope, 0) + 1
+            block.scope = f"{block.scope}#{seen[block.scope] - 1}"

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from tcexport.errors import UsageError
+from tcexport.graph import positions as positions_mod
 from tcexport.graph.blocks import LOGIT_PATH_OPS, Block
 from tcexport.graph.probe import PROBE_BATCH
 from tcexport.graph.tokens import TokenTracker, Tokens, const_array
@@ -36,22 +37,50 @@ class Stage:
 
 
 @dataclass
+class StageInputs:
+    """What a stage decided with, kept so its origin (which token each output stands for) can be measured."""
+
+    block: int
+    method: Method
+    x: ir.Value
+    metric: ir.Value | None
+    size: ir.Value
+    mask: ir.Value | None
+    signals: dict
+    count: int
+
+
+@dataclass
 class TokenState:
     x: ir.Value
     size: ir.Value
     mask: ir.Value | None
     count: int
+    inputs: StageInputs | None = None
 
 
 class _Builder:
-    """Records new nodes with readable names and remembers the run-time shape each new value stands for."""
+    """Records new nodes with readable names and remembers the run-time shape each new value stands for.
+
+    Names are unique by construction: a name already taken in the graph gets a numbered suffix."""
 
     def __init__(self, graph: ir.Graph, aliases: dict[ir.Value, tuple[int, ...]]):
         self.graph = graph
         self.aliases = aliases
         self.nodes: list[ir.Node] = []
+        self.taken = {n.name for n in graph} | {v.name for n in graph for v in n.outputs}
+        self.taken |= {v.name for v in [*graph.inputs, *graph.initializers.values()]}
+
+    def unique(self, name: str) -> str:
+        candidate, number = name, 1
+        while candidate in self.taken or candidate.replace("/", "_") in self.taken:
+            number += 1
+            candidate = f"{name}_{number}"
+        self.taken |= {candidate, candidate.replace("/", "_")}
+        return candidate
 
     def op(self, name: str, op_type: str, inputs: list, shape: tuple[int, ...] | None, **attributes) -> ir.Value:
+        name = self.unique(name)
         node = ir.node(op_type, inputs, attributes=attributes, name=name)
         node.outputs[0].name = name.replace("/", "_")
         self.graph.append(node)
@@ -67,8 +96,11 @@ class _Builder:
 
 def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], protected: int,
                   shapes: dict[str, tuple[int, ...]], prop_attn: bool = True,
-                  mask_input: ir.Value | None = None) -> list[dict]:
-    """Rewrite `graph` in place. Returns the token schedule: [{block, in, out}] for every block."""
+                  mask_input: ir.Value | None = None, pool_attentions: list[ir.Node] = ()) -> list[dict]:
+    """Rewrite `graph` in place. Returns the token schedule: [{block, in, out}] for every block.
+
+    pool_attentions: Softmax nodes of attentions that pool the tokens with a probe (blocks.find_pool_attentions);
+    they get proportional attention after a compression too."""
     stages = sorted(stages, key=lambda s: s.block)
     first_hidden = shapes.get(blocks[0].hidden.name)
     if first_hidden is None or len(first_hidden) != 3:
@@ -96,7 +128,7 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
         stage = by_block.get(block.index)
         entering = count
         if states and prop_attn:
-            _add_log_size_bias(build, block, states[-1], shapes)
+            _add_log_size_bias(build, block.softmax, states[-1], shapes, n0, f"tc_blk{block.index}")
         if stage is not None:
             x = block.hidden
             needs = stage.method.needs
@@ -130,11 +162,15 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
                 if mask_out is not None:
                     aliases[mask_out] = (PROBE_BATCH, n0)
                     starts[mask_out] = Tokens(frozenset({1}), stage_index)
+                stage_inputs = StageInputs(block.index, stage.method, x, metric, size, mask, signals, entering)
                 size, mask = size_out, mask_out
-                states.append(TokenState(x_out, size_out, mask_out, count))
+                states.append(TokenState(x_out, size_out, mask_out, count, stage_inputs))
         schedule.append({"block": block.index, "scope": block.scope, "in": entering, "out": count})
 
-    side_inputs = _SideInputs(build, states, mask_input, logit_nodes, shapes)
+    if states and prop_attn:
+        for number, softmax in enumerate(pool_attentions):
+            _add_log_size_bias(build, softmax, states[-1], shapes, n0, f"tc_pool{number}")
+    side_inputs = _SideInputs(build, states, mask_input, logit_nodes, shapes, protected, skip)
     tracker = TokenTracker(graph, shapes, n0, [s.count for s in states], side_inputs, skip)
     tracker.alias = aliases
     side_inputs.tracker = tracker
@@ -202,17 +238,37 @@ def _cls_attention(build: _Builder, block: Block, shapes) -> ir.Value:
                     (shape[0], shape[3]), keepdims=0)
 
 
-def _add_log_size_bias(build: _Builder, block: Block, state: TokenState, shapes) -> None:
-    """Proportional attention: logits + log(size) over the key axis, so a merged token keeps its weight."""
-    prefix = f"tc_blk{block.index}/prop_attn"
-    n0 = build.aliases[state.size][1]
-    log = build.op(f"{prefix}/log_size", "Log", [state.size], (PROBE_BATCH, n0, 1))
-    row = build.op(f"{prefix}/row", "Transpose", [log], (PROBE_BATCH, 1, n0), perm=[0, 2, 1])
+def _add_log_size_bias(build: _Builder, softmax: ir.Node, state: TokenState, shapes, n0: int, label: str) -> None:
+    """Proportional attention: logits + log(size) over the key axis, so a merged token keeps its weight.
+
+    The keys may be the tokens after a fixed prefix (an attention pool over x[:, 1:]): then so is the size.
+    Logits [B,H,Nq,Nk] take the bias as [B,1,1,Nk]; nn.MultiheadAttention's [B*H,Nq,Nk] as the same, repeated
+    per head (batch-major, as torch lays them out)."""
+    logits = softmax.inputs[0]
+    prefix = f"{label}/prop_attn"
+    keys = shapes[logits.name][-1]
+    skipped = n0 - keys  # leading tokens the keys leave out, as counted in the original graph
+    size = state.size
+    if skipped:
+        size = build.op(f"{prefix}/keys_size", "Slice", [size, build.const(f"{prefix}/start", np.array([skipped])),
+                                                          build.const(f"{prefix}/end", np.array([state.count])),
+                                                          build.const(f"{prefix}/axis", np.array([1]))],
+                        (PROBE_BATCH, keys, 1))
+    log = build.op(f"{prefix}/log_size", "Log", [size], (PROBE_BATCH, keys, 1))
+    row = build.op(f"{prefix}/row", "Transpose", [log], (PROBE_BATCH, 1, keys), perm=[0, 2, 1])
+    logits_shape = shapes[logits.name]
     bias = build.op(f"{prefix}/bias", "Unsqueeze", [row, build.const(f"{prefix}/axes", np.array([1]))],
-                    (PROBE_BATCH, 1, 1, n0))
-    logits = block.softmax.inputs[0]
+                    (PROBE_BATCH, 1, 1, keys))
+    if len(logits_shape) == 3:
+        heads = logits_shape[0] // PROBE_BATCH
+        per_head = build.op(f"{prefix}/per_head", "Expand", [bias, build.const(f"{prefix}/heads",
+                                                                                np.array([1, heads, 1, 1]))],
+                            (PROBE_BATCH, heads, 1, keys))
+        bias = build.op(f"{prefix}/bias_rows", "Reshape", [per_head, build.const(f"{prefix}/rows",
+                                                                                 np.array([-1, 1, keys]))],
+                        (PROBE_BATCH * heads, 1, keys))
     biased = build.op(prefix, "Add", [logits, bias], shapes[logits.name])
-    block.softmax.replace_input_with(0, biased)
+    softmax.replace_input_with(0, biased)
 
 
 def _logit_path(block: Block) -> set[ir.Node]:
@@ -232,7 +288,7 @@ class _SideInputs:
     """Replacements for operands that carry the original token axis without descending from a method."""
 
     def __init__(self, build: _Builder, states: list[TokenState], mask_input: ir.Value | None,
-                 logit_nodes: set[ir.Node], shapes):
+                 logit_nodes: set[ir.Node], shapes, protected: int, skip: set[ir.Node]):
         self.build = build
         self.states = states
         self.mask_input = mask_input
@@ -240,21 +296,37 @@ class _SideInputs:
         self.shapes = shapes
         self.tracker: TokenTracker | None = None
         self.cache: dict[tuple, ir.Value] = {}
+        self.positions = positions_mod.Positions(build, states, protected, skip)
 
-    def __call__(self, node: ir.Node, index: int, stage: int) -> ir.Value:
+    def __call__(self, node: ir.Node, index: int, stage: int, axes: list[int], delta: int) -> ir.Value:
+        """Mask terms are rebuilt from the current mask; anything else is a position term, gathered."""
         operand = node.inputs[index]
         if self.mask_input is None or not _descends_from(operand, self.mask_input):
-            raise UsageError(f"{node.op_type} node '{node.name}' combines the compressed tokens with '{operand.name}', "
-                             "which has the original token count and does not come from the attention mask; "
-                             "tcexport cannot rewrite this graph")
-        key = (operand, stage, node in self.logit_nodes)
+            key = ("position", operand, stage, tuple(axes), delta, len(self.shapes_of(node.outputs[0])))
+            if key not in self.cache:
+                self.cache[key] = self.positions.gather(operand, self.shapes_of(operand), axes, delta, stage,
+                                                        len(self.shapes_of(node.outputs[0])))
+            return self.cache[key]
+        in_logits = node in self.logit_nodes
+        key = ("bias", stage) if in_logits else ("mask", operand, stage)
         if key not in self.cache:
-            if node in self.logit_nodes:
+            if in_logits:
                 self.cache[key] = self._attention_bias(stage, operand)
             else:
                 self.cache[key] = self._rebuild(operand, self._weights(stage))
             self._visit_new(self.cache[key])
         return self.cache[key]
+
+    def shapes_of(self, value: ir.Value) -> tuple[int, ...]:
+        shape = self.tracker.shape(value) if self.tracker is not None else self.shapes.get(value.name)
+        if shape is None:
+            raise UsageError(f"no run-time shape for value '{value.name}'; tcexport cannot follow the token axis")
+        return shape
+
+    def mean(self, node: ir.Node, stage: int, axis: int, delta: int) -> ir.Value:
+        """A ReduceMean over the tokens, size-weighted: sum(x * size) / sum(size) over the same tokens."""
+        return positions_mod.weighted_mean(self.build, node, self.states[stage], axis, delta,
+                                           self.shapes_of(node.inputs[0]))
 
     def _attention_bias(self, stage: int, like: ir.Value) -> ir.Value:
         """Additive key mask from the current mask: 0 for real tokens, float32 min for padding."""
@@ -295,9 +367,9 @@ class _SideInputs:
             else:
                 inputs.append(value)
         clone = ir.Node(producer.domain, producer.op_type, inputs, attributes=list(producer.attributes.values()),
-                        num_outputs=len(producer.outputs), name=f"{producer.name}/tokens")
+                        num_outputs=len(producer.outputs), name=self.build.unique(f"{producer.name}/tokens"))
         for out, original in zip(clone.outputs, producer.outputs):
-            out.name = f"{original.name}_tokens"
+            out.name = self.build.unique(f"{original.name}_tokens")
             if original.name in self.shapes:
                 self.build.aliases[out] = self.shapes[original.name]
         self.build.graph.append(clone)
@@ -324,6 +396,8 @@ class _SideInputs:
 
 
 def _descends_from(value: ir.Value, root: ir.Value) -> bool:
+    """Whether `value` is computed from the data of `root`. Shapes do not count: an exporter may read the batch
+    size off any input (MPNet's position bias is expanded to Shape(attention_mask)[0]) without using its values."""
     stack, seen = [value], set()
     while stack:
         v = stack.pop()
@@ -333,7 +407,7 @@ def _descends_from(value: ir.Value, root: ir.Value) -> bool:
             continue
         seen.add(v)
         producer = v.producer()
-        if producer is not None:
+        if producer is not None and producer.op_type not in ("Shape", "Size"):
             stack.extend(producer.inputs)
     return False
 

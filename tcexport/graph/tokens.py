@@ -8,14 +8,15 @@ and rewrites a constant only where the axis it tracks lands in it.
 
 Values carry a stage: the index of the last method they descend from, which says how many tokens they hold.
 Operands that carry the original token axis but do not descend from any method (an attention mask computed
-from the model input, the mask used for mean pooling) are "side inputs": the caller supplies a replacement
-with the current token count, or the rewrite stops with a message naming the node.
+from the model input, the mask used for mean pooling, a relative position bias, rotary tables) are "side
+inputs": the caller supplies a replacement with the current token count (SideInputs), or the rewrite stops
+with a message naming the node. A mean over the token axis is the caller's too: it becomes size-weighted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -45,7 +46,14 @@ class Tokens:
     delta: int = 0
 
 
-SideInputHandler = Callable[[ir.Node, int, int], ir.Value]
+class SideInputs(Protocol):
+    """What the tracker asks its caller (graph/insert.py) for, when the original token count shows up."""
+
+    def __call__(self, node: ir.Node, index: int, stage: int, axes: list[int], delta: int) -> ir.Value:
+        """A replacement for node.inputs[index], whose `axes` (in its own rank) hold n0 + delta tokens."""
+
+    def mean(self, node: ir.Node, stage: int, axis: int, delta: int) -> ir.Value:
+        """A size-weighted replacement for `node`'s output, a ReduceMean over token `axis` only."""
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -69,7 +77,7 @@ class TokenTracker:
     """
 
     def __init__(self, graph: ir.Graph, shapes: dict[str, tuple[int, ...]], n0: int, stage_counts: list[int],
-                 side_input: SideInputHandler, skip: set[ir.Node]):
+                 side_input: SideInputs, skip: set[ir.Node]):
         self.graph = graph
         self.shapes_by_name = shapes
         self.alias: dict[ir.Value, tuple[int, ...]] = {}
@@ -174,10 +182,7 @@ class TokenTracker:
             hits = [a for a in axes if a - shift >= 0 and shape[a - shift] == self.original != 1]
             if not hits:
                 continue
-            if const_array(operand) is not None:
-                self._fail(node, f"constant operand {index} has the token count {self.original} on the token axis "
-                                 "(e.g. a position embedding added after the compressed block)")
-            replacement = self.side_input(node, index, stage)
+            replacement = self.side_input(node, index, stage, sorted(a - shift for a in hits), self.delta)
             node.replace_input_with(index, replacement)
         return [axes] + [set() for _ in node.outputs[1:]]
 
@@ -343,7 +348,14 @@ class TokenTracker:
         keepdims = node.attributes["keepdims"].as_int() if "keepdims" in node.attributes else 1
         token_axes = set(tracked[0].axes)
         if reduced & token_axes and node.op_type == "ReduceMean":
-            self._fail(node, "it averages over tokens; merged tokens would need a size-weighted average")
+            if reduced != token_axes or len(token_axes) != 1:
+                self._fail(node, "it averages over the token axis together with other axes")
+            weighted = self.side_input.mean(node, stage, next(iter(token_axes)), self.delta)
+            out = node.outputs[0]
+            if out.is_graph_output():  # the weighted mean takes the output's name
+                weighted.name, out.name = out.name, f"{out.name}_unweighted"
+            out.replace_all_uses_with(weighted, replace_graph_outputs=True)
+            return [set()]
         axes = set()
         for a in token_axes - reduced:
             axes.add(a if keepdims else a - sum(1 for r in reduced if r < a))
@@ -353,7 +365,16 @@ class TokenTracker:
         axis = int(node.attributes["axis"].as_int()) % self.rank(node.outputs[0])
         axes = set().union(*(t.axes for t in tracked.values()))
         if axis in axes:
-            self._fail(node, "it concatenates along the token axis")
+            # Fixed leading tokens put back in front of the rest (EVA: cat([q[:, :, :1], rope(q[:, :, 1:])])):
+            # the output holds the tokens after the prefix plus the prefix.
+            index = next(iter(tracked)) if len(tracked) == 1 else None
+            if index is None or index != len(node.inputs) - 1:
+                self._fail(node, "it concatenates along the token axis (only a fixed prefix in front of the tokens "
+                                 "is supported)")
+            prefix = sum(self.shape(v)[axis] for v in node.inputs[:index])
+            if self.delta + prefix > 0:
+                self._fail(node, "it puts more tokens in front than the tokens it extends left out")
+            self.out_delta = self.delta + prefix
         return [axes]
 
     def _rule_Split(self, node, tracked, stage):
