@@ -8,7 +8,9 @@
    enqueue) as the contract says, driven through TensorRT's own interfaces by harness/plugin_probe.cpp, with
    the kernels' per-row code standing in for the GPU (harness/cpu_launch.cpp);
 5. where a CUDA toolkit exists: CMake builds the library (slow), and on a GPU (marked gpu) the real kernels
-   give bit for bit what the host harness gives.
+   give bit for bit what the host harness gives;
+6. (slow) end to end on a padded text model: each --impl function call node's attributes and tensors, given to
+   the per-row code, give what the node's function body computes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import subprocess
 
 import ml_dtypes
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -501,9 +504,11 @@ def _same_bits(a, b):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("element", ["f32", "f16", "bf16"])
-def test_gpu_kernels_equal_host_harness_bit_for_bit(gpu_harness, harness, element):
-    if gpu_harness.tc_gpu_devices() < 1:
+def test_gpu_kernels_equal_host_harness_bit_for_bit(request, harness, element):
+    if not torch.cuda.is_available():  # checked before building: nvcc may exist without a GPU
         pytest.skip("no CUDA GPU")
+    gpu_harness = request.getfixturevalue("gpu_harness")
+    assert gpu_harness.tc_gpu_devices() >= 1
     device = _GpuAsHost(gpu_harness, harness)
     rng = np.random.default_rng(31)
     for n, c, ck, batch in ((13, 6, 4, 3), (197, 64, 64, 4), (128, 32, 32, 2)):
@@ -523,3 +528,60 @@ def test_gpu_kernels_equal_host_harness_bit_for_bit(gpu_harness, harness, elemen
                         gpu = run_prune(device, x, score, size, mask, k, protected, fuse, keep_order, 128, element)
                         for h, g in zip(host, gpu):
                             assert _same_bits(h, g), dict(n=n, p=protected, k=k, fuse=fuse, mask=with_mask)
+
+
+# ------------------------------------------- 6. the contract end to end: the plugins vs the function bodies
+
+
+def _call_node_tensors(model_path, feeds):
+    """Every tcexport call node of the model with its attributes, input and output values (ONNX Runtime runs
+    the model-local function bodies: what TensorRT inlines when no plugin is registered)."""
+    import onnxruntime as ort
+
+    model = onnx.load(model_path)
+    calls = [node for node in model.graph.node if node.domain == "tcexport"]
+    names = sorted({name for node in calls for name in [*node.input, *node.output]})
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    for node in calls:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        yield node, attributes, [values[name] for name in node.input], [values[name] for name in node.output]
+
+
+@pytest.mark.slow  # exports and compresses a tiny BERT: about a minute on 2 shared cores
+@pytest.mark.parametrize("method_args", [["--method", "tome", "--r", "5"],
+                                         ["--method", "topk", "--keep", "0.5", "--fuse", "--keep-order"]])
+def test_plugins_compute_what_the_function_bodies_compute(harness, bert_onnx, tmp_path, method_args):
+    """A text model with padding: each --impl function call node's own attributes and input tensors, given to
+    the plugins' per-row code, give the call's outputs (the contract's fields, input order and mask handling)."""
+    from tests.conftest import run_cli
+
+    compressed = tmp_path / "bert_fn.onnx"
+    result = run_cli("compress", bert_onnx, *method_args, "--impl", "function", "-o", compressed)
+    assert result.returncode == 0, result.stderr
+    rng = np.random.default_rng(5)
+    input_ids = rng.integers(1, 100, (3, 24)).astype(np.int64)
+    attention_mask = np.ones((3, 24), np.int64)
+    attention_mask[1, 15:] = 0
+    attention_mask[2, 7:] = 0
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    feeds = {name: feeds.get(name, np.zeros_like(input_ids)) for name in
+             [i.name for i in onnx.load(compressed).graph.input]}
+    seen = 0
+    for node, fields, inputs, outputs in _call_node_tensors(compressed, feeds):
+        assert fields["plugin_namespace"] == b"tcexport" and fields["plugin_version"] == b"1"
+        x, decision, size = inputs[:3]
+        mask = inputs[3] if len(inputs) == 4 else None
+        assert mask is not None  # the text model's padding reaches the plugin
+        if node.op_type == "ToMeMerge":
+            got = run_tome(harness, x, decision, size, mask, fields["r"], fields["protected"], 7)
+        else:
+            assert node.op_type == "TokenPrune"
+            got = run_prune(harness, x, decision, size, mask, fields["k"], fields["protected"], fields["fuse"],
+                            fields["keep_order"], 7)
+        np.testing.assert_array_equal(got[1], outputs[1][..., 0], err_msg=node.name)
+        np.testing.assert_array_equal(got[2], outputs[2], err_msg=node.name)
+        np.testing.assert_allclose(got[0], outputs[0], rtol=0, atol=1e-5, err_msg=node.name)
+        seen += 1
+    assert seen >= 2
