@@ -161,7 +161,9 @@ def run_entry(entry: Entry, work: Path, iters: int, warmup: int, methods: tuple[
         if source is None:
             continue
         compressed = model_dir / f"{method}.onnx"
-        schedule = step(row, "compress", lambda: compress.compress_file(base_path, compressed, **_params(method, source)))
+        params = _params(method, source)
+        row["params"] = params
+        schedule = step(row, "compress", lambda: compress.compress_file(base_path, compressed, **params))
         if schedule is None:
             continue
         row["tokens_in"], row["tokens_out"] = schedule[0]["in"], schedule[-1]["out"]
@@ -182,18 +184,10 @@ def run_entry(entry: Entry, work: Path, iters: int, warmup: int, methods: tuple[
 
 
 def _params(method: str, source) -> dict:
-    tokens = int(source.info.get("tokens") or _tokens_of(source))
+    tokens = int(source.info.get("tokens") or source.inputs[0].shape[1])  # no count recorded: a sequence length
     depth = int(source.info.get("depth") or 1)
     protected = int(source.info.get("num_prefix_tokens") or 0)
     return compress_params(method, tokens, depth, protected)
-
-
-def _tokens_of(source) -> int:
-    """Tokens of a timm ViT or a text model when the source does not record them."""
-    model = source.model
-    if hasattr(model, "patch_embed"):
-        return int(model.patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 0))
-    return int(source.inputs[0].shape[1])
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -88,7 +88,8 @@ def text_inputs(vocab_size: int, seq_len: int) -> list[InputSpec]:
             InputSpec("attention_mask", ["batch", seq_len], "int64", ATTENTION_MASK)]
 
 
-def wrap(model: torch.nn.Module, seq_len: int | None, input_shape: str | None) -> tuple[torch.nn.Module, list[InputSpec], dict]:
+def wrap(model: torch.nn.Module, seq_len: int | None,
+         input_shape: str | None) -> tuple[torch.nn.Module, list[InputSpec], dict]:
     """The module to export, its input specs and what info records about the modality."""
     kind = modality(model)
     refuse_options(kind, seq_len, input_shape)

@@ -23,7 +23,8 @@ import torch
 
 from tcexport import hf_models
 from tcexport.errors import UsageError
-from tcexport.hf_models import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401  (the reference unwraps hf: sources by this type)
+# LastHiddenState stays importable from here: the reference unwraps hf: sources by this type.
+from tcexport.hf_models import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401
 from tcexport.init import exercise
 from tcexport.inputs import FLOAT, TOKEN_IDS, InputSpec, random_feeds
 from tcexport.spec_check import import_from_cwd, parse_shape
@@ -268,6 +269,10 @@ def load_timm(name: str, options: LoadOptions) -> Source:
         "num_classes": int(getattr(model, "num_classes", 0)),
         "depth": len(getattr(model, "blocks", [])),
     }
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and info["depth"]:  # a ViT-like token model: patches plus prefix tokens
+        info["patch_grid"] = [int(g) for g in grid]
+        info["tokens"] = int(grid[0]) * int(grid[1]) + info["num_prefix_tokens"]
     return Source(f"timm:{name}", model, [InputSpec("pixel_values", ["batch", *input_size], "float32", FLOAT)],
                   ["logits"], weights, info)
 
@@ -324,7 +329,8 @@ def load_hf(path_or_id: str, options: LoadOptions) -> Source:
                          f"{', '.join(f'{s.name} {s.shape[1:]}' for s in inputs)} ({_first_line(exc)})") from None
     config = model.config
     weights = {"kind": "directory" if local.is_dir() else "hub",
-               "path": str(local.resolve()) if local.is_dir() else path_or_id, "sha256": state_dict_sha256(wrapped.model)}
+               "path": str(local.resolve()) if local.is_dir() else path_or_id,
+               "sha256": state_dict_sha256(wrapped.model)}
     info = {"family": "hf", "model_type": config.model_type, "model_class": type(wrapped.model).__name__, **info,
             "tokens": tokens, "num_prefix_tokens": hf_models.prefix_tokens(tokens, info),
             "depth": getattr(config, "num_hidden_layers", 0) or getattr(config, "encoder_layers", 0)}
@@ -382,7 +388,8 @@ def load_st(path: str, options: LoadOptions) -> Source:
         raise UsageError(f"--seq-len {seq_len} is longer than the model's max_seq_length {max_len}")
     weights = {"kind": "directory", "path": str(directory.resolve()), "sha256": state_dict_sha256(model)}
     info = {"family": "st", "model_type": transformer.config.model_type, "modality": "text", "num_prefix_tokens": 1,
-            "depth": transformer.config.num_hidden_layers, "tokenizer": str(directory.resolve()),
+            "depth": transformer.config.num_hidden_layers, "tokens": seq_len,
+            "tokenizer": str(directory.resolve()),
             "pooling": "mean"}
     return Source(f"st:{path}", SentenceEmbedding(model), hf_models.text_inputs(transformer.config.vocab_size, seq_len),
                   ["sentence_embedding"], weights, info)
