@@ -14,6 +14,7 @@ from tcexport.errors import UsageError
 from tcexport.graph import blocks as blocks_mod
 from tcexport.graph import attention, functions, opset, probe
 from tcexport.graph.insert import Stage, insert_stages
+from tcexport.reference import coverage
 from tcexport.methods import tome
 
 IMPLS = ("subgraph", "function", "plugin")  # plugin: function call nodes without the body (TensorRT plugins only)
@@ -253,6 +254,8 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     names = list(dict.fromkeys(s.method.name for s in planned))
     plan = Plan("+".join(names), planned, protected, prop_attn, impl, schedule, request)
     compressed, schedule_out = compress_model(model, plan, shapes=shapes)
+    coverage.check(metadata.read(model, metadata.SOURCE), {s.block: s.method for s in planned}, prop_attn,
+                   protected, schedule_out)
     # Keep the provenance: validate rebuilds the reference from it. Weights in a .data file stay in one.
     onnxfile.write(compressed, output, external_data=onnxfile.has_external_data(input_path))
     return schedule_out

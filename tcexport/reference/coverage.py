@@ -1,0 +1,49 @@
+"""Before compress writes a graph: can `validate` check it? Build the eager reference from the file's provenance and
+run the plan once, so a model the reference cannot cover is refused with its reason instead of written.
+
+The check is skipped (returns None) only when the source cannot be rebuilt on this machine (weights not here):
+then validate cannot run here either, and the file may still be validated where the weights are.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import torch
+
+from tcexport.errors import UsageError
+
+
+@lru_cache(maxsize=4)
+def _source(record_json: str):
+    from tcexport import sources
+
+    return sources.load_from_record(json.loads(record_json))
+
+
+def check(source_record: dict | None, plan: dict, prop_attn: bool, protected: int,
+          schedule: list[dict]) -> bool | None:
+    """True when the reference covers the plan and removes the same tokens per block as the graph; UsageError when
+    it cannot; None when there is no source to check against."""
+    if not source_record:
+        return None
+    try:
+        source = _source(json.dumps(source_record, sort_keys=True))
+    except UsageError:
+        return None
+    from tcexport.reference import compressed_reference
+
+    reference = compressed_reference(source, plan, prop_attn=prop_attn, protected=protected)
+    graph_counts = [(block["in"], block["out"]) for block in schedule]
+    if reference.layout.blocks != len(graph_counts):
+        raise UsageError(f"the PyTorch reference of {source.spec} finds {reference.layout.blocks} attention blocks "
+                         f"where the graph has {len(graph_counts)}; validate could not check this compression, so "
+                         "tcexport does not write it")
+    with torch.no_grad():
+        reference(*source.example_inputs(2, seed=1))
+    if reference.token_counts != graph_counts:
+        raise UsageError(f"the PyTorch reference of {source.spec} keeps {[c[1] for c in reference.token_counts]} "
+                         f"tokens per block where the graph keeps {[c[1] for c in graph_counts]}; validate could not "
+                         "check this compression, so tcexport does not write it")
+    return True
