@@ -38,8 +38,10 @@ def resolve(path: str | Path) -> Artifact:
         if not isinstance(sidecar, dict):
             raise UsageError(f"{sidecar_path}: not a tcexport sidecar (expected a JSON object); rebuild with 'tcexport build'")
         model_path = path / sidecar.get("model_file", "model.onnx")
-        if not model_path.exists():
-            raise UsageError(f"{path}: the sidecar names {model_path.name}, which is missing; rebuild with 'tcexport build'")
+        # model_files: the model and its weights file, when the build keeps them apart (backends/ort.py).
+        for name in [model_path.name, *sidecar.get("model_files", [])]:
+            if not (path / name).exists():
+                raise UsageError(f"{path}: the sidecar names {name}, which is missing; rebuild with 'tcexport build'")
         return Artifact(path, model_path, sidecar.get("backend", "ort"), sidecar)
     if path.suffix != ".onnx":
         raise UsageError(f"{path}: expected an .onnx file or a build directory")

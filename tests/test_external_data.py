@@ -131,3 +131,12 @@ def test_load_reports_missing_weights(tmp_path):
     (tmp_path / "m.onnx.data").unlink()
     with pytest.raises(UsageError, match="m.onnx.data is missing"):
         onnxfile.load(path)
+
+
+def test_build_directory_missing_its_weights_file_is_one_line(external_vit, tmp_path):
+    build = tmp_path / "build"
+    assert run_cli("build", external_vit, "-o", build).returncode == 0
+    (build / "model.onnx.data").unlink()
+    result = run_cli("bench", build, "--iters", "2", "--warmup", "0")
+    assert_usage_error(result)
+    assert "model.onnx.data, which is missing" in result.stderr
