@@ -29,6 +29,7 @@ import torch
 from tcexport.methods.tome import ToMe
 from tcexport.methods.topk import TopK
 from tests import cpp_toolchain as tc
+from tests.conftest import run_cli
 
 ARCHS = ("sm_87", "sm_90")
 KERNEL_FILES = {"tome_kernels.cu": ("tome_decide_kernel", "tome_gather_kernel"),
@@ -555,8 +556,6 @@ def _call_node_tensors(model_path, feeds):
 def test_plugins_compute_what_the_function_bodies_compute(harness, bert_onnx, tmp_path, method_args):
     """A text model with padding: each --impl function call node's own attributes and input tensors, given to
     the plugins' per-row code, give the call's outputs (the contract's fields, input order and mask handling)."""
-    from tests.conftest import run_cli
-
     compressed = tmp_path / "bert_fn.onnx"
     result = run_cli("compress", bert_onnx, *method_args, "--impl", "function", "-o", compressed)
     assert result.returncode == 0, result.stderr

@@ -183,6 +183,23 @@ T* capability(IPluginV3* plugin, PluginCapabilityType type)
     return static_cast<T*>(plugin->getCapabilityInterface(type));
 }
 
+IPluginV3OneBuild* build(IPluginV3* plugin)
+{
+    return capability<IPluginV3OneBuild>(plugin, PluginCapabilityType::kBUILD);
+}
+
+IPluginV3OneRuntime* runtime(IPluginV3* plugin)
+{
+    return capability<IPluginV3OneRuntime>(plugin, PluginCapabilityType::kRUNTIME);
+}
+
+// "plugin" or "null": whether the creator accepts the fields.
+char const* accepted(char const* name, std::string const& spec)
+{
+    std::unique_ptr<IPluginV3> plugin(create(name, spec));
+    return plugin ? "plugin" : "null";
+}
+
 DimsExprs exprs(FakeBuilder& b, std::vector<int64_t> const& dims)
 {
     DimsExprs e{};
@@ -204,8 +221,7 @@ std::string output_shapes(IPluginV3* plugin, int64_t n, int64_t c, std::vector<i
         in.push_back(exprs(b, {-1, n}));
     }
     DimsExprs out[3]{};
-    int32_t status = capability<IPluginV3OneBuild>(plugin, PluginCapabilityType::kBUILD)
-                         ->getOutputShapes(in.data(), static_cast<int32_t>(in.size()), nullptr, 0, out, 3, b);
+    int32_t status = build(plugin)->getOutputShapes(in.data(), static_cast<int32_t>(in.size()), nullptr, 0, out, 3, b);
     std::string text = std::to_string(status);
     if (status != 0)
     {
@@ -248,19 +264,19 @@ std::string formats(IPluginV3* plugin, std::vector<DataType> const& types, Tenso
     {
         io.push_back(desc(t, {-1, 13, 6}, format));
     }
-    auto* build = capability<IPluginV3OneBuild>(plugin, PluginCapabilityType::kBUILD);
     std::string bits;
     for (int32_t pos = 0; pos < static_cast<int32_t>(io.size()); ++pos)
     {
-        bits += build->supportsFormatCombination(pos, io.data(), static_cast<int32_t>(io.size()) - 3, 3) ? "1" : "0";
+        bits += build(plugin)->supportsFormatCombination(pos, io.data(), static_cast<int32_t>(io.size()) - 3, 3)
+            ? "1"
+            : "0";
     }
     return bits;
 }
 
 std::string fields_of(IPluginV3* plugin)
 {
-    PluginFieldCollection const* fc
-        = capability<IPluginV3OneRuntime>(plugin, PluginCapabilityType::kRUNTIME)->getFieldsToSerialize();
+    PluginFieldCollection const* fc = runtime(plugin)->getFieldsToSerialize();
     std::string text;
     for (int32_t i = 0; i < fc->nbFields; ++i)
     {
@@ -290,12 +306,12 @@ int api()
     }
     std::unique_ptr<IPluginV3> tome(create("ToMeMerge", "r=3,protected=1"));
     std::unique_ptr<IPluginV3> prune(create("TokenPrune", "k=4,protected=1,fuse=1,keep_order=1"));
-    std::printf("tome.kinds %s %s %s\n", capability<IPluginV3OneCore>(tome.get(), PluginCapabilityType::kCORE)->getInterfaceInfo().kind,
-        capability<IPluginV3OneBuild>(tome.get(), PluginCapabilityType::kBUILD)->getInterfaceInfo().kind,
-        capability<IPluginV3OneRuntime>(tome.get(), PluginCapabilityType::kRUNTIME)->getInterfaceInfo().kind);
+    auto* tome_core = capability<IPluginV3OneCore>(tome.get(), PluginCapabilityType::kCORE);
+    std::printf("tome.kinds %s %s %s\n", tome_core->getInterfaceInfo().kind, build(tome.get())->getInterfaceInfo().kind,
+        runtime(tome.get())->getInterfaceInfo().kind);
     auto* core = capability<IPluginV3OneCore>(prune.get(), PluginCapabilityType::kCORE);
     std::printf("prune.core %s %s %s\n", core->getPluginName(), core->getPluginNamespace(), core->getPluginVersion());
-    std::printf("tome.outputs %d\n", capability<IPluginV3OneBuild>(tome.get(), PluginCapabilityType::kBUILD)->getNbOutputs());
+    std::printf("tome.outputs %d\n", build(tome.get())->getNbOutputs());
 
     std::printf("tome.shapes %s\n", output_shapes(tome.get(), 13, 6, {-1, 13, 4}, true).c_str());
     std::printf("tome.shapes_nomask %s\n", output_shapes(tome.get(), 13, 6, {-1, 13, 4}, false).c_str());
@@ -311,18 +327,19 @@ int api()
 
     DataType types[3];
     DataType in_types[4] = {DataType::kHALF, DataType::kHALF, DataType::kFLOAT, DataType::kFLOAT};
-    int32_t status = capability<IPluginV3OneBuild>(tome.get(), PluginCapabilityType::kBUILD)
-                         ->getOutputDataTypes(types, 3, in_types, 4);
+    int32_t status = build(tome.get())->getOutputDataTypes(types, 3, in_types, 4);
     std::printf("tome.types %d %d %d %d\n", status, static_cast<int>(types[0]), static_cast<int>(types[1]),
         static_cast<int>(types[2]));
 
     using D = DataType;
-    std::printf("formats.f32 %s\n", formats(tome.get(), {D::kFLOAT, D::kFLOAT, D::kFLOAT, D::kFLOAT, D::kFLOAT, D::kFLOAT, D::kFLOAT}).c_str());
-    std::printf("formats.f16 %s\n", formats(tome.get(), {D::kHALF, D::kHALF, D::kFLOAT, D::kFLOAT, D::kHALF, D::kFLOAT, D::kFLOAT}).c_str());
-    std::printf("formats.bf16 %s\n", formats(tome.get(), {D::kBF16, D::kBF16, D::kFLOAT, D::kFLOAT, D::kBF16, D::kFLOAT, D::kFLOAT}).c_str());
-    std::printf("formats.mixed %s\n", formats(tome.get(), {D::kHALF, D::kFLOAT, D::kHALF, D::kFLOAT, D::kFLOAT, D::kHALF, D::kFLOAT}).c_str());
-    std::printf("formats.int %s\n", formats(prune.get(), {D::kINT32, D::kINT32, D::kFLOAT, D::kFLOAT, D::kINT32, D::kFLOAT}).c_str());
-    std::printf("formats.chw4 %s\n", formats(prune.get(), {D::kFLOAT, D::kFLOAT, D::kFLOAT, D::kFLOAT, D::kFLOAT, D::kFLOAT}, TensorFormat::kCHW4).c_str());
+    D const f = D::kFLOAT, h = D::kHALF, b = D::kBF16, i = D::kINT32;
+    // (x, decision, size, mask, out x, out size, out mask); TokenPrune without mask: 3 inputs.
+    std::printf("formats.f32 %s\n", formats(tome.get(), {f, f, f, f, f, f, f}).c_str());
+    std::printf("formats.f16 %s\n", formats(tome.get(), {h, h, f, f, h, f, f}).c_str());
+    std::printf("formats.bf16 %s\n", formats(tome.get(), {b, b, f, f, b, f, f}).c_str());
+    std::printf("formats.mixed %s\n", formats(tome.get(), {h, f, h, f, f, h, f}).c_str());
+    std::printf("formats.int %s\n", formats(prune.get(), {i, i, f, i, f, f}).c_str());
+    std::printf("formats.chw4 %s\n", formats(prune.get(), {f, f, f, f, f, f}, TensorFormat::kCHW4).c_str());
 
     std::printf("fields.tome %s\n", fields_of(tome.get()).c_str());
     std::printf("fields.prune %s\n", fields_of(prune.get()).c_str());
@@ -331,30 +348,29 @@ int api()
     std::printf("fields.prune_clone %s\n", fields_of(copy.get()).c_str());
     std::printf("fields.prune_clone_shapes %s\n", output_shapes(copy.get(), 11, 5, {-1, 11}, false).c_str());
     // Deserialization: the runtime phase recreates the plugin from the serialized fields.
-    PluginFieldCollection const* saved
-        = capability<IPluginV3OneRuntime>(tome.get(), PluginCapabilityType::kRUNTIME)->getFieldsToSerialize();
+    PluginFieldCollection const* saved = runtime(tome.get())->getFieldsToSerialize();
     std::unique_ptr<IPluginV3> restored(creator("ToMeMerge")->createPlugin("probe", saved, TensorRTPhase::kRUNTIME));
     std::printf("fields.tome_restored %s\n", restored ? fields_of(restored.get()).c_str() : "null");
 
-    std::printf("create.tome_default_protected %s\n", fields_of(std::unique_ptr<IPluginV3>(create("ToMeMerge", "r=2")).get()).c_str());
-    std::printf("create.tome_missing_r %s\n", create("ToMeMerge", "protected=1") ? "plugin" : "null");
-    std::printf("create.tome_int64_r %s\n", create("ToMeMerge", "r:i64=2,protected=1") ? "plugin" : "null");
-    std::printf("create.tome_unknown %s\n", create("ToMeMerge", "r=2,keep=1") ? "plugin" : "null");
-    std::printf("create.prune_missing_k %s\n", create("TokenPrune", "protected=1") ? "plugin" : "null");
-    std::printf("create.prune_fuse_2 %s\n", create("TokenPrune", "k=3,fuse=2") ? "plugin" : "null");
+    std::unique_ptr<IPluginV3> defaults(create("ToMeMerge", "r=2"));
+    std::printf("create.tome_default_protected %s\n", fields_of(defaults.get()).c_str());
+    std::printf("create.tome_missing_r %s\n", accepted("ToMeMerge", "protected=1"));
+    std::printf("create.tome_int64_r %s\n", accepted("ToMeMerge", "r:i64=2,protected=1"));
+    std::printf("create.tome_unknown %s\n", accepted("ToMeMerge", "r=2,keep=1"));
+    std::printf("create.prune_missing_k %s\n", accepted("TokenPrune", "protected=1"));
+    std::printf("create.prune_fuse_2 %s\n", accepted("TokenPrune", "k=3,fuse=2"));
 
     auto workspace = [&](IPluginV3* plugin, int64_t batch) {
         std::vector<DynamicPluginTensorDesc> in{desc(D::kFLOAT, {-1, 13, 6}), desc(D::kFLOAT, {-1, 13, 4}),
             desc(D::kFLOAT, {-1, 13, 1})};
         in[0].max.d[0] = batch;
-        return capability<IPluginV3OneBuild>(plugin, PluginCapabilityType::kBUILD)->getWorkspaceSize(in.data(), 3, nullptr, 3);
+        return build(plugin)->getWorkspaceSize(in.data(), 3, nullptr, 3);
     };
     std::printf("workspace.tome %zu %zu\n", workspace(tome.get(), 1), workspace(tome.get(), 8));
     std::vector<DynamicPluginTensorDesc> in{desc(D::kFLOAT, {-1, 13, 6}), desc(D::kFLOAT, {-1, 13, 4}),
         desc(D::kFLOAT, {-1, 13, 1}), desc(D::kFLOAT, {-1, 13})};
-    std::printf("configure.tome %d %d\n",
-        capability<IPluginV3OneBuild>(tome.get(), PluginCapabilityType::kBUILD)->configurePlugin(in.data(), 4, nullptr, 3),
-        capability<IPluginV3OneBuild>(over_r.get(), PluginCapabilityType::kBUILD)->configurePlugin(in.data(), 4, nullptr, 3));
+    std::printf("configure.tome %d %d\n", build(tome.get())->configurePlugin(in.data(), 4, nullptr, 3),
+        build(over_r.get())->configurePlugin(in.data(), 4, nullptr, 3));
     return 0;
 }
 
@@ -394,9 +410,8 @@ PluginTensorDesc runtime_desc(std::vector<int64_t> const& dims)
 int run(IPluginV3* plugin, std::string const& dir, int64_t b, int64_t n, int64_t c, std::vector<int64_t> decision,
     int64_t n_out, bool mask)
 {
-    std::unique_ptr<IPluginV3> attached(
-        capability<IPluginV3OneRuntime>(plugin, PluginCapabilityType::kRUNTIME)->attachToContext(nullptr));
-    auto* runtime = capability<IPluginV3OneRuntime>(attached.get(), PluginCapabilityType::kRUNTIME);
+    std::unique_ptr<IPluginV3> attached(runtime(plugin)->attachToContext(nullptr));
+    auto* context = runtime(attached.get());
     size_t decision_count = 1;
     for (int64_t d : decision)
     {
@@ -410,7 +425,7 @@ int run(IPluginV3* plugin, std::string const& dir, int64_t b, int64_t n, int64_t
         in.push_back(runtime_desc({b, n}));
     }
     PluginTensorDesc out[3] = {runtime_desc({b, n_out, c}), runtime_desc({b, n_out, 1}), runtime_desc({b, n_out})};
-    if (runtime->onShapeChange(in.data(), static_cast<int32_t>(in.size()), out, 3) != 0)
+    if (context->onShapeChange(in.data(), static_cast<int32_t>(in.size()), out, 3) != 0)
     {
         std::printf("onShapeChange failed\n");
         return 1;
@@ -425,10 +440,9 @@ int run(IPluginV3* plugin, std::string const& dir, int64_t b, int64_t n, int64_t
         dyn[i].desc = in[i];
         dyn[i].min = dyn[i].max = dyn[i].opt = in[i].dims;
     }
-    size_t bytes = capability<IPluginV3OneBuild>(attached.get(), PluginCapabilityType::kBUILD)
-                       ->getWorkspaceSize(dyn.data(), static_cast<int32_t>(dyn.size()), nullptr, 3);
+    size_t bytes = build(attached.get())->getWorkspaceSize(dyn.data(), static_cast<int32_t>(dyn.size()), nullptr, 3);
     std::vector<unsigned char> workspace(bytes, 0x7f);
-    int32_t status = runtime->enqueue(in.data(), out, inputs, outputs, workspace.data(), nullptr);
+    int32_t status = context->enqueue(in.data(), out, inputs, outputs, workspace.data(), nullptr);
     std::printf("enqueue %d workspace %zu\n", status, bytes);
     save(dir + "/out_x.bin", x_out);
     save(dir + "/out_size.bin", size_out);
