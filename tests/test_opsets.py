@@ -310,3 +310,19 @@ def test_exported_model_compresses_and_validates(exported, tmp_path, model, vers
         report = validate.validate(out, samples=2)
         assert report.passed, validate.format_report(report)
         assert report.worst("max_abs") < 1e-3
+
+
+def test_function_impl_at_opset_17_validates(exported, tmp_path):
+    """--impl function: the method bodies become model-local functions, declared at the model's opset 17."""
+    from tcexport import compress, validate
+
+    out = tmp_path / "vit_17_tome_fn.onnx"
+    compress.compress_file(exported("vit", 17), out, method="tome", r="2", impl="function")
+    written = onnx.load(str(out))
+    assert written.functions and all(
+        next(o.version for o in f.opset_import if o.domain == "") == 17 for f in written.functions)
+    reduces = [n for f in written.functions for n in f.node if n.op_type.startswith("Reduce") and n.op_type != "ReduceSum"]
+    assert reduces and all(len(n.input) == 1 for n in reduces)  # axes as attributes, as opset 17 defines them
+    onnx.checker.check_model(written, full_check=True)
+    report = validate.validate(out, samples=2)
+    assert report.passed, validate.format_report(report)
