@@ -6,7 +6,7 @@ modality works without a per-model table:
     pixel_values     vision   [batch, num_channels, image_size, image_size] from the config (--input-shape CxHxW)
     input_features   speech   log-mel spectrogram [batch, num_mel_bins, 2 * max_source_positions] (Whisper)
     input_values     speech   raw audio [batch, samples] (Wav2Vec2, HuBERT; --input-shape N)
-Encoder-decoder models (Whisper) export their encoder alone: token compression applies to the encoder tokens.
+Encoder-decoder models (Whisper, T5, BART) export their encoder alone: token compression applies to the encoder tokens.
 (Feeding a speech model the text inputs, as tcexport once did because their configs have a vocab_size, is what
 made torch.export fail on Whisper and Wav2Vec2; with their own inputs the dynamo exporter handles both.)
 """
@@ -94,13 +94,14 @@ def wrap(model: torch.nn.Module, seq_len: int | None,
     kind = modality(model)
     refuse_options(kind, seq_len, input_shape)
     config = model.config
+    encoder = encoder_of(model)
     if kind == "text":
         length = seq_len or DEFAULT_SEQ_LEN
         limit = getattr(config, "max_position_embeddings", None)
         if limit and length > limit:
             raise UsageError(f"--seq-len {length} is longer than the model's max_position_embeddings {limit}")
-        return LastHiddenState(model), text_inputs(config.vocab_size, length), {"modality": kind}
-    encoder = encoder_of(model)
+        info = {"modality": kind, **({"encoder_only": True} if encoder is not model else {})}
+        return LastHiddenState(encoder), text_inputs(config.vocab_size, length), info
     if kind == "vision":
         return _vision(encoder, config, input_shape)
     if encoder.main_input_name == "input_features":

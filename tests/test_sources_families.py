@@ -280,3 +280,15 @@ def test_zoo_directories_are_reproducible_and_exercise_layer_scale(tmp_path):
     assert len(scales) == 2 * zoo.LAYERS  # Dinov2LayerScale.lambda1 after attention and after the MLP
     values = torch.cat([s.detach().flatten() for s in scales])
     assert values.min() >= 0.5 and values.max() <= 1.0
+
+
+def test_hf_text_encoder_decoder_exports_its_encoder(tmp_path):
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(0)
+    T5Model(T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)).save_pretrained(
+        tmp_path / "t5")
+    source = sources.load(f"hf:{tmp_path / 't5'}", seq_len=8)
+    assert source.info["encoder_only"] and source.info["tokens"] == 8
+    with torch.no_grad():
+        assert source.model(*source.example_inputs(2)).shape == (2, 8, 32)
