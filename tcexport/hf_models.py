@@ -6,7 +6,7 @@ modality works without a per-model table:
     pixel_values     vision   [batch, num_channels, image_size, image_size] from the config (--input-shape CxHxW)
     input_features   speech   log-mel spectrogram [batch, num_mel_bins, 2 * max_source_positions] (Whisper)
     input_values     speech   raw audio [batch, samples] (Wav2Vec2, HuBERT; --input-shape N)
-Encoder-decoder models (Whisper, T5, BART) export their encoder alone: token compression applies to the encoder tokens.
+Encoder-decoder models (Whisper, T5, BART) export their encoder alone: token compression applies to its tokens.
 (Feeding a speech model the text inputs, as tcexport once did because their configs have a vocab_size, is what
 made torch.export fail on Whisper and Wav2Vec2; with their own inputs the dynamo exporter handles both.)
 """
