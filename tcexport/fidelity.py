@@ -152,6 +152,12 @@ def compare_with_reference(path: Path, reference_onnx: Path, samples: int = 4, s
     _check_inputs(path, reference_onnx, reference_specs, {s.name: s for s in compressed_specs})
     # Inputs only the compressed model takes (the query method's "query") are fed to it alone.
     specs = reference_specs + [s for s in compressed_specs if s.name not in known]
+    if compressed.backend == "trt":  # say so before any run: an engine takes the batches of its profile only
+        from tcexport.backends import trt as trt_backend
+
+        trt_backend.require_engine_runtime(path)
+        for batch in dict.fromkeys(batches[:samples]):
+            trt_backend.check_batch_in_profile(compressed.sidecar.get("profile"), batch, str(path))
     reference_runner, compressed_runner = _runner(reference, threads), _runner(compressed, threads)
     report = FidelityReport(str(path), str(reference_onnx), min_cosine)
     cases = [(seed + i, sample_feeds(specs, batches[i % len(batches)], seed + i)) for i in range(samples)]

@@ -109,3 +109,40 @@ def test_text_model_bounds_ids_and_skips_outputs_whose_tokens_changed(vit_pair, 
     mismatch = run_cli("validate", vit_compressed, "--reference-onnx", plain)
     assert_usage_error(mismatch)
     assert "no input 'input_ids'" in mismatch.stderr
+
+
+def _engine_skip_reason() -> str | None:
+    from tcexport.backends import trt
+    from tcexport.errors import UsageError
+
+    try:
+        trt.require_tensorrt()
+        trt.require_gpu()
+    except UsageError as exc:
+        return f"needs TensorRT and an NVIDIA GPU ({exc})"
+    return None
+
+
+_ENGINE_SKIP = _engine_skip_reason()
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.skipif(_ENGINE_SKIP is not None, reason=_ENGINE_SKIP or "")
+def test_engine_directory_fidelity(vit_pair, tmp_path):
+    """A TensorRT engine of the compressed model against the uncompressed ONNX, run in ONNX Runtime."""
+    plain, compressed = vit_pair
+    engine = tmp_path / "engine"
+    assert run_cli("build", compressed, "--backend", "trt", "--batch", "1,1,4", "-o", engine).returncode == 0
+    report_path = tmp_path / "fidelity.json"
+    result = run_cli("validate", engine, "--reference-onnx", plain, "--samples", "2", "--min-cosine", "0.99",
+                     "--json", report_path)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    engine_report = json.loads(report_path.read_text())
+    onnx_report_path = tmp_path / "fidelity_onnx.json"
+    assert run_cli("validate", compressed, "--reference-onnx", plain, "--samples", "2",
+                   "--json", onnx_report_path).returncode == 0
+    onnx_report = json.loads(onnx_report_path.read_text())
+    # fp32 engine and ONNX Runtime run the same compressed graph: the same fidelity, to rounding.
+    assert engine_report["outputs"]["logits"]["cosine_mean"] == pytest.approx(
+        onnx_report["outputs"]["logits"]["cosine_mean"], abs=1e-4)
