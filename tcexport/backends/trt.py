@@ -522,7 +522,11 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, plan: BuildPlan,
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     for name in plan.parser_flags:
-        parser.set_flag(getattr(trt.OnnxParserFlag, name))
+        flag = getattr(getattr(trt, "OnnxParserFlag", None), name, None)
+        if flag is None:
+            raise UsageError(f"TensorRT {trt.__version__} has no OnnxParserFlag.{name}, which a plugin override "
+                             "needs here; compress with --impl plugin (its nodes need no override)")
+        parser.set_flag(flag)
 
     precision_report = None
     with tempfile.TemporaryDirectory(prefix="tcexport-trt-") as scratch:
