@@ -23,4 +23,4 @@ parallel=()
 if [ "$workers" != "0" ]; then
   parallel=(-n "$workers" --dist loadfile)
 fi
-python -m pytest -q -rs "${parallel[@]}" --basetemp "$temp/pytest" "$@"
+python -m pytest -q -rs ${parallel[@]+"${parallel[@]}"} --basetemp "$temp/pytest" "$@"  # (empty array safe on bash 4.3)
