@@ -186,47 +186,11 @@ def test_gpu_check_script_skips_cleanly_without_a_gpu(tmp_path):
 # ---------------------------------------------------------------- the tensorrt.plugin registrations, on a fake
 
 FAKE_TRTP_SCRIPT = textwrap.dedent('''
-    import json, sys, types
+    import json, sys
+    from tests.fake_trtp import Desc, make_modules
 
-    class Expr:
-        """A dimension expression: constant, or symbolic (the batch)."""
-        def __init__(self, value=None, name=None):
-            self.value, self.name = value, name
-        is_constant = property(lambda self: self.value is not None)
-        constant_value = property(lambda self: self.value)
-        def __sub__(self, other):
-            return Expr(self.value - other) if self.is_constant else Expr(name=f"({self.name}-{other})")
-        def __repr__(self):
-            return str(self.value) if self.is_constant else self.name
-
-    class Desc:
-        def __init__(self, *dims, dtype="FLOAT"):
-            self.shape_expr = [Expr(name="batch")] + [Expr(d) for d in dims]
-            self.dtype = types.SimpleNamespace(name=dtype)
-
-    registry = {}
-    def decorator(kind):
-        def make(plugin_id):
-            def keep(fn):
-                registry.setdefault(plugin_id, {})[kind] = fn
-                return fn
-            return keep
-        return make
-
-    class Extras(list):
-        def __init__(self, n):
-            super().__init__([None] * n)
-
-    plugin = types.ModuleType("tensorrt.plugin")
-    plugin.register, plugin.impl, plugin.aot_impl = decorator("register"), decorator("impl"), decorator("aot_impl")
-    plugin.TensorDesc = plugin.Tensor = Desc
-    plugin.from_shape_expr = lambda shape, dtype: ([repr(d) for d in shape], dtype.name)
-    plugin.KernelLaunchParams = types.SimpleNamespace
-    plugin.SymIntExprs = Extras
-    plugin.SymInt32 = lambda value: value
-    tensorrt = types.ModuleType("tensorrt")
-    tensorrt.plugin = plugin
-    sys.modules.update({"tensorrt": tensorrt, "tensorrt.plugin": plugin})
+    modules, registry = make_modules()
+    sys.modules.update(modules)
 
     from tcexport.plugins import python as plugins
     plugins._capability = lambda: 87
@@ -262,3 +226,36 @@ def test_python_plugins_register_and_compile_on_a_fake_tensorrt_plugin_module():
                                  "extra": [33, 48, 16, 7, 1], "params": 3 + 5 + 2 + 2}
     assert found["prune_desc"] == [[["batch", "13", "48"], "HALF"], [["batch", "13", "1"], "FLOAT"]]  # 2 + 10 + 1
     assert found["prune_aot"] == {"name": "token_prune_kernel", "extra": [33, 48, 10, 2], "f16": True}
+
+
+def test_python_plugins_jit_impl_writes_the_outputs_it_is_given(monkeypatch):
+    """impl (JIT) on a fake tensorrt.plugin: the kernels run (interpreter, CPU) into TensorRT's output buffers."""
+    import contextlib
+
+    from tests.fake_trtp import make_modules
+
+    modules, registry = make_modules()
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    # Imported afresh against the fake, and gone again afterwards (monkeypatch undoes both).
+    import tcexport.plugins
+
+    monkeypatch.delitem(sys.modules, "tcexport.plugins.python", raising=False)
+    monkeypatch.setattr(tcexport.plugins, "python", None, raising=False)
+    plugins = importlib.import_module("tcexport.plugins.python")
+    monkeypatch.setattr(plugins, "kernels", kernels)  # the interpreted kernels of this module
+    monkeypatch.setattr(plugins, "_torch", list)  # CPU tensors stand in for TensorRT's device tensors
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle: handle)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+
+    g, x, size, _ = _state(3, 15, 24, seed=8, masked=False)
+    metric = _tied_metric(g, 3, 15, 4)
+    outputs = (torch.full((3, 10, 24), float("nan")), torch.full((3, 10, 1), float("nan")))
+    registry["tcexport::ToMeMerge"]["impl"](x, metric, size, 5, 2, outputs, 0xC0DA)
+    _assert_same((*outputs, None), ToMe(r=5).reference(x, metric, size, None, 2))
+
+    score = torch.randint(0, 3, (3, 15), generator=g).float() / 4
+    outputs = (torch.full((3, 9, 24), float("nan")), torch.full((3, 9, 1), float("nan")))
+    registry["tcexport::TokenPrune"]["impl"](x, score, size, 7, 1, 1, 1, outputs, 0xC0DA)
+    expected = TopK(keep_count=7, fuse=True, keep_order=True).reference(x, None, size, None, 1, {"cls_attention": score})
+    _assert_same((*outputs, None), expected)
