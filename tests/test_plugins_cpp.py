@@ -387,6 +387,14 @@ def test_creators_declare_the_contract(probe_api):
         "ToMeMerge tcexport 1 PLUGIN CREATOR_V3ONE r:i32 protected:i32",
         "TokenPrune tcexport 1 PLUGIN CREATOR_V3ONE k:i32 protected:i32 fuse:i32 keep_order:i32",
     ]
+    # The same fields, in the same order, as the plugin table the graph side and the lint read.
+    from tcexport.backends import trt as trt_backend
+
+    for line in answers["creator"]:
+        name, namespace, version = line.split()[:3]
+        spec = trt_backend.plugin_spec(name)
+        assert spec.cpp and (namespace, version) == (trt_backend.PLUGIN_DOMAIN, spec.version)
+        assert tuple(field.split(":")[0] for field in line.split()[5:]) == spec.fields
     assert answers["tome.kinds"] == ["PLUGIN_V3ONE_CORE PLUGIN_V3ONE_BUILD PLUGIN_V3ONE_RUNTIME"]
     assert answers["prune.core"] == ["TokenPrune tcexport 1"]
     assert answers["tome.outputs"] == ["3"]
