@@ -257,7 +257,7 @@ def test_trt_options_with_ort_backend_are_usage_errors(tiny_onnx, tmp_path):
 
 def _engine_skip_reason() -> str | None:
     if not tensorrt_importable():
-        return "TensorRT is not installed (pip install 'tcexport[trt]' on a machine with an NVIDIA GPU)"
+        return "TensorRT is not installed (pip install 'tcexport[trt10]' or 'tcexport[trt11]' on a machine with an NVIDIA GPU)"
     if not gpu_present():
         return "no NVIDIA GPU"
     return None
@@ -1199,3 +1199,31 @@ def test_trt_extras_resolve_with_pip(extra, major):
     report = json.loads(done.stdout[done.stdout.index("{"):])
     (item,) = report["install"]
     assert int(item["metadata"]["version"].split(".")[0]) == major
+
+
+def test_plugins_option_is_trt_only(tiny_onnx, tmp_path):
+    result = run_cli("build", tiny_onnx, "--plugins", "python", "-o", tmp_path / "out")
+    assert_usage_error(result)
+    assert "--plugins apply to --backend trt" in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@needs_engine
+@pytest.mark.parametrize("plugins", ["python", "auto"])
+def test_plugin_engine_matches_the_subgraph_model(tome_onnx, tmp_path, plugins):
+    """The --impl plugin graph built with tcexport's plugins (python: the Triton ones; auto: the C++ library when
+    plugins/cpp/build has one, else Python) computes what the standard-ops graph computes in ONNX Runtime."""
+    import onnxruntime as ort
+
+    plugin_graph = tome_onnx.parent / "tome_plugin.onnx"
+    if plugins == "python" and not trt.supports_aot_plugins(trt.require_tensorrt().__version__):
+        pytest.skip("this TensorRT has no ahead-of-time Python plugins (10.9+)")
+    out = tmp_path / f"engine-{plugins}"
+    sidecar = trt.build(plugin_graph, out, precision="fp32", batch="1,2,4", plugins=plugins)
+    assert sidecar["plugins"]["kind"] in ("python", "library")
+    runner = trt.open_engine_runner(artifacts.resolve(out))
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    expected = ort.InferenceSession(str(tome_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    got = runner.infer({"input": x})
+    np.testing.assert_allclose(next(iter(got.values())), expected, atol=1e-3, rtol=0)
