@@ -1,0 +1,28 @@
+"""Text encoders beyond BertModel compress with tome and topk and validate, bare (hf:) and as sentence-transformers
+pipelines (st:): RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT (one layer's weights shared by all layers), ELECTRA,
+MPNet (relative attention bias: a position term)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tcexport import zoo
+from tests.families import METHODS, compress_and_validate, export_zoo, has_node
+
+POSITION_TERMS = {"mpnet"}
+
+
+@pytest.mark.parametrize("method", ["tome", "topk"])
+@pytest.mark.parametrize("kind", [k for k in zoo.TEXT_KINDS if k != "bert"])
+def test_hf_text_encoder(tmp_path_factory, tmp_path, kind, method):
+    model = export_zoo(tmp_path_factory, "hf", kind)
+    _, compressed = compress_and_validate(model, tmp_path / "c.onnx", method, **METHODS[method])
+    assert has_node(compressed, "position_term") == (kind in POSITION_TERMS)
+
+
+@pytest.mark.parametrize("method", ["tome", "topk"])
+@pytest.mark.parametrize("kind", list(zoo.ST_KINDS))
+def test_sentence_transformers_pipeline(tmp_path_factory, tmp_path, kind, method):
+    model = export_zoo(tmp_path_factory, "st", kind)
+    _, compressed = compress_and_validate(model, tmp_path / "c.onnx", method, **METHODS[method])
+    assert has_node(compressed, "/tokens")  # the pooling's mask chain is fed round(mask * size)
