@@ -158,9 +158,13 @@ def _attention_softmaxes(graph: ir.Graph) -> list[ir.Node]:
 
 
 def _is_pooling(softmax: ir.Node, shapes: dict | None) -> bool:
-    """A Softmax over [.., Nq, Nk] logits with Nq != Nk: a probe attending over the tokens, not a block."""
-    shape = shapes.get(softmax.inputs[0].name) if shapes else None
-    return shape is not None and len(shape) >= 3 and shape[-2] != shape[-1]
+    """A Softmax over [.., Nq, Nk] logits with Nq != Nk: a probe attending over the tokens, not a block.
+
+    Without run-time shapes, the exporter's static ones (when it wrote them) decide."""
+    logits = softmax.inputs[0]
+    shape = shapes.get(logits.name) if shapes else (list(logits.shape) if logits.shape is not None else None)
+    return (shape is not None and len(shape) >= 3 and all(isinstance(d, int) for d in shape[-2:])
+            and shape[-2] != shape[-1])
 
 
 def find_pool_attentions(graph: ir.Graph, shapes: dict) -> list[ir.Node]:
