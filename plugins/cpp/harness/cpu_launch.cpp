@@ -27,7 +27,7 @@ size_t prune_workspace_bytes(int batch, int n)
 template <typename T>
 static void tome_on_cpu(ToMeLaunch const& a)
 {
-    ToMeShape sh{a.n, a.c, a.ck, a.r, a.protect, a.mask != nullptr};
+    ToMeShape sh{a.n, a.c, a.ck, a.r, a.protect};
     run_tome_rows(sh, a.batch, kThreads, static_cast<T const*>(a.x), static_cast<T const*>(a.metric), a.size, a.mask,
         static_cast<T*>(a.x_out), a.size_out, a.mask_out, static_cast<int*>(a.workspace));
 }
@@ -35,7 +35,7 @@ static void tome_on_cpu(ToMeLaunch const& a)
 template <typename T>
 static void prune_on_cpu(PruneLaunch const& a)
 {
-    PruneShape sh{a.n, a.c, a.k, a.protect, a.fuse, a.keep_order, a.mask != nullptr};
+    PruneShape sh{a.n, a.c, a.k, a.protect, a.fuse, a.keep_order};
     run_prune_rows(sh, a.batch, kThreads, static_cast<T const*>(a.x), static_cast<T const*>(a.score), a.size, a.mask,
         static_cast<T*>(a.x_out), a.size_out, a.mask_out, static_cast<int*>(a.workspace));
 }

@@ -46,7 +46,7 @@ extern "C"
 int tc_tome_host(int element_type, int batch, int n, int c, int ck, int r, int protect, int threads, void const* x,
     void const* metric, float const* size, float const* mask, void* x_out, float* size_out, float* mask_out)
 {
-    tc::ToMeShape sh{n, c, ck, r, protect, mask != nullptr};
+    tc::ToMeShape sh{n, c, ck, r, protect};
     switch (element_type)
     {
     case tc::kF32: tome_typed<float>(sh, batch, threads, x, metric, size, mask, x_out, size_out, mask_out); return 0;
@@ -60,7 +60,7 @@ int tc_prune_host(int element_type, int batch, int n, int c, int k, int protect,
     int threads, void const* x, void const* score, float const* size, float const* mask, void* x_out,
     float* size_out, float* mask_out)
 {
-    tc::PruneShape sh{n, c, k, protect, fuse != 0, keep_order != 0, mask != nullptr};
+    tc::PruneShape sh{n, c, k, protect, fuse != 0, keep_order != 0};
     switch (element_type)
     {
     case tc::kF32: prune_typed<float>(sh, batch, threads, x, score, size, mask, x_out, size_out, mask_out); return 0;

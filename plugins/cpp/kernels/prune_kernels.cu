@@ -61,7 +61,7 @@ size_t prune_workspace_bytes(int batch, int n)
 template <typename T>
 static cudaError_t launch_prune_typed(PruneLaunch const& a, cudaStream_t stream)
 {
-    PruneShape sh{a.n, a.c, a.k, a.protect, a.fuse, a.keep_order, a.mask != nullptr};
+    PruneShape sh{a.n, a.c, a.k, a.protect, a.fuse, a.keep_order};
     T const* x = static_cast<T const*>(a.x);
     T const* score = static_cast<T const*>(a.score);
     T* x_out = static_cast<T*>(a.x_out);

@@ -18,7 +18,6 @@ struct PruneShape
     int protect;     // leading tokens copied first, never pruned
     bool fuse;       // append one token fusing the dropped ones
     bool keep_order; // kept tokens in original order instead of descending score
-    bool has_mask;
 
     TC_HD int m() const // unprotected tokens
     {

@@ -61,7 +61,7 @@ size_t tome_workspace_bytes(int batch, int n, int ck)
 template <typename T>
 static cudaError_t launch_tome_typed(ToMeLaunch const& a, cudaStream_t stream)
 {
-    ToMeShape sh{a.n, a.c, a.ck, a.r, a.protect, a.mask != nullptr};
+    ToMeShape sh{a.n, a.c, a.ck, a.r, a.protect};
     T const* x = static_cast<T const*>(a.x);
     T const* metric = static_cast<T const*>(a.metric);
     T* x_out = static_cast<T*>(a.x_out);

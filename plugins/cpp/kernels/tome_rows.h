@@ -23,7 +23,6 @@ struct ToMeShape
     int ck;        // channels of the metric
     int r;         // tokens removed (0 <= r <= (n - protected) / 2; 0 is the identity)
     int protect;   // leading tokens never merged
-    bool has_mask; // mask input given
 
     TC_HD int n_a() const
     {
