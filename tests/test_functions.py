@@ -356,7 +356,8 @@ def test_plugin_graph_has_no_body_and_no_stray_nodes(tiny_vit, tmp_path):
     assert not model.functions and functions.plugin_only_nodes(model) == nodes
     assert not [n for n in model.graph.node if re.match(r"tc_blk\d+_tome/", n.name)]
     # the plugin's outputs keep their static shapes, so the rest of the graph stays typed
-    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in model.graph.value_info}
     assert shapes["tc_blk0_tome_x_out"] == [shapes["tc_blk0_tome_x_out"][0], 57, 65]
 
 

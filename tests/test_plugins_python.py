@@ -257,5 +257,6 @@ def test_python_plugins_jit_impl_writes_the_outputs_it_is_given(monkeypatch):
     score = torch.randint(0, 3, (3, 15), generator=g).float() / 4
     outputs = (torch.full((3, 9, 24), float("nan")), torch.full((3, 9, 1), float("nan")))
     registry["tcexport::TokenPrune"]["impl"](x, score, size, 7, 1, 1, 1, outputs, 0xC0DA)
-    expected = TopK(keep_count=7, fuse=True, keep_order=True).reference(x, None, size, None, 1, {"cls_attention": score})
+    method = TopK(keep_count=7, fuse=True, keep_order=True)
+    expected = method.reference(x, None, size, None, 1, {"cls_attention": score})
     _assert_same((*outputs, None), expected)

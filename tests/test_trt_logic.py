@@ -86,7 +86,8 @@ def test_strong_typing_per_version(version, strong):
 
 
 @pytest.mark.parametrize("version, precision, strong, network_flags", [
-    ("10.3", "fp32", False, ()), ("10.3", "fp16", True, ("STRONGLY_TYPED",)), ("10.3", "bf16", True, ("STRONGLY_TYPED",)),
+    ("10.3", "fp32", False, ()), ("10.3", "fp16", True, ("STRONGLY_TYPED",)),
+    ("10.3", "bf16", True, ("STRONGLY_TYPED",)),
     ("10.13", "fp32", False, ()), ("10.13", "fp16", True, ("STRONGLY_TYPED",)),
     ("11.0", "fp32", True, ()), ("11.0", "fp16", True, ()), ("11.0", "bf16", True, ()),
 ])
@@ -257,7 +258,8 @@ def test_trt_options_with_ort_backend_are_usage_errors(tiny_onnx, tmp_path):
 
 def _engine_skip_reason() -> str | None:
     if not tensorrt_importable():
-        return "TensorRT is not installed (pip install 'tcexport[trt10]' or 'tcexport[trt11]' on a machine with an NVIDIA GPU)"
+        return ("TensorRT is not installed (pip install 'tcexport[trt10]' or 'tcexport[trt11]' on a machine with an "
+                "NVIDIA GPU)")
     if not gpu_present():
         return "no NVIDIA GPU"
     return None

@@ -20,9 +20,10 @@ Facts this encodes (see DESIGN.md §5): TensorRT 11 networks are strongly typed 
 flags are gone, so reduced precision there means converting the ONNX graph (tcexport.precision). TensorRT 10.x
 still has the flags, but they mean "fp16 where faster" and could run the layers that decide which tokens merge
 in fp16; so 10.x fp16/bf16 engines are built the same way, strongly typed from the converted graph, and both
-lines make the same fp32 decisions. Plugins to load (--plugins) are decided in trt_plugins.py. Python plugins ("quickly deployable plugins") need 10.6,
-ahead-of-time plugins 10.9; the parser prefers a registered plugin over a model-local function of the same name
-from 10.7 and reads the plugin namespace from the node's domain from 10.10.
+lines make the same fp32 decisions. Plugins to load (--plugins) are decided in trt_plugins.py. Python plugins
+("quickly deployable plugins") need 10.6, ahead-of-time plugins 10.9, C++ IPluginV3 plugins 10.0; the parser
+prefers a registered plugin over a model-local function of the same name from 10.7 and reads the plugin
+namespace from the node's domain from 10.10.
 """
 
 from __future__ import annotations

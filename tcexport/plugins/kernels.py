@@ -38,7 +38,9 @@ def _rank_desc(values, offs, n):
     """rank[i] = #{j < n: v[j] > v[i] or (v[j] == v[i] and j < i)}: the position in a stable descending sort.
 
     All pairs at once in registers (no scratch memory: an AOT plugin launches one kernel without workspace)."""
-    before = (values[None, :] > values[:, None]) | ((values[None, :] == values[:, None]) & (offs[None, :] < offs[:, None]))
+    higher = values[None, :] > values[:, None]
+    tied_before = (values[None, :] == values[:, None]) & (offs[None, :] < offs[:, None])
+    before = higher | tied_before
     before = before & (offs[None, :] < n)
     return tl.sum(before.to(tl.int32), axis=1)
 
