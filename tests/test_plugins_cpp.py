@@ -491,6 +491,8 @@ def gpu_harness(tmp_path_factory, harness):
     ptr = ctypes.c_void_p
     lib.tc_tome_gpu.argtypes = [ctypes.c_int] * 8 + [ptr] * 7
     lib.tc_prune_gpu.argtypes = [ctypes.c_int] * 9 + [ptr] * 7
+    lib.tc_tome_gpu_timed.argtypes = [ctypes.c_int] * 7 + [ptr] * 7 + [ctypes.c_int, ptr]
+    lib.tc_prune_gpu_timed.argtypes = [ctypes.c_int] * 8 + [ptr] * 7 + [ctypes.c_int, ptr]
     return lib
 
 
@@ -537,6 +539,53 @@ def test_gpu_kernels_equal_host_harness_bit_for_bit(request, harness, element):
                         gpu = run_prune(device, x, score, size, mask, k, protected, fuse, keep_order, 128, element)
                         for h, g in zip(host, gpu):
                             assert _same_bits(h, g), dict(n=n, p=protected, k=k, fuse=fuse, mask=with_mask)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_time_vs_torch_reference(request, harness):
+    """ViT-B/16 shapes (N=197, C=768, keys 64, r=16 / keep 70 %): one plugin call (both kernels) timed with CUDA
+    events next to the PyTorch reference on the same GPU, printed for the benchmark notes (`-s` shows it)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    gpu = request.getfixturevalue("gpu_harness")
+    rng = np.random.default_rng(41)
+    n, c, ck, r, k, protected, iterations = 197, 768, 64, 16, 137, 1, 50
+    for batch in (1, 8, 64):
+        x, metric, size, _ = tome_inputs(rng, batch, n, c, ck, False)
+        score = rng.random((batch, n)).astype(np.float32)
+        x_out, size_out, mask_out = _outputs(batch, n - r, c, "f32")
+        us = ctypes.c_float()
+        assert gpu.tc_tome_gpu_timed(0, batch, n, c, ck, r, protected, _ptr(x), _ptr(metric),
+                                     _ptr(np.ascontiguousarray(size[..., 0])), None, _ptr(x_out), _ptr(size_out),
+                                     _ptr(mask_out), iterations, ctypes.byref(us)) == 0
+        tome_us = us.value
+        px_out, psize_out, pmask_out = _outputs(batch, protected + k + 1, c, "f32")
+        assert gpu.tc_prune_gpu_timed(0, batch, n, c, k, protected, 1, 0, _ptr(x), _ptr(score),
+                                      _ptr(np.ascontiguousarray(size[..., 0])), None, _ptr(px_out), _ptr(psize_out),
+                                      _ptr(pmask_out), iterations, ctypes.byref(us)) == 0
+        prune_us = us.value
+        assert 0 < tome_us < 1e6 and 0 < prune_us < 1e6
+
+        tx, tm, ts = (torch.from_numpy(a).cuda() for a in (x, metric, size))
+        tscore = torch.from_numpy(score).cuda()
+        ref_tome = ToMe(r=r)
+        ref_prune = TopK(keep_count=k, fuse=True)
+        timings = {}
+        for label, call in (("tome", lambda: ref_tome.reference(tx, tm, ts, None, protected)),
+                            ("topk", lambda: ref_prune.reference(tx, None, ts, None, protected,
+                                                                 {"cls_attention": tscore}))):
+            call()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iterations):
+                call()
+            stop.record()
+            torch.cuda.synchronize()
+            timings[label] = start.elapsed_time(stop) * 1000 / iterations
+        host = run_tome(harness, x, metric, size, None, r, protected, 128)
+        assert _same_bits(x_out, host[0]) and _same_bits(size_out, host[1])  # timed launches did not disturb it
+        print(f"batch {batch}: ToMeMerge plugin {tome_us:.1f} us vs torch reference {timings['tome']:.1f} us; "
+              f"TokenPrune plugin {prune_us:.1f} us vs torch reference {timings['topk']:.1f} us")
 
 
 # ------------------------------------------- 6. the contract end to end: the plugins vs the function bodies

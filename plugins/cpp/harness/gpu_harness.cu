@@ -56,22 +56,30 @@ int finish(cudaError_t launched, Device const& x, void* x_out, size_t x_bytes, D
     return cudaGetLastError() == cudaSuccess ? 0 : -2;
 }
 
-} // namespace
-
-extern "C"
+// Microseconds per call of `launch` on the default stream, over `iterations` calls after one warm-up call.
+template <typename Launch>
+float time_us(Launch const& launch, int iterations)
 {
-
-// CUDA devices visible (0 when there is no GPU or no driver).
-int tc_gpu_devices()
-{
-    int count = 0;
-    return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+    cudaEvent_t start, stop;
+    cudaEventCreate(&start);
+    cudaEventCreate(&stop);
+    launch();
+    cudaEventRecord(start);
+    for (int i = 0; i < iterations; ++i)
+    {
+        launch();
+    }
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float ms = 0.0f;
+    cudaEventElapsedTime(&ms, start, stop);
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    return iterations > 0 ? ms * 1000.0f / iterations : 0.0f;
 }
 
-// `threads` is accepted for the host harness's signature; the device uses the kernels' own block sizes.
-int tc_tome_gpu(int element_type, int batch, int n, int c, int ck, int r, int protect, int /*threads*/,
-    void const* x, void const* metric, float const* size, float const* mask, void* x_out, float* size_out,
-    float* mask_out)
+int tome_gpu(int element_type, int batch, int n, int c, int ck, int r, int protect, void const* x, void const* metric,
+    float const* size, float const* mask, void* x_out, float* size_out, float* mask_out, int iterations, float* us)
 {
     size_t e = element_bytes(element_type), n_out = n - r;
     Device dx(e * batch * n * c), dm(e * batch * n * ck), ds(4u * batch * n), dk(mask ? 4u * batch * n : 0);
@@ -93,13 +101,17 @@ int tc_tome_gpu(int element_type, int batch, int n, int c, int ck, int r, int pr
     a.size_out = static_cast<float*>(os.ptr);
     a.mask_out = static_cast<float*>(om.ptr);
     a.workspace = work.ptr;
-    return finish(tc::launch_tome(a, nullptr), ox, x_out, e * batch * n_out * c, os, size_out, om, mask_out,
-        4u * batch * n_out);
+    cudaError_t launched = tc::launch_tome(a, nullptr);
+    if (us != nullptr)
+    {
+        *us = time_us([&] { tc::launch_tome(a, nullptr); }, iterations);
+    }
+    return finish(launched, ox, x_out, e * batch * n_out * c, os, size_out, om, mask_out, 4u * batch * n_out);
 }
 
-int tc_prune_gpu(int element_type, int batch, int n, int c, int k, int protect, int fuse, int keep_order,
-    int /*threads*/, void const* x, void const* score, float const* size, float const* mask, void* x_out,
-    float* size_out, float* mask_out)
+int prune_gpu(int element_type, int batch, int n, int c, int k, int protect, int fuse, int keep_order,
+    void const* x, void const* score, float const* size, float const* mask, void* x_out, float* size_out,
+    float* mask_out, int iterations, float* us)
 {
     size_t e = element_bytes(element_type), n_out = protect + k + (fuse ? 1 : 0);
     Device dx(e * batch * n * c), dsc(e * batch * n), ds(4u * batch * n), dk(mask ? 4u * batch * n : 0);
@@ -122,8 +134,58 @@ int tc_prune_gpu(int element_type, int batch, int n, int c, int k, int protect, 
     a.size_out = static_cast<float*>(os.ptr);
     a.mask_out = static_cast<float*>(om.ptr);
     a.workspace = work.ptr;
-    return finish(tc::launch_prune(a, nullptr), ox, x_out, e * batch * n_out * c, os, size_out, om, mask_out,
-        4u * batch * n_out);
+    cudaError_t launched = tc::launch_prune(a, nullptr);
+    if (us != nullptr)
+    {
+        *us = time_us([&] { tc::launch_prune(a, nullptr); }, iterations);
+    }
+    return finish(launched, ox, x_out, e * batch * n_out * c, os, size_out, om, mask_out, 4u * batch * n_out);
+}
+
+} // namespace
+
+extern "C"
+{
+
+// CUDA devices visible (0 when there is no GPU or no driver).
+int tc_gpu_devices()
+{
+    int count = 0;
+    return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
+
+// Same signatures as host_harness.cpp's; `threads` is accepted for that, the device uses the kernels' block sizes.
+int tc_tome_gpu(int element_type, int batch, int n, int c, int ck, int r, int protect, int /*threads*/,
+    void const* x, void const* metric, float const* size, float const* mask, void* x_out, float* size_out,
+    float* mask_out)
+{
+    return tome_gpu(element_type, batch, n, c, ck, r, protect, x, metric, size, mask, x_out, size_out, mask_out, 0,
+        nullptr);
+}
+
+int tc_prune_gpu(int element_type, int batch, int n, int c, int k, int protect, int fuse, int keep_order,
+    int /*threads*/, void const* x, void const* score, float const* size, float const* mask, void* x_out,
+    float* size_out, float* mask_out)
+{
+    return prune_gpu(element_type, batch, n, c, k, protect, fuse, keep_order, x, score, size, mask, x_out, size_out,
+        mask_out, 0, nullptr);
+}
+
+// The same, also timing `iterations` further launches (both kernels of one plugin call): microseconds per call.
+int tc_tome_gpu_timed(int element_type, int batch, int n, int c, int ck, int r, int protect, void const* x,
+    void const* metric, float const* size, float const* mask, void* x_out, float* size_out, float* mask_out,
+    int iterations, float* us)
+{
+    return tome_gpu(element_type, batch, n, c, ck, r, protect, x, metric, size, mask, x_out, size_out, mask_out,
+        iterations, us);
+}
+
+int tc_prune_gpu_timed(int element_type, int batch, int n, int c, int k, int protect, int fuse, int keep_order,
+    void const* x, void const* score, float const* size, float const* mask, void* x_out, float* size_out,
+    float* mask_out, int iterations, float* us)
+{
+    return prune_gpu(element_type, batch, n, c, k, protect, fuse, keep_order, x, score, size, mask, x_out, size_out,
+        mask_out, iterations, us);
 }
 
 } // extern "C"
