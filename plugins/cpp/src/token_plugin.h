@@ -19,6 +19,9 @@
 #include <vector>
 
 // The IPluginV3 members used here are identical in the 10.3, 10.13 and 11 headers; these are the differences.
+#if NV_TENSORRT_MAJOR < 10
+#error "tcexport's plugins are IPluginV3 plugins: they need TensorRT 10.0 or later (JetPack 6.1+ has 10.3)"
+#endif
 #if NV_TENSORRT_MAJOR >= 9
 #define TCEXPORT_HAS_BF16 1 // DataType::kBF16 exists from TensorRT 9
 #else
