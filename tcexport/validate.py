@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 import torch
 
-from tcexport import artifacts, metadata, methods, onnxfile, progress, sources
+from tcexport import artifacts, metadata, methods, onnxfile, progress
+from tcexport.reference import coverage
 from tcexport.atomic import atomic_file
 from tcexport.errors import UsageError, ValidationFailed
 from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS, InputSpec, load_npz_feeds, random_feeds
@@ -250,7 +251,7 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
                                                      *(compression_record or {}).get("extra_inputs", [])]]
         user_feeds = load_user_inputs(user_inputs, recorded)
     with progress.step(f"rebuild the PyTorch reference of {Path(path).name}"):
-        source = sources.load_from_record(source_record)
+        source = coverage.cached_source(source_record)
         plan, prop_attn = plan_from_record(compression_record)
         if plan:
             from tcexport.reference import compressed_reference

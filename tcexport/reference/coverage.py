@@ -22,6 +22,12 @@ def _source(record_json: str):
     return sources.load_from_record(json.loads(record_json))
 
 
+def cached_source(record: dict):
+    """sources.load_from_record, once per record in this process: compress's check and validate share it (the
+    reference deep-copies the model, so sharing is safe)."""
+    return _source(json.dumps(record, sort_keys=True))
+
+
 def check(source_record: dict | None, plan: dict, prop_attn: bool, protected: int,
           schedule: list[dict]) -> bool | None:
     """True when the reference covers the plan and removes the same tokens per block as the graph; UsageError when
@@ -29,7 +35,7 @@ def check(source_record: dict | None, plan: dict, prop_attn: bool, protected: in
     if not source_record:
         return None
     try:
-        source = _source(json.dumps(source_record, sort_keys=True))
+        source = cached_source(source_record)
     except UsageError:
         return None
     from tcexport.reference import compressed_reference
