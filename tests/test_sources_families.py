@@ -292,3 +292,13 @@ def test_hf_text_encoder_decoder_exports_its_encoder(tmp_path):
     assert source.info["encoder_only"] and source.info["tokens"] == 8
     with torch.no_grad():
         assert source.model(*source.example_inputs(2)).shape == (2, 8, 32)
+
+
+def test_unknown_main_input_is_a_usage_error():
+    from tcexport import hf_models
+
+    class TimeSeriesModel(torch.nn.Module):
+        main_input_name = "past_values"
+
+    with pytest.raises(UsageError, match="past_values"):
+        hf_models.modality(TimeSeriesModel())
