@@ -357,16 +357,19 @@ def test_cmake_builds_the_plugin_library_with_nvcc(tmp_path, cuda_includes):
     assert exported == {"getCreators", "setLoggerFinder"}
 
 
-@pytest.fixture(scope="session")
-def probe(tmp_path_factory, cuda_includes):
+# Built against 10.3 (JetPack 6) by default; the 10.13 and 11 builds, another full compile each, run with the
+# slow tests.
+@pytest.fixture(scope="session", params=[pytest.param(v, marks=[] if v == "10.3" else [pytest.mark.slow])
+                                         for v in tc.TRT_SETS])
+def probe(request, tmp_path_factory, cuda_includes):
     if tc.gxx() is None:
         pytest.skip("g++ not found")
     if tc.cudart_dir() is None:
         pytest.skip(f"libcudart.so.12 not found ({tc.INSTALL_HINT})")
-    trt = next((tc.trt_include(v) for v in tc.TRT_SETS if tc.trt_include(v)), None)  # 10.3 first: JetPack 6
+    trt = tc.trt_include(request.param)
     if trt is None:
-        pytest.skip(f"no TensorRT headers under {tc.TRT_HEADERS}")
-    return tc.build_probe(tmp_path_factory.mktemp("probe"), trt, cuda_includes)
+        pytest.skip(f"TensorRT {request.param} headers not found under {tc.TRT_HEADERS}")
+    return tc.build_probe(tmp_path_factory.mktemp(f"probe{request.param}"), trt, cuda_includes)
 
 
 @pytest.fixture(scope="session")
