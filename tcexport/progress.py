@@ -17,7 +17,7 @@ import contextlib
 import os
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 MODES = ("off", "lines", "live")
 ENV = "TCEXPORT_PROGRESS"
@@ -44,7 +44,7 @@ def mode() -> str:
 
 
 class Step:
-    """A running step: note() adds what it found to its closing line, status() changes the live text."""
+    """A running step: note() adds what it found to its closing line."""
 
     def __init__(self, text: str):
         self.text = text
@@ -55,10 +55,6 @@ class Step:
 
     def note(self, text: str) -> None:
         self.notes.append(text)
-
-    def status(self, text: str) -> None:
-        if self.task is not None and _live is not None:
-            _live.update(self.task, description=f"{self.text}: {text}")
 
     @property
     def elapsed(self) -> float:
@@ -111,10 +107,6 @@ def advance(item: Step, amount: float) -> None:
     if now - item.drawn >= REFRESH_S:
         _live.refresh()
         item.drawn = now
-
-
-def advancer(item: Step) -> Callable[[float], None]:
-    return lambda amount: advance(item, amount)
 
 
 def _write(text: str) -> None:
