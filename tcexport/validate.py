@@ -387,7 +387,8 @@ def format_report(report: ValidationReport) -> str:
             ratio = f", worst ratio {o['worst_ratio']:.2f}" if "worst_ratio" in o else ""
             parts.append(f"{name}: max abs {o['max_abs']:.2e}, max rel {o['max_rel']:.2e}{ratio}, "
                          f"cosine {o['cosine']:.6f}{info}")
-        lines.append(f"  sample {sample['index']} (batch {sample['batch']}): {'; '.join(parts)} [{flag}]")
+        # The verdict first: at the end of the line it would read as the verdict on the fidelity figures.
+        lines.append(f"  sample {sample['index']} (batch {sample['batch']}) [{flag}]: {'; '.join(parts)}")
     verdict = "PASSED" if report.passed else "FAILED"
     divergences = ("discrete divergence not checked" if report.backend == "trt"
                    else f"{len(report.diverged)} discrete divergence(s)")

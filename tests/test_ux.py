@@ -286,7 +286,7 @@ def test_validate_lines_say_which_criterion_decided():
     text = validate.format_report(report)
     assert "|err| <= atol + rtol*|ref|" in text.splitlines()[1]
     line = text.splitlines()[2]
-    assert "worst ratio 0.50" in line and line.endswith("[ok]")
+    assert line.startswith("  sample 0 (batch 1) [ok]: logits: ") and "worst ratio 0.50" in line
     assert "fidelity vs uncompressed (information, not checked): cosine_vs_uncompressed 0.5000, top1_agreement " \
            "0.0000" in line
     failing = validate.compare(reference, reference + 1e-3, atol=1e-4, rtol=1e-4)
