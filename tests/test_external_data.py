@@ -35,6 +35,7 @@ def external_vit(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_compress_build_bench_validate_with_external_weights(external_vit, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(external_vit.parent, work)

@@ -290,6 +290,7 @@ def exported(tmp_path_factory):
     return get_export
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [17, 18, 20, 23])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_exported_model_compresses_and_validates(exported, tmp_path, model, version):
@@ -312,6 +313,7 @@ def test_exported_model_compresses_and_validates(exported, tmp_path, model, vers
         assert report.worst("max_abs") < 1e-3
 
 
+@pytest.mark.slow
 def test_function_impl_at_opset_17_validates(exported, tmp_path):
     """--impl function: the method bodies become model-local functions, declared at the model's opset 17."""
     from tcexport import compress, validate
