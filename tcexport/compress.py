@@ -255,7 +255,7 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     plan = Plan("+".join(names), planned, protected, prop_attn, impl, schedule, request)
     compressed, schedule_out = compress_model(model, plan, shapes=shapes)
     coverage.check(metadata.read(model, metadata.SOURCE), {s.block: s.method for s in planned}, prop_attn,
-                   protected, schedule_out)
+                   protected, schedule_out, metadata.read(compressed, metadata.COMPRESSION).get("extra_inputs", []))
     # Keep the provenance: validate rebuilds the reference from it. Weights in a .data file stay in one.
     onnxfile.write(compressed, output, external_data=onnxfile.has_external_data(input_path))
     return schedule_out

@@ -28,10 +28,11 @@ def cached_source(record: dict):
     return _source(json.dumps(record, sort_keys=True))
 
 
-def check(source_record: dict | None, plan: dict, prop_attn: bool, protected: int,
-          schedule: list[dict]) -> bool | None:
+def check(source_record: dict | None, plan: dict, prop_attn: bool, protected: int, schedule: list[dict],
+          extra_inputs: list[dict] = ()) -> bool | None:
     """True when the reference covers the plan and removes the same tokens per block as the graph; UsageError when
-    it cannot; None when there is no source to check against."""
+    it cannot; None when there is no source to check against. `extra_inputs`: the specs of inputs compression
+    added (the compression record's), fed by name as validate feeds them."""
     if not source_record:
         return None
     try:
@@ -46,8 +47,12 @@ def check(source_record: dict | None, plan: dict, prop_attn: bool, protected: in
         raise UsageError(f"the PyTorch reference of {source.spec} finds {reference.layout.blocks} attention blocks "
                          f"where the graph has {len(graph_counts)}; validate could not check this compression, so "
                          "tcexport does not write it")
+    from tcexport.inputs import InputSpec, random_feeds
+
+    specs = [InputSpec.from_json(spec) for spec in extra_inputs]
+    extra = {name: torch.from_numpy(value) for name, value in random_feeds(specs, 2, 1).items()}
     with torch.no_grad():
-        reference(*source.example_inputs(2, seed=1))
+        reference(*source.example_inputs(2, seed=1), **extra)
     if reference.token_counts != graph_counts:
         raise UsageError(f"the PyTorch reference of {source.spec} keeps {[c[1] for c in reference.token_counts]} "
                          f"tokens per block where the graph keeps {[c[1] for c in graph_counts]}; validate could not "
