@@ -100,6 +100,10 @@ def export_model(source: Source, opset: int = 18, batch: int | None = None, expo
         text = str(exc).strip().splitlines()
         raise UsageError(f"export of {source.spec} failed ({type(exc).__name__}: {text[0][:200] if text else ''}); "
                          "try another --opset or --exporter") from None
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if written != opset:  # the dynamo exporter writes opset 18 at least when it cannot convert down
+        raise UsageError(f"the {exporter} exporter wrote opset {written} for {source.spec}, not the {opset} asked "
+                         f"for; use --opset {written}" + (" or --exporter torchscript" if exporter == "dynamo" else ""))
     record = source.record()
     record.update({"opset": opset, "batch": "dynamic" if batch is None else batch, "exporter": exporter,
                    "versions": versions()})
