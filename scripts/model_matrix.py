@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""The model matrix: export -> compress (tome, topk) -> validate -> bench over every model family tcexport
-supports, as docs/models.md (one row per model and method) and docs/models.json.
+"""The model matrix: export -> compress (tome, topk; adjacent too for speech) -> validate -> bench over every model
+family tcexport supports, as docs/models.md (one row per model and method) and docs/models.json.
 
     python scripts/model_matrix.py [--full] [--only NAME,...] [--out docs] [--work DIR] [--iters 20]
 
@@ -40,6 +40,8 @@ from tcexport.atomic import atomic_file  # noqa: E402
 from tcexport.errors import UsageError, ValidationFailed  # noqa: E402
 
 METHODS = ("tome", "topk")
+# Methods a modality adds to the rows: adjacent merging keeps the order of speech frames.
+MODALITY_METHODS = {"speech": ("adjacent",)}
 BATCHES = (1, 4)
 TINY_TEXT_LEN = 32
 FULL_TEXT_LEN = 128
@@ -103,11 +105,11 @@ def select(all_entries: list[Entry], only: str | None) -> list[Entry]:
 
 
 def compress_params(method: str, tokens: int, depth: int, protected: int) -> dict:
-    """A moderate budget for any size: ToMe removes about a third of the mergeable tokens over all blocks;
-    top-k keeps 70% at a quarter, half and three quarters of the depth (EViT's placement)."""
-    if method == "tome":
+    """A moderate budget for any size: ToMe (and adjacent merging) removes about a third of the mergeable tokens
+    over all blocks; top-k keeps 70% at a quarter, half and three quarters of the depth (EViT's placement)."""
+    if method in ("tome", "adjacent"):
         per_block = max(1, (tokens - protected) // (3 * max(depth, 1)))
-        return {"method": "tome", "r": str(per_block)}
+        return {"method": method, "r": str(per_block)}
     layers = sorted({max(0, depth * q // 4) for q in (1, 2, 3)} - {depth}) or [0]
     return {"method": "topk", "params": {"keep": TOPK_KEEP}, "layers": ",".join(map(str, layers))}
 
@@ -155,7 +157,8 @@ def run_entry(entry: Entry, work: Path, iters: int, warmup: int, methods: tuple[
 
     source = step(base_row, "export", do_export)
     rows = []
-    for method in methods:
+    extra = MODALITY_METHODS.get(source.info.get("modality"), ()) if source is not None else ()
+    for method in dict.fromkeys((*methods, *extra)):
         row = {**base_row, "method": method}
         rows.append(row)
         if source is None:

@@ -36,6 +36,8 @@ def test_budgets_shrink_tokens_without_exceeding_tome_caps():
     tome = script.compress_params("tome", tokens=197, depth=12, protected=1)
     assert tome == {"method": "tome", "r": str(196 // 36)}
     assert script.compress_params("tome", tokens=17, depth=2, protected=1)["r"] == "2"  # (17-1)//6
+    assert script.compress_params("adjacent", tokens=16, depth=2, protected=0) == {"method": "adjacent", "r": "2"}
+    assert "adjacent" in script.MODALITY_METHODS["speech"]  # speech rows also try order-keeping merging
     topk = script.compress_params("topk", tokens=197, depth=12, protected=1)
     assert topk["layers"] == "3,6,9" and topk["params"] == {"keep": script.TOPK_KEEP}
     assert script.compress_params("topk", tokens=17, depth=2, protected=1)["layers"] == "0,1"
