@@ -48,7 +48,7 @@ def test_seeded_init_is_reproducible_and_depends_on_the_seed():
     assert rebuilt.weights["sha256"] == first.weights["sha256"]
 
 
-def test_zero_position_bias_tables_get_random_values():
+def test_zero_position_bias_tables_get_random_values():  # BEiT starts them at exactly zero
     source = _timm("beit_base_patch16_224")
     tables = [p for n, p in source.model.named_parameters() if "relative_position_bias_table" in n]
     assert len(tables) == zoo.TIMM["beit_base_patch16_224"]["depth"]
@@ -302,3 +302,14 @@ def test_unknown_main_input_is_a_usage_error():
 
     with pytest.raises(UsageError, match="past_values"):
         hf_models.modality(TimeSeriesModel())
+
+
+def test_faint_position_bias_embeddings_are_redrawn_too():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(zoo.hf_config("mpnet"))
+    bias = model.encoder.relative_attention_bias.weight
+    assert bias.abs().max() <= init.FAINT  # transformers' init: N(0, 0.02^2), too faint to matter
+    assert init.exercise(model, 0)["position_bias"] == 1
+    assert bias.detach().std() > 0.3
