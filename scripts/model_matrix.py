@@ -58,6 +58,7 @@ TIMM_FAMILIES = {
     "vit_base_patch16_reg4_gap_256": "ViT: 4 registers, avg pool",
     "deit3_small_patch16_224": "DeiT-III: layer scale",
     "vit_base_patch16_siglip_224": "SigLIP ViT: attention-pool head",
+    "vit_base_patch16_dinov3": "DINOv3 ViT: rotary embedding, 4 registers + CLS",
     "swin_tiny_patch4_window7_224": "Swin: windowed attention (refused)",
     "convnext_atto": "ConvNeXt: no attention (refused)",
 }

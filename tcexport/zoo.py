@@ -35,6 +35,7 @@ TIMM: dict[str, dict] = {
     "vit_base_patch16_reg4_gap_256": _TINY_VIT,  # 4 register tokens, avg pooling
     "deit3_small_patch16_224": _TINY_VIT,  # layer scale
     "vit_base_patch16_siglip_224": _TINY_VIT,  # SigLIP: no CLS, attention-pool head (global_pool='map')
+    "vit_base_patch16_dinov3": _TINY_VIT,  # DINOv3: rotary embedding, CLS + 4 register tokens, layer scale
     # Not global-attention token models: compress must refuse them.
     "swin_tiny_patch4_window7_224": dict(img_size=IMAGE, patch_size=4, window_size=4, embed_dim=32, depths=(1, 1),
                                          num_heads=(2, 4), num_classes=10),

@@ -20,6 +20,7 @@ TIMM = {
     "vit_small_patch14_reg4_dinov2": None,  # CLS + 4 registers protected, layer scale
     "deit3_small_patch16_224": None,  # layer scale
     "vit_base_patch16_siglip_224": "tc_pool0/prop_attn",  # attention-pool head gets proportional attention
+    "vit_base_patch16_dinov3": "position_term",  # rotary tables over the tokens after CLS + registers
 }
 
 

@@ -137,6 +137,7 @@ TINY_OPTIONS = {**{k: {"seq_len": 16} for k in zoo.TEXT_KINDS}, "wav2vec2": {"in
 
 def _export_and_count_blocks(source: sources.Source, path) -> int:
     """Export (which checks ONNX Runtime against PyTorch at batch 1 and 3) and find the attention blocks."""
+    import onnx
     import onnx_ir as ir
 
     from tcexport import export
@@ -146,18 +147,13 @@ def _export_and_count_blocks(source: sources.Source, path) -> int:
     assert report.passed and len(report.rows) == 2 * len(source.outputs)
     for row in report.rows:  # outputs of random models can be tiny: hold them to a relative standard too
         assert row["cosine"] > 0.99999, row
-    return len(find_blocks(ir.load(path).graph))
+    from tcexport.graph.probe import concrete_shapes
+
+    # with the run-time shapes, as compress finds them: pooling attentions (SigLIP's MAP head) are not blocks
+    return len(find_blocks(ir.load(path).graph, concrete_shapes(onnx.load(str(path)))))
 
 
-def _shared_layer_xfail(kinds):
-    """ALBERT runs one layer's modules for every layer: the graph side (the lead's part of issue 8) must find
-    its blocks per Softmax, not per module scope."""
-    mark = pytest.mark.xfail(reason="issue 8: ALBERT's shared layer gives every Softmax the same module scope",
-                             strict=False)
-    return [pytest.param(k, marks=mark) if k == "albert" else k for k in kinds]
-
-
-@pytest.mark.parametrize("kind", _shared_layer_xfail(zoo.HF_KINDS))
+@pytest.mark.parametrize("kind", zoo.HF_KINDS)  # ALBERT: one shared layer, a block per Softmax all the same
 def test_hf_kind_exports_and_has_one_block_per_layer(kind, zoo_root, tmp_path):
     source = sources.load(f"hf:{zoo.hf_dir(kind, zoo_root)}", **TINY_OPTIONS.get(kind, {}))
     assert source.outputs == ["last_hidden_state"]
@@ -229,15 +225,7 @@ def test_no_traceback_from_broken_hf_directories(tmp_path, zoo_root):
         assert not (tmp_path / "out.onnx").exists()
 
 
-def _timm_variant(name: str):
-    if name == "vit_base_patch16_siglip_224":  # the graph side is the lead's part of issue 8
-        return pytest.param(name, marks=pytest.mark.xfail(
-            reason="issue 8: the MAP head's Softmax has no residual Add; find_blocks must skip attention pooling",
-            strict=False))
-    return name
-
-
-@pytest.mark.parametrize("name", [_timm_variant(n) for n in zoo.TIMM if n not in zoo.TIMM_REFUSED])
+@pytest.mark.parametrize("name", [n for n in zoo.TIMM if n not in zoo.TIMM_REFUSED])  # SigLIP: its MAP head is no block
 def test_timm_tiny_variant_exports_and_has_one_block_per_layer(name, tmp_path):
     source = _timm(name)
     assert _export_and_count_blocks(source, tmp_path / f"{name}.onnx") == zoo.TIMM[name]["depth"]
@@ -250,7 +238,7 @@ def test_timm_models_without_global_attention_still_export(name, tmp_path):
     assert export.export_to_file(_timm(name), tmp_path / f"{name}.onnx").passed  # compress is what refuses them
 
 
-@pytest.mark.parametrize("kind", _shared_layer_xfail(zoo.ST_KINDS))
+@pytest.mark.parametrize("kind", zoo.ST_KINDS)
 def test_st_kind_exports_the_pipeline_and_has_one_block_per_layer(kind, zoo_root, tmp_path):
     source = sources.load(f"st:{zoo.st_dir(kind, zoo_root)}", seq_len=16)
     assert source.outputs == ["sentence_embedding"]
