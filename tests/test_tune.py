@@ -141,6 +141,17 @@ def test_solved_plans_meet_the_proxy_target():
     assert intensity == 1.0 and sized.token_ratio(structure) > 0.6
 
 
+def test_shapes_that_give_the_same_plan_share_a_key():
+    from tcexport.tune import space
+
+    one_block = [space.Shape(("tome", "topk"), 1, 1, slope=s) for s in (-0.5, 0.3)]
+    assert one_block[0].key() == one_block[1].key()  # one block: only the first method, no slope
+    assert one_block[0].describe().startswith("tome@1 ")
+    mixed = space.Shape(("tome", "topk"), 0, 5, every=1, split=0.5)
+    assert [m for _, m in mixed.assignments()] == ["tome"] * 3 + ["topk"] * 3
+    assert mixed.key() != space.Shape(("tome", "topk"), 0, 5, slope=0.5).key()
+
+
 def test_pareto_front_keeps_only_undominated_points():
     from tcexport.tune import outputs
 

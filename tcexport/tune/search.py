@@ -128,7 +128,7 @@ _PER_TRIAL = ("number", "role", "shape", "describe", "seconds", "repeat")
 
 
 def _key(shape: space.Shape) -> tuple:
-    return (shape.methods, tuple(shape.blocks()), round(shape.slope, 3), round(shape.split, 3))
+    return shape.key()
 
 
 def _score(evaluator, records: list[dict], remote) -> None:

@@ -49,9 +49,23 @@ class Shape:
     def to_json(self) -> dict:
         return {**asdict(self), "methods": list(self.methods)}
 
+    def assignments(self) -> list[tuple[int, str]]:
+        """(block, method) for every chosen block: a mixed plan's first method takes the first `split` of them."""
+        chosen = self.blocks()
+        first = max(1, int(round(self.split * len(chosen)))) if len(self.methods) > 1 else len(chosen)
+        return [(block, self.methods[0] if i < first else self.methods[-1]) for i, block in enumerate(chosen)]
+
+    def key(self) -> tuple:
+        """What decides the plan: equal keys give equal stages (a slope means nothing on one block)."""
+        assigned = tuple(self.assignments())
+        return assigned, round(self.slope, 3) if len(assigned) > 1 else 0.0
+
     def describe(self) -> str:
-        blocks = ",".join(map(str, self.blocks()))
-        return f"{'+'.join(self.methods)}@{blocks} slope {self.slope:+.2f}"
+        parts: dict[str, list[str]] = {}
+        for block, name in self.assignments():
+            parts.setdefault(name, []).append(str(block))
+        plan = " + ".join(f"{name}@{','.join(blocks)}" for name, blocks in parts.items())
+        return f"{plan} slope {self.slope:+.2f}"
 
 
 def parse_methods(text: str | None) -> tuple[str, ...]:
@@ -155,15 +169,14 @@ def _params(name: str, amount: float, n: int, protected: int) -> dict | None:
 
 
 def size(shape: Shape, intensity: float, structure: Structure) -> Sized:
-    chosen = shape.blocks()
-    first_part = max(1, int(round(shape.split * len(chosen)))) if len(shape.methods) > 1 else len(chosen)
+    assigned = dict(shape.assignments())
+    chosen = list(assigned)
     stages, tokens = [], []
     n = structure.tokens
     for block in range(structure.depth):
         n_out = n
-        if block in chosen:
-            i = chosen.index(block)
-            name = shape.methods[0] if i < first_part else shape.methods[-1]
+        if block in assigned:
+            i, name = chosen.index(block), assigned[block]
             position = i / (len(chosen) - 1) if len(chosen) > 1 else 0.5
             weight = (1 + shape.slope * (0.5 - position)) / (1 + abs(shape.slope) * 0.5)
             params = _params(name, intensity * weight, n, structure.protected)
