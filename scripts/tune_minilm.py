@@ -29,6 +29,22 @@ HAND = {
 }
 
 
+# The hand configs' layouts as tune shapes (method, first and last block, step), so their amount can be sized to
+# the measured FLOP budget exactly as tune sizes its own trials (pool moves in whole layers: not sized).
+HAND_LAYOUTS = {"tome": (("tome",), 0, 5, 1), "topk": (("topk",), 1, 3, 2),
+                "prune-merge": (("prune-merge",), 1, 1, 1), "adjacent": (("adjacent",), 0, 5, 1)}
+
+
+def sized_to_budget(onnx_path: Path, texts: Path, holdout_index: list[int], layout: tuple, ratio: float) -> list[str]:
+    from tcexport.tune import budget, search, space
+
+    evaluator = holdout_evaluator(onnx_path, texts, tuple(holdout_index))
+    methods, start, stop, every = layout
+    record = search.Sizer(evaluator, budget.Budget("flops", ratio)).fit(space.Shape(methods, start, stop, every),
+                                                                        ratio)
+    return record["stages"]
+
+
 def write_texts(path: Path) -> None:
     from tcexport import data
 
@@ -87,6 +103,11 @@ def main() -> None:
         for name, stages in HAND[ratio].items():
             rows.append({"budget": ratio, "plan": f"hand {name}", "stages": stages,
                          **score_on_holdout(args.onnx, texts, held, stages)})
+            layout = HAND_LAYOUTS.get(name)
+            if layout is not None:  # the same method and blocks, amount sized to the same measured FLOPs
+                sized = sized_to_budget(args.onnx, texts, held, layout, ratio)
+                rows.append({"budget": ratio, "plan": f"hand {name}, sized", "stages": sized,
+                             **score_on_holdout(args.onnx, texts, held, sized)})
     (args.out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("| target | plan | measured FLOP reduction | held-out cosine mean / min | trials, time | plan |")
     print("|---|---|---|---|---|---|")

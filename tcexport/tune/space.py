@@ -92,14 +92,15 @@ def structured_start(names: tuple[str, ...], structure: Structure) -> list[dict]
     """Trial parameters tried first: constant, decreasing, late-only and few-layers plans per method."""
     last = structure.depth - 1
     late = structure.depth // 2
-    seeds = []
-    for name in names:
-        seeds += [dict(method=name, start=0, stop=last, every=1, slope=0.0),  # constant, all blocks
-                  dict(method=name, start=0, stop=last, every=1, slope=1.0),  # decreasing
-                  dict(method=name, start=late, stop=last, every=1, slope=0.0),  # late only
-                  dict(method=name, start=min(1, last), stop=last, every=2, slope=0.0)]  # few layers
+    second = min(1, last)
+    per_method = [[dict(method=name, start=0, stop=last, every=1, slope=0.0),  # constant, all blocks
+                   dict(method=name, start=0, stop=last, every=1, slope=1.0),  # decreasing
+                   dict(method=name, start=late, stop=last, every=1, slope=0.0),  # late only
+                   dict(method=name, start=second, stop=last, every=2, slope=0.0),  # few layers
+                   dict(method=name, start=second, stop=max(second, late), every=2, slope=0.0)]  # few, early
+                  for name in names]
     # Interleave: every method's constant plan comes before any method's second seed.
-    return [seeds[i * 4 + k] for k in range(4) for i in range(len(names))]
+    return [seeds[k] for k in range(len(per_method[0])) for seeds in per_method]
 
 
 def shape_from_params(params: dict, structure: Structure) -> Shape:
