@@ -150,13 +150,16 @@ class Sized:
         return sum(cost(a, b) for a, b in self.tokens) / full
 
 
-def _params(name: str, amount: float, n: int, protected: int) -> dict | None:
-    """The method's parameters removing `amount` (0..1) of what it can at a block with n tokens; None: nothing."""
+def _params(name: str, amount: float, n: int, protected: int, first: int) -> dict | None:
+    """The method's parameters removing `amount` (0..1) of what it can at a block with n tokens; None: nothing.
+
+    Merging counts r on the first block's tokens (`first`), so an even amount is ToMe's constant r (capped where
+    fewer tokens are left); keeping takes a share of the block's own tokens, as topk's keep does."""
     free = n - protected
     if free < 2 or amount <= 0:
         return None
     if name in MERGING:
-        r = min(free // 2, int(round(amount * free / 2)))
+        r = min(free // 2, int(round(amount * (first - protected) / 2)))
         return {"r": r} if r > 0 else None
     kept = max(1, int(round((1 - MAX_SHARE_REMOVED * amount) * free)))
     if kept >= free:
@@ -180,7 +183,7 @@ def size(shape: Shape, intensity: float, structure: Structure) -> Sized:
             i, name = chosen.index(block), assigned[block]
             position = i / (len(chosen) - 1) if len(chosen) > 1 else 0.5
             weight = (1 + shape.slope * (0.5 - position)) / (1 + abs(shape.slope) * 0.5)
-            params = _params(name, intensity * weight, n, structure.protected)
+            params = _params(name, intensity * weight, n, structure.protected, structure.tokens)
             if params is not None:
                 n_out = methods.get(name)(**params).tokens_out(n, structure.protected)
                 args = ",".join(f"{k}={v}" for k, v in params.items())
