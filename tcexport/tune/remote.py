@@ -9,10 +9,12 @@ Latency is never measured here: it stays on the local backend, one plan at a tim
 from __future__ import annotations
 
 import hashlib
+import logging
 
 from tcexport.errors import UsageError
 
 LOCAL_WORKERS = 2
+QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}  # stderr stays tcexport's progress lines
 _EVALUATORS: dict[str, object] = {}  # per worker process: model digest -> Evaluator
 
 
@@ -47,11 +49,11 @@ class RayPool:
             try:
                 if address == "auto":
                     try:
-                        ray.init(address="auto", log_to_driver=False)
+                        ray.init(address="auto", **QUIET)
                     except ConnectionError:
-                        ray.init(num_cpus=LOCAL_WORKERS, include_dashboard=False, log_to_driver=False)
+                        ray.init(num_cpus=LOCAL_WORKERS, include_dashboard=False, **QUIET)
                 else:
-                    ray.init(address=address, log_to_driver=False)
+                    ray.init(address=address, **QUIET)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 raise UsageError(f"--ray {address}: cannot reach a Ray cluster ({type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
