@@ -220,6 +220,23 @@ def test_outputs_and_held_out_samples(tuned):
     assert best_point["stages"] == summary["best"]["stages"]
 
 
+def test_latency_is_measured_per_plan_and_an_unmet_budget_exits_1(st_tiny, texts, tmp_path):
+    """On a 2-block width-32 model the inserted ops cost more than the tokens they save: half the uncompressed
+    latency is out of reach, so no plan may be reported as meeting it; the trials are still written."""
+    from tcexport.errors import ValidationFailed
+    from tcexport.tune import command
+
+    out = tmp_path / "out"
+    with pytest.raises(ValidationFailed, match="no plan met --budget latency=0.5"):
+        command.tune(st_tiny, "latency=0.5", texts, out, methods_text="tome", trials=2)
+    records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    searched = [r for r in records if r["role"] != "sweep"]
+    assert len(searched) == 2 and not (out / "best.yaml").exists()
+    for record in searched:
+        assert record["cost"] == record["costs"]["latency"] > 0.5 and not record["feasible"]
+    assert json.loads((out / "tune.json").read_text())["best"] is None
+
+
 def test_ctrl_c_keeps_the_best_plan_found(st_tiny, texts):
     from tcexport import inputs, metadata, onnxfile
     from tcexport.tune import budget, calibration, objective, search
