@@ -27,6 +27,7 @@ from tcexport.errors import UsageError
 from tcexport.hf_models import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401
 from tcexport.init import exercise
 from tcexport.inputs import FLOAT, TOKEN_IDS, InputSpec, random_feeds
+from tcexport import spec_check
 from tcexport.spec_check import import_from_cwd, parse_shape
 
 DEFAULT_SEED = 0
@@ -81,13 +82,8 @@ def register(prefix: str) -> Callable[[Loader], Loader]:
 
 
 def split_spec(spec: str) -> tuple[str, str]:
-    if spec.endswith(".onnx"):
-        raise UsageError(f"'{spec}' is already an ONNX file; pass it to build, bench, compress or inspect instead")
-    prefix, sep, rest = spec.partition(":")
-    if not sep or prefix not in LOADERS or not rest:
-        known = ", ".join(f"{p}:..." for p in LOADERS)
-        raise UsageError(f"unknown model spec '{spec}'; use one of {known} or an .onnx file")
-    return prefix, rest
+    """The spec's prefix and rest (spec_check.split, whose PREFIXES a test holds equal to LOADERS)."""
+    return spec_check.split(spec)
 
 
 def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = None, seed: int | None = None,
