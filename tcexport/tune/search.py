@@ -85,6 +85,7 @@ def run(evaluator: objective.Evaluator, budget: Budget, names: tuple[str, ...], 
     study = optuna.create_study(direction="maximize", sampler=sampler)
     for params in seeds:
         study.enqueue_trial(params, skip_if_exists=True)
+    n_start = len(study.trials)  # the enqueued ones (a shallow model's seeds can coincide)
     sizer = Sizer(evaluator, budget, latency)
     result, started = Result(), time.perf_counter()
     seen: dict[tuple, dict] = {}
@@ -96,9 +97,9 @@ def run(evaluator: objective.Evaluator, budget: Budget, names: tuple[str, ...], 
             pending = []
             for trial in batch:
                 shape = space.suggest(trial, names, structure)
-                record = {"number": trial.number, "role": "start" if trial.number < len(seeds) else "search",
+                record = {"number": trial.number, "role": "start" if trial.number < n_start else "search",
                           "shape": shape.to_json(), "describe": shape.describe()}
-                key = _key(shape)
+                key = shape.key()
                 pending.append((trial, record, time.perf_counter(), key))
                 if key in seen:  # TPE may draw a shape again: the same plan, measured once
                     record.update(seen[key], repeat=True)
@@ -125,10 +126,6 @@ def run(evaluator: objective.Evaluator, budget: Budget, names: tuple[str, ...], 
 
 
 _PER_TRIAL = ("number", "role", "shape", "describe", "seconds", "repeat")
-
-
-def _key(shape: space.Shape) -> tuple:
-    return shape.key()
 
 
 def _score(evaluator, records: list[dict], remote) -> None:
