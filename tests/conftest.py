@@ -118,3 +118,76 @@ def bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bert_onnx(tmp_path_factory, bert_dir) -> Path:
     return exported(tmp_path_factory, "bert_onnx", f"hf:{bert_dir}", "bert.onnx", seq_len=24)
+
+
+# The default run (`bash scripts/test.sh`) leaves out the end-to-end tests below; `bash scripts/test.sh --all`
+# (what CI runs) includes them. Each took over ~15 s on the 2-core development machine (pytest --durations,
+# 2026-12-01), or repeats a path the default run already covers with a cheaper model (the family tests keep one
+# model per mechanism: relative position bias, rotary, average pooling, attention pooling, registers, shared
+# layers, a position bias in a text encoder, a vision tower, a speech encoder).
+HEAVY = (
+    "tests/test_compare_methods.py",
+    "tests/test_opsets.py::test_exported_model_compresses_and_validates[minilm",
+    "tests/test_opsets.py::test_exported_model_compresses_and_validates[vit-18]",
+    "tests/test_opsets.py::test_exported_model_compresses_and_validates[vit-20]",
+    "tests/test_recipes.py::test_vit_tiny_recipe_end_to_end",
+    "tests/test_recipes.py::test_rerun_into_its_own_output",
+    "tests/test_recipes.py::test_failed_validation_exits_1",
+    "tests/test_recipes.py::test_multistage_recipe_end_to_end",
+    "tests/test_recipes.py::test_query_recipe",
+    "tests/test_compress.py::test_cli_compress_then_validate",
+    "tests/test_compress.py::test_validate_on_user_inputs",
+    "tests/test_compress.py::test_fused_attention_graph_fails_clearly",
+    "tests/test_compress.py::test_validate_fails_with_exit_1",
+    "tests/test_compress.py::test_compressing_twice_and_bad_graphs",
+    "tests/test_compress.py::test_vit_tiny_matches_reference[r16-first-half]",
+    "tests/test_compress.py::test_vit_tiny_matches_reference[per-layer-r]",
+    "tests/test_sources_families.py::test_no_traceback_from_broken_hf_directories",
+    "tests/test_sources_families.py::test_model_arg_on_the_cli",
+    "tests/test_sources_families.py::test_hf_kind_exports_and_has_one_block_per_layer",
+    "tests/test_sources_families.py::test_timm_tiny_variant_exports_and_has_one_block_per_layer",
+    "tests/test_sources_families.py::test_st_kind_exports_the_pipeline",
+    "tests/test_ux.py::test_export_refuses_a_file_it_did_not_write_unless_forced",
+    "tests/test_ux.py::test_cli_build_from_a_spec_shows_each_stage_on_stderr",
+    "tests/test_ux.py::test_export_prints_the_check_before_wrote",
+    "tests/test_ux.py::test_build_refuses_a_directory_that_is_not_a_build",
+    "tests/test_external_data.py::test_compress_build_bench_validate_with_external_weights",
+    "tests/test_reference_onnx.py::test_text_model_bounds_ids",
+    "tests/test_method_query.py::test_vit_takes_a_query_and_validates",
+    "tests/test_export.py::test_unreadable_and_mismatched_checkpoints",
+    "tests/test_export.py::test_export_mismatch_exits_1_and_writes_nothing",
+    "tests/test_export.py::test_py_factory_image_and_text",
+    "tests/test_bench.py::test_cli_shapes_load_inputs_and_warmup_ms",
+    "tests/test_functions.py::test_cli_impl_function_with_two_methods",
+    "tests/test_plugins_cpp.py::test_plugins_compute_what_the_function_bodies_compute",
+    "tests/test_method_pool.py::test_vit_pool_at_block_6_matches_reference",
+    "tests/test_cli.py::test_build_from_model_spec",
+    # end-to-end runs of each method on the 12-block vit_tiny and MiniLM: the default run keeps one per method
+    "tests/test_method_baselines.py::test_vit_matches_reference",
+    "tests/test_method_baselines.py::test_minilm_matches_reference[random]",
+    "tests/test_method_baselines.py::test_bad_cli_request_exits_2",
+    "tests/test_method_adjacent.py::test_minilm_sequences_match_reference",
+    "tests/test_method_adjacent.py::test_bad_cli_request_exits_2",
+    "tests/test_method_prune_merge.py::test_minilm_matches_reference",
+    "tests/test_method_prune_merge.py::test_bad_cli_request_exits_2",
+    "tests/test_method_topk.py::test_vit_validates",
+    "tests/test_method_topk.py::test_minilm_validates[keep0.7]",
+    "tests/test_method_query.py::test_minilm_validates",
+    "tests/test_export.py::test_hf_bert_directory_export",
+    "tests/test_export.py::test_safetensors_checkpoint",
+    "tests/test_export.py::test_fixed_batch_and_torchscript_exporter",
+    "tests/test_compress.py::test_deit_distilled_keeps_both_prefix_tokens",
+    "tests/test_compress.py::test_tome_graph_lints_clean_for_tensorrt_10_3",
+)
+KEPT_FAMILIES = ("beit_base", "eva02", "vit_medium_patch16_gap", "siglip_224", "reg4_dinov2", "[mpnet-tome]",
+                 "[albert-topk]", "[dinov2_registers-topk]", "[clip_vision-tome]", "test_whisper_encoder[adjacent]",
+                 "test_register_tokens", "refused")
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow
+    for item in items:
+        node = item.nodeid
+        family = node.startswith("tests/test_families_")
+        if node.startswith(HEAVY) or (family and not any(keep in node for keep in KEPT_FAMILIES)):
+            item.add_marker(slow)
