@@ -38,7 +38,7 @@ from tcexport.reference.flow import TokenFlow
 TAG = "_tcexport_tags"  # (from_mask, newest matmul id, newest attention block, holds compressed tokens)
 NO_TAGS = (False, -1, -1, False)
 
-SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.nn.functional.softmax}
+SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
 ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
        torch.Tensor.add_}
