@@ -302,10 +302,10 @@ class _SideInputs:
         """Mask terms are rebuilt from the current mask; anything else is a position term, gathered."""
         operand = node.inputs[index]
         if self.mask_input is None or not _descends_from(operand, self.mask_input):
-            key = ("position", operand, stage, tuple(axes), delta, len(self.shapes_of(node.outputs[0])))
+            out_rank = len(self.shapes_of(node.outputs[0]))
+            key = ("position", operand, stage, tuple(axes), delta, out_rank)
             if key not in self.cache:
-                self.cache[key] = self.positions.gather(operand, self.shapes_of(operand), axes, delta, stage,
-                                                        len(self.shapes_of(node.outputs[0])))
+                self.cache[key] = self.positions.gather(operand, self.shapes_of(operand), axes, delta, stage, out_rank)
             return self.cache[key]
         in_logits = node in self.logit_nodes
         key = ("bias", stage) if in_logits else ("mask", operand, stage)

@@ -54,11 +54,7 @@ class Positions:
 
     def _origin(self, inputs) -> ir.Value:
         method, build, n = inputs.method, self.build, inputs.count
-        if "query" in method.needs:
-            raise UsageError(f"the {method.name} method decides from the hidden states themselves, so tcexport "
-                             "cannot tell which position its tokens hold; this model has position terms (relative "
-                             "position bias or rotary embeddings) inside attention: use tome, topk, prune-merge, "
-                             "adjacent or pool")
+        method.check_positions_measurable()
         prefix = build.unique(f"tc_pos{inputs.block}_{method.name}")
         shape = build.op(f"{prefix}/eye_shape", "Concat", [
             build.op(f"{prefix}/batch", "Shape", [inputs.x], None, start=0, end=1),

@@ -21,6 +21,8 @@ import onnx_ir as ir
 import torch
 from onnx_ir import tape
 
+from tcexport.errors import UsageError
+
 
 class TokenState(NamedTuple):
     """(x, size, mask): what a method takes and returns. A tuple, so `x, size, mask = ...` works."""
@@ -42,6 +44,9 @@ class Method(abc.ABC):
     # heads (the `metric` argument, [B, N, d]); "cls_attention": the CLS token's attention over all tokens,
     # averaged over heads ([B, N], in signals). The rewriter builds only what a method asks for.
     needs: ClassVar[frozenset[str]] = frozenset({"keys"})
+    # Whether the method decides from x itself. Positions of its tokens are measured by running it on one-hot x
+    # (reference/flow.py, graph/positions.py), which only works when x does not change its decisions.
+    decides_from_x: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
         self.params: dict[str, Any] = self.check_params(dict(params))
@@ -58,6 +63,14 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def tokens_out(self, n_in: int, protected: int) -> int:
         """Token count after this method for n_in tokens in, known at rewrite time (no data needed)."""
+
+    def check_positions_measurable(self) -> None:
+        """Raise UsageError when the model has position terms and this method cannot say where its tokens stand."""
+        if self.decides_from_x:
+            raise UsageError(f"the {self.name} method decides from the hidden states themselves, so tcexport cannot "
+                             "tell which position its tokens hold; this model has position terms (relative position "
+                             "bias or rotary embeddings) inside attention: use tome, topk, prune-merge, adjacent or "
+                             "pool")
 
     def check_fits(self, n_in: int, protected: int) -> None:
         """Raise UsageError when the parameters ask for more than a block with n_in tokens allows."""

@@ -74,6 +74,7 @@ class QueryPrune(Method):
 
     name = "query"
     needs = frozenset({QUERY})
+    decides_from_x = True  # cosine of each token's hidden state with the query
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:

@@ -153,11 +153,7 @@ class TokenFlow:
 
     def _origin(self, probe: _Probe) -> torch.Tensor:
         method = probe.method
-        if "query" in method.needs:
-            raise UsageError(f"the {method.name} method decides from the hidden states themselves, so tcexport "
-                             "cannot tell which position its tokens hold; this model has position terms (relative "
-                             "position bias or rotary embeddings) inside attention: use tome, topk, prune-merge, "
-                             "adjacent or pool")
+        method.check_positions_measurable()
         batch = probe.size.shape[0]
         eye = torch.eye(probe.n_in, dtype=torch.float32, device=probe.size.device).expand(batch, -1, -1)
         with torch.no_grad():
