@@ -7,6 +7,10 @@ and the share of compressed latency spent in the ops tcexport inserted (from ORT
 FLOP-ideal speedup = FLOPs(baseline) / FLOPs(compressed model's own ops): what a perfect engine would gain
 from the fewer tokens alone. The inserted ops (names starting with "tc_") are excluded there and measured
 separately: their profiler time over all node time. Weights are seeded random (timing does not depend on them).
+
+Also printed: the nodes of one merge (block 3: its metric, the merge, and the proportional-attention bias of the
+next block), as written and after ONNX Runtime's graph optimizations, and the latency of tcexport's eager PyTorch
+reference of the same compression (torch on the same threads), timed in the same run.
 """
 
 from __future__ import annotations
@@ -17,10 +21,17 @@ import os
 import tempfile
 from pathlib import Path
 
+import collections
+import time
+
+import numpy as np
 import onnxruntime as ort
+import torch
 
 from tcexport import bench, compress, export, flops, inputs, sources
 from tcexport.backends import ort as ort_backend
+from tcexport.methods.tome import ToMe
+from tcexport.reference import compressed_reference
 
 INSERTED_PREFIX = "tc_"
 
@@ -52,6 +63,36 @@ def inserted_share(model_path: Path, batch: int, runs: int, threads: int | None)
             "top_ops": [{"op": op, "share": t / node_time} for op, t in top]}
 
 
+def merge_nodes(model_path: Path, block: int = 3) -> dict:
+    """Non-constant nodes of one merge: block's metric and merge, and the next block's proportional attention."""
+    model = ort_backend.onnxfile.load(model_path, load_external_data=False)
+    mine = (f"tc_blk{block}/metric", f"tc_blk{block}_", f"tc_blk{block + 1}/prop_attn")
+    ops = collections.Counter(node.op_type for node in model.graph.node
+                              if node.op_type != "Constant" and node.name.startswith(mine))
+    return {"nodes": sum(ops.values()), "ops": dict(ops.most_common())}
+
+
+def eager_reference_ms(spec: str, r: int, batches: list[int], iters: int, threads: int | None) -> dict:
+    """Median latency of tcexport's eager reference (the model's own forward with ToMe applied), per batch."""
+    if threads:
+        torch.set_num_threads(threads)
+    source = sources.load(spec, seed=0)
+    blocks = compressed_reference(source, {}).layout.blocks
+    reference = compressed_reference(source, {block: ToMe(r=r) for block in range(blocks)})
+    medians = {}
+    with torch.no_grad():
+        for batch in batches:
+            feed = source.example_inputs(batch, seed=0)
+            reference(*feed)
+            times = []
+            for _ in range(iters):
+                start = time.perf_counter()
+                reference(*feed)
+                times.append(time.perf_counter() - start)
+            medians[batch] = 1000 * float(np.median(times))
+    return medians
+
+
 def model_flops(path: Path, batch: int) -> tuple[float, float]:
     """(FLOPs of the model's own ops, FLOPs of the inserted ops) at this batch."""
     result = flops.estimate(path, batch=batch)
@@ -69,6 +110,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile-runs", type=int, default=5)
+    parser.add_argument("--eager-iters", type=int, default=5)
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -93,6 +135,7 @@ def main() -> None:
     bench.write_json(timing, out / "bench.json")
     medians = {(e["artifact"], e["batch"]): e["latency_ms"]["median"] for e in timing["results"]}
 
+    eager = {r: eager_reference_ms(args.model, r, batches, args.eager_iters, args.threads) for r in rs}
     rows = []
     for batch in batches:
         base_flops, _ = model_flops(base, batch)
@@ -107,8 +150,13 @@ def main() -> None:
                          "measured_speedup": measured, "fraction_of_ideal": measured / ideal,
                          "base_median_ms": medians[("base-ort", batch)],
                          "compressed_median_ms": medians[(f"tome_r{r}-ort", batch)],
-                         "inserted_share": profile["share"], "inserted_top_ops": profile["top_ops"]})
-    (out / "results.json").write_text(json.dumps({"rows": rows, "environment": timing["environment"]}, indent=2))
+                         "inserted_share": profile["share"], "inserted_top_ops": profile["top_ops"],
+                         "eager_reference_ms": eager[r][batch],
+                         "ort_over_eager_speedup": eager[r][batch] / medians[(f"tome_r{r}-ort", batch)]})
+    merge = {"as_written": merge_nodes(out / f"tome_r{rs[0]}.onnx"),
+             "after_ort_optimizations": merge_nodes(builds[f"r{rs[0]}"] / "model.onnx")}
+    (out / "results.json").write_text(json.dumps({"rows": rows, "merge_nodes_block3": merge,
+                                                  "environment": timing["environment"]}, indent=2))
     print("\n| r | batch | tokens (last block) | GFLOPs base → ToMe | FLOP-ideal | measured | of ideal | "
           "base ms | ToMe ms | inserted ops |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -117,6 +165,14 @@ def main() -> None:
               f"{row['gflops_compressed']:.1f} | {row['flop_ideal_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
               f"{100 * row['fraction_of_ideal']:.0f}% | {row['base_median_ms']:.1f} | "
               f"{row['compressed_median_ms']:.1f} | {100 * row['inserted_share']:.1f}% |")
+    print("\n| r | batch | eager reference ms | ONNX Runtime ms | ORT vs eager | top inserted ops (share of node time) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        top = ", ".join(f"{op['op']} {100 * op['share']:.1f}%" for op in row["inserted_top_ops"])
+        print(f"| {row['r']} | {row['batch']} | {row['eager_reference_ms']:.1f} | {row['compressed_median_ms']:.1f} | "
+              f"{row['ort_over_eager_speedup']:.2f}x | {top} |")
+    for label, count in merge.items():
+        print(f"\nnodes of one merge (block 3, r={rs[0]}), {label.replace('_', ' ')}: {count['nodes']} {count['ops']}")
 
 
 if __name__ == "__main__":

@@ -191,7 +191,7 @@ def test_package_methods_without_stages_changes_nothing(vit_onnx):
 
 
 def test_cli_impl_function_with_two_methods(vit_onnx, tmp_path):
-    """Through the CLI: ToMe with r differing per block (K of TopK becomes an attribute, const_k) and 3 protected
+    """Through the CLI: ToMe with r differing per block (the ranking's split sizes become an attribute, const_split_sizes) and 3 protected
     tokens, then average pooling, which reads the last ToMe call's sizes and needs no metric."""
     function, subgraph = tmp_path / "cli.onnx", tmp_path / "subgraph.onnx"
     stages = ["tome:r=16@0-2", "tome:r=8@3-5", "pool:kernel=2@8"]
@@ -202,7 +202,7 @@ def test_cli_impl_function_with_two_methods(vit_onnx, tmp_path):
     onnx.checker.check_model(model, full_check=True)
     tome, pool = model.functions
     assert [(f.domain, f.name) for f in (tome, pool)] == [("tcexport", "ToMeMerge"), ("tcexport", "TokenPool")]
-    assert "const_k" in tome.attribute
+    assert "const_split_sizes" in tome.attribute
     assert list(pool.input) == ["pool_x", "pool_size"] and list(pool.output) == ["pool_x_out", "pool_size_out"]
     assert metadata.read(model, metadata.COMPRESSION)["impl"] == "function"
     calls = _calls(model)
@@ -210,7 +210,7 @@ def test_cli_impl_function_with_two_methods(vit_onnx, tmp_path):
     for call, r in zip(calls, [16, 16, 16, 8, 8, 8]):
         attrs = _attrs(call)
         assert (attrs["r"], attrs["protected"]) == (r, 3)
-        assert onnx.numpy_helper.to_array(attrs["const_k"]).tolist() == [r]
+        assert onnx.numpy_helper.to_array(attrs["const_split_sizes"]).tolist()[0] == r
     assert list(calls[-1].input)[1:] == ["tc_blk5_tome_size_out"]
     assert {"plugin_namespace", "plugin_version"} <= set(_attrs(calls[-1]))
     compress.compress_file(vit_onnx, subgraph, stages=stages, protected=3)

@@ -23,7 +23,7 @@ TOL = 1e-5
 # Plain ops that ONNX Runtime and TensorRT 10.3 (without its plugin library) both run.
 GEMM_OPS = {"Constant", "ReduceL2", "Max", "Div", "Slice", "Transpose", "MatMul", "Sub", "Unsqueeze", "Mul",
             "Add", "Where", "ReduceMax", "ArgMax", "TopK", "Equal", "Cast", "Neg", "GatherND", "GatherElements",
-            "Concat", "Squeeze", "Greater", "Identity"}
+            "Concat", "Squeeze", "Greater", "Identity", "Pad", "Gather", "Split"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,10 +173,14 @@ def test_graph_is_clean_gemm_onnx(r, with_mask):
     n_out = ToMe(r=r).tokens_out(198, 2)
     assert [o.type.tensor_type.shape.dim[1].dim_value for o in model.graph.output] == [n_out] * len(model.graph.output)
     if r:
-        topk = next(node for node in model.graph.node if node.op_type == "TopK")
-        k_source = next(node for node in model.graph.node if node.output[0] == topk.input[1])
-        assert k_source.op_type == "Constant"
-        assert onnx.numpy_helper.to_array(k_source.attribute[0].t).tolist() == [r]
+        # Static shapes: every k and split size is a constant, and the ranking's first r entries are merged.
+        producers = {out: node for node in model.graph.node for out in node.output}
+        for node in model.graph.node:
+            if node.op_type in ("TopK", "Split"):
+                assert producers[node.input[1]].op_type == "Constant"
+        split = next(node for node in model.graph.node if node.op_type == "Split")
+        sizes = onnx.numpy_helper.to_array(producers[split.input[1]].attribute[0].t).tolist()
+        assert sizes[0] == r and sum(sizes) == (198 - 2 + 1) // 2 + 2
 
 
 def test_tokens_out_and_cap():

@@ -33,10 +33,13 @@ Inputs as in `tcexport.methods.base`: x [B,N,C], metric [B,N,Ck], size [B,N,1], 
 Proportional attention (adding log(size) to the attention logits of later blocks) is the rewriter's job;
 `log_size_bias` gives that bias for the PyTorch reference model.
 
-ONNX form: standard opset-18 ops, no Scatter*, static output shapes, dynamic batch. The unmerged A tokens are
-copied by index (TopK picks the n_unmerged smallest "merged-last" keys, so they come out in original order;
-GatherND with batch_dims=1 copies them), and only the r merged A tokens go through a GEMM: a one-hot matrix
-D [B, Nb, r] (D[j, k] = 1 when merge k lands on B token j) adds them into B as
+ONNX form: standard opset-18 ops, no Scatter*, static output shapes, dynamic batch, few nodes (ONNX Runtime
+spends ~5-10 us per node at batch 1, so node count, not arithmetic, is what a merge costs there). Only the
+unprotected tokens are scored (slicing them out equals scoring the protected ones PROTECTED_SCORE). One TopK over
+every A token, with the protected tokens padded in last, ranks them all: its first r entries merge, and the rest,
+sorted by token number (a second, small TopK), is what stays in original order, protected tokens first. Every
+index is a [B, k, 1] column that GatherND (batch_dims=1) takes as is. Only the r merged A tokens go through a GEMM:
+a one-hot matrix D [B, Nb, r] (D[j, k] = 1 when merge k lands on B token j) adds them into B as
 x'_B = (x_B * size_B + D @ (x_src * size_src)) / (size_B + D @ size_src). That costs O(Nb * r * C) instead of
 the O(N^2 * C) of a full assignment matrix, which matters at batch 1 on a CPU.
 """
@@ -212,23 +215,24 @@ class ToMe(Method):
             return TokenState(x, size, mask)
         g = _Emitter(op, name_prefix, _numpy_dtype(x))
         n, p = n_in, protected
-        n_a, n_b, n_out = (n + 1) // 2, n // 2, n - r
-        pos_a, pos_b = np.arange(0, n, 2), np.arange(1, n, 2)
-        prot_a, prot_b = pos_a < p, pos_b < p
-        n_unmerged = n_a - int(prot_a.sum()) - r  # unprotected A tokens that stay
+        # Only unprotected tokens take part in the matching (steps 2-7): A = even indices >= p, B = odd ones.
+        # Leaving protected rows and columns out is the same as scoring them PROTECTED_SCORE (spec step 5).
+        a0, b0 = p + p % 2, p + 1 - p % 2
+        a_tokens, b_tokens = np.arange(a0, n, 2), np.arange(b0, n, 2)
+        n_a, n_b = len(a_tokens), len(b_tokens)
+        n_stay = n_a - r + p  # tokens copied unchanged: the protected ones and the unmerged A tokens
+        n_out = n - r
 
-        # Steps 2-5: scores [B, Na, Nb].
+        # Steps 2-5: scores [B, Na, Nb] of unit metrics.
         norm = g.op("norm", "ReduceL2", metric, g.i64("axis_last", [-1]), keepdims=1)
         norm = g.op("norm_clamped", "Max", norm, g.const("eps", NORM_EPS))
         unit = g.op("unit", "Div", metric, norm)
-        unit_a = g.every_other("unit_a", unit, 0, n)
-        unit_b = g.every_other("unit_b", unit, 1, n)
-        unit_bt = g.op("unit_b_t", "Transpose", unit_b, perm=[0, 2, 1])
-        scores = g.op("scores", "MatMul", unit_a, unit_bt)
+        unit_bt = g.op("unit_b_t", "Transpose", g.every_other("unit_b", unit, b0, n), perm=[0, 2, 1])
+        scores = g.op("scores", "MatMul", g.every_other("unit_a", unit, a0, n), unit_bt)
         if mask is not None:
             pad = g.op("pad", "Sub", g.const("one", 1.0), mask)
-            pad_a = g.op("pad_a", "Unsqueeze", g.every_other("pad_a_flat", pad, 0, n), g.i64("axis2", [2]))
-            pad_b = g.op("pad_b", "Unsqueeze", g.every_other("pad_b_flat", pad, 1, n), g.i64("axis1", [1]))
+            pad_a = g.op("pad_a", "Unsqueeze", g.every_other("pad_a_flat", pad, a0, n), g.i64("axis2", [2]))
+            pad_b = g.op("pad_b", "Unsqueeze", g.every_other("pad_b_flat", pad, b0, n), g.i64("axis1", [1]))
             # +PAD_BONUS for padding pairs, -PAD_BONUS for mixed pairs, 0 for real pairs (0/1 masks):
             # 3*PAD_BONUS*pad_a*pad_b - PAD_BONUS*(pad_a + pad_b).
             both = g.op("pad_both", "Mul", pad_a, pad_b)
@@ -236,80 +240,65 @@ class ToMe(Method):
             bias = g.op("pad_bias", "Sub", g.op("pad_both_w", "Mul", both, g.const("bonus3", 3 * PAD_BONUS)),
                         g.op("pad_either_w", "Mul", either, g.const("bonus", PAD_BONUS)))
             scores = g.op("scores_padded", "Add", scores, bias)
-        if p > 0:
-            locked = prot_a[:, None] | prot_b[None, :]
-            scores = g.op("scores_locked", "Where", g.const("locked", locked, np.bool_),
-                          g.const("protected_score", PROTECTED_SCORE), scores)
 
-        # Steps 6-7: best B partner per A token, and the r A tokens to merge.
-        node_max = g.op("node_max", "ReduceMax", scores, g.i64("axis_last_r", [-1]), keepdims=0)
-        node_idx = g.op("node_idx", "ArgMax", scores, axis=-1, keepdims=0, select_last_index=0)
-        _, src_idx = g.op_multi("topk", "TopK", 2, node_max, g.i64("k", [r]),
-                                axis=-1, largest=1, sorted=1)
-        hits = g.op("src_hits", "Equal", g.op("src_idx_col", "Unsqueeze", src_idx, g.i64("axis2_r", [2])),
-                    g.i64("a_index", np.arange(n_a)))  # [B, r, Na]
-        merged = g.op("merged", "ReduceMax", g.op("src_hits_f", "Cast", hits, to=ir.DataType.FLOAT),
-                      g.i64("axis1_r", [1]), keepdims=0)  # [B, Na], 1 = merged
+        # Steps 6-7, with every index kept as a [B, k, 1] column so GatherND (batch_dims=1) takes it as is.
+        # Best B partner of each A token, [B, Na, 1] each: TopK with k=1 gives the max and its first index.
+        node_max, node_idx = g.op_multi("node_best", "TopK", 2, scores, g.i64("k_best", [1]), axis=-1, largest=1,
+                                        sorted=1)
+        # The protected tokens join the ranking last (PROTECTED_SCORE): one ranking then yields both the r
+        # merged A tokens and everything that stays, and the protected tokens sort first among the latter.
+        ranked = node_max
+        if p:
+            ranked = g.op("node_max_protected", "Pad", node_max, g.i64("pads", [0, 0, 0, 0, p, 0]),
+                          g.const("protected_score", PROTECTED_SCORE))
+        _, order = g.op_multi("rank", "TopK", 2, ranked, g.i64("k_all", [n_a + p]), axis=1, largest=1, sorted=1)
+        if n_stay:
+            src, rest = g.op_multi("split", "Split", 2, order, g.i64("split_sizes", [r, n_stay]), axis=1)
+        else:  # every token merges (N = 2r, nothing protected)
+            src, rest = order, None
+        src_tok = g.op("src_tok", "Gather", g.i64("a_tokens", a_tokens), src, axis=0)  # [B, r, 1]
+        dst = g.op("dst_idx", "GatherElements", node_idx, src, axis=1)  # [B, r, 1] into B
+        # What stays keeps its original order: sort the token numbers (float32 keys: TopK on integers is not
+        # portable; small integers are exact).
+        stay_tok = None
+        if n_stay:
+            table = g.const("stay_key_table", np.concatenate([a_tokens, np.arange(p)]), np.float32)
+            stay_keys = g.op("stay_keys", "Gather", table, rest, axis=0)
+            stay_sorted, _ = g.op_multi("stay_sorted", "TopK", 2, stay_keys, g.i64("k_stay", [n_stay]),
+                                        axis=1, largest=0, sorted=1)
+            stay_tok = g.op("stay_tok", "Cast", stay_sorted, to=ir.DataType.INT64)  # [B, p + unmerged, 1]
 
-        # Steps 8-9, gather form: unmerged A tokens are copied by index and only the r merged ones go through
-        # a (small) one-hot GEMM into their B tokens, so the cost is O(Nb * r * C), not O(N^2 * C).
-        # Unmerged unprotected A tokens in original order: the n_unmerged smallest keys, where merged and
-        # protected tokens are pushed past every index (float32 keys: small exact integers).
-        a_index = np.arange(n_a, dtype=np.float32)
-        push = g.op("push", "Mul", merged, g.const("push_by", float(2 * n_a), np.float32))
-        key = g.op("unmerged_key", "Add", push, g.const("a_key", a_index + 2 * n_a * prot_a, np.float32))
-        _, unm_idx = g.op_multi("unmerged", "TopK", 2, g.op("neg_key", "Neg", key),
-                                g.i64("k_unmerged", [n_unmerged]), axis=-1, largest=1, sorted=1)
-        x_a = g.every_other("x_a", x, 0, n)
-        x_b = g.every_other("x_b", x, 1, n)
-        size_a = g.every_other("size_a", size, 0, n)
-        size_b = g.every_other("size_b", size, 1, n)
-
+        # Steps 8-9, gather form: what stays is copied by index, and only the r merged A tokens go through a
+        # (small) one-hot GEMM into their B tokens, so the cost is O(Nb * r * C), not O(N^2 * C).
         def rows(label: str, value: ir.Value, index: ir.Value) -> ir.Value:
-            """value[b, index[b, k], :] for every batch row b: GatherND with batch_dims=1."""
-            column = g.op(f"{label}_index", "Unsqueeze", index, g.i64(f"{label}_axis", [2]))
-            return g.op(label, "GatherND", value, column, batch_dims=1)
+            return g.op(label, "GatherND", value, index, batch_dims=1)
 
-        x_unm = rows("x_unmerged", x_a, unm_idx)
-        size_unm = rows("size_unmerged", size_a, unm_idx)
-        # Merged A tokens, weighted by size, and the B token each lands on.
-        weighted_src = rows("x_src", g.op("x_a_weighted", "Mul", x_a, size_a), src_idx)
-        size_src = rows("size_src", size_a, src_idx)
-        dst_idx = g.op("dst_idx", "GatherElements", node_idx, src_idx, axis=1)  # [B, r] into B
-        lands = g.op("lands", "Equal", g.op("dst_row", "Unsqueeze", dst_idx, g.i64("axis1_d", [1])),
+        lands = g.op("lands", "Equal", g.op("dst_row", "Transpose", dst, perm=[0, 2, 1]),
                      g.i64("b_index", np.arange(n_b)[:, None]))  # [B, Nb, r]
         lands = g.op("lands_f", "Cast", lands, to=_ir_dtype(x))
+        size_src = rows("size_src", size, src_tok)
+        size_b = g.every_other("size_b", size, b0, n)
         size_b_new = g.op("size_b_new", "Add", size_b, g.op("size_in", "MatMul", lands, size_src))
-        x_b_sum = g.op("x_b_sum", "Add", g.op("x_b_weighted", "Mul", x_b, size_b),
+        weighted_src = g.op("x_src_weighted", "Mul", rows("x_src", x, src_tok), size_src)
+        x_b_sum = g.op("x_b_sum", "Add", g.op("x_b_weighted", "Mul", g.every_other("x_b", x, b0, n), size_b),
                        g.op("x_in", "MatMul", lands, weighted_src))
         x_b_new = g.op("x_b_new", "Div", x_b_sum, size_b_new)
-        keep_b = int(prot_b.sum())  # protected B tokens come first among B and never receive a merge
 
-        def layout(label: str, protected_part: ir.Value, unmerged: ir.Value, b_part: ir.Value) -> ir.Value:
-            """[protected tokens, unmerged A tokens, unprotected B tokens] along the token axis."""
-            parts = [unmerged, b_part]
-            if keep_b:
-                parts[1] = g.op(f"{label}_b_tail", "Slice", b_part, g.i64(f"{label}_b_start", [keep_b]),
-                                g.i64(f"{label}_b_end", [n_b]), g.i64(f"{label}_b_axis", [1]))
-            if p:
-                parts.insert(0, g.op(f"{label}_protected", "Slice", protected_part, g.i64(f"{label}_p0", [0]),
-                                     g.i64(f"{label}_p1", [p]), g.i64(f"{label}_paxis", [1])))
-            return g.op(label, "Concat", *parts, axis=1)
+        def layout(label: str, value: ir.Value, b_part: ir.Value) -> ir.Value:
+            """[protected tokens, unmerged A tokens] (copied) then the B tokens, along the token axis."""
+            if stay_tok is None:
+                return g.op(label, "Identity", b_part)
+            return g.op(label, "Concat", rows(f"{label}_stay", value, stay_tok), b_part, axis=1)
 
-        x_new = layout("x_out", x, x_unm, x_b_new)
-        size_new = layout("size_out", size, size_unm, size_b_new)
+        x_new = layout("x_out", x, x_b_new)
+        size_new = layout("size_out", size, size_b_new)
         mask_new = None
         if mask is not None:
             mask_col = g.op("mask_col", "Unsqueeze", mask, g.i64("axis2_m", [2]))  # [B, N, 1]
-            mask_a = g.every_other("mask_a", mask_col, 0, n)
-            mask_b = g.every_other("mask_b", mask_col, 1, n)
-            mask_unm = rows("mask_unmerged", mask_a, unm_idx)
-            real_in = g.op("mask_in", "MatMul", lands, rows("mask_src", mask_a, src_idx))
-            mask_b_new = g.op("mask_b_any", "Cast", g.op("mask_b_real", "Greater",
-                                                         g.op("mask_b_sum", "Add", mask_b, real_in),
-                                                         g.const("zero", 0.0)), to=_ir_dtype(mask))
-            mask_out = layout("mask_out_col", mask_col, mask_unm, mask_b_new)
+            real_in = g.op("mask_in", "MatMul", lands, rows("mask_src", mask_col, src_tok))
+            mask_b_sum = g.op("mask_b_sum", "Add", g.every_other("mask_b", mask_col, b0, n), real_in)
+            mask_b_new = g.op("mask_b_any", "Cast", g.op("mask_b_real", "Greater", mask_b_sum, g.const("zero", 0.0)),
+                              to=_ir_dtype(mask))
+            mask_out = layout("mask_out_col", mask_col, mask_b_new)
             mask_new = g.op("mask_out", "Squeeze", mask_out, g.i64("axis2_q", [2]))
         return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)
-
-
