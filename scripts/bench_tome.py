@@ -8,6 +8,11 @@ FLOP-ideal speedup = FLOPs(baseline) / FLOPs(compressed model's own ops): what a
 from the fewer tokens alone. The inserted ops (names starting with "tc_") are excluded there and measured
 separately: their profiler time over all node time. Weights are seeded random (timing does not depend on them).
 
+The oracle: the same token counts per block reached by dropping tokens with one constant Gather per tensor
+(`uniform:keep_count`, no proportional attention), timed in the same rounds. It is what the token schedule alone
+buys on this engine; ToMe's extra wall time over it, (ToMe - oracle) / ToMe, is the cost of the inserted ops
+without the profiler's per-node overhead.
+
 Also printed: the nodes of one merge (block 3: its metric, the merge, and the proportional-attention bias of the
 next block), as written and after ONNX Runtime's graph optimizations, and the latency of tcexport's eager PyTorch
 reference of the same compression (torch on the same threads), timed in the same run.
@@ -28,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from tcexport import bench, compress, export, flops, inputs, sources
+from tcexport import bench, compress, export, flops, inputs, metadata, sources
 from tcexport.backends import ort as ort_backend
 from tcexport.methods.tome import ToMe
 from tcexport.reference import compressed_reference
@@ -128,6 +133,15 @@ def main() -> None:
         schedules[r] = compress.compress_file(base, path, r=str(r))
         builds[f"r{r}"] = out / f"tome_r{r}-ort"
         ort_backend.build(path, builds[f"r{r}"], threads=args.threads)
+    for r in rs:  # the same token counts, dropped by one constant Gather per tensor (timed after all ToMe builds)
+        path = out / f"oracle_r{r}.onnx"
+        written = ort_backend.onnxfile.load(out / f"tome_r{r}.onnx", load_external_data=False)
+        protected = metadata.read(written, metadata.COMPRESSION)["protected"]
+        stages = [f"uniform:keep_count={block['out'] - protected}@{block['block']}" for block in schedules[r]
+                  if block["out"] < block["in"]]
+        compress.compress_file(base, path, stages=stages, prop_attn=False)
+        builds[f"oracle_r{r}"] = out / f"oracle_r{r}-ort"
+        ort_backend.build(path, builds[f"oracle_r{r}"], threads=args.threads)
 
     timing = bench.run([str(p) for p in builds.values()], batches=batches, threads=args.threads,
                        warmup=args.warmup, iters=args.iters)
@@ -143,6 +157,7 @@ def main() -> None:
             own, inserted = model_flops(out / f"tome_r{r}.onnx", batch)
             ideal = base_flops / own
             measured = medians[("base-ort", batch)] / medians[(f"tome_r{r}-ort", batch)]
+            oracle = medians[("base-ort", batch)] / medians[(f"oracle_r{r}-ort", batch)]
             profile = inserted_share(builds[f"r{r}"] / "model.onnx", batch, args.profile_runs, args.threads)
             rows.append({"r": r, "batch": batch, "tokens_out": schedules[r][-1]["out"],
                          "gflops_base": base_flops / 1e9, "gflops_compressed": own / 1e9,
@@ -151,6 +166,10 @@ def main() -> None:
                          "base_median_ms": medians[("base-ort", batch)],
                          "compressed_median_ms": medians[(f"tome_r{r}-ort", batch)],
                          "inserted_share": profile["share"], "inserted_top_ops": profile["top_ops"],
+                         "oracle_speedup": oracle, "oracle_median_ms": medians[(f"oracle_r{r}-ort", batch)],
+                         "fraction_of_oracle": measured / oracle,
+                         "inserted_wall_share": 1 - medians[(f"oracle_r{r}-ort", batch)]
+                         / medians[(f"tome_r{r}-ort", batch)],
                          "eager_reference_ms": eager[r][batch],
                          "ort_over_eager_speedup": eager[r][batch] / medians[(f"tome_r{r}-ort", batch)]})
     merge = {"as_written": merge_nodes(out / f"tome_r{rs[0]}.onnx"),
@@ -165,6 +184,11 @@ def main() -> None:
               f"{row['gflops_compressed']:.1f} | {row['flop_ideal_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
               f"{100 * row['fraction_of_ideal']:.0f}% | {row['base_median_ms']:.1f} | "
               f"{row['compressed_median_ms']:.1f} | {100 * row['inserted_share']:.1f}% |")
+    print("\n| r | batch | same-schedule drop (oracle) | ToMe | ToMe of oracle | ToMe's extra wall time |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['r']} | {row['batch']} | {row['oracle_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
+              f"{100 * row['fraction_of_oracle']:.0f}% | {100 * row['inserted_wall_share']:.1f}% |")
     print("\n| r | batch | eager reference ms | ONNX Runtime ms | ORT vs eager | top inserted ops (share of node time) |")
     print("|---|---|---|---|---|---|")
     for row in rows:

@@ -2,11 +2,11 @@
 
     python scripts/tune_minilm.py --onnx minilm.onnx --out out/tune_minilm [--trials 24]
 
-Calibration texts: every ordered pair of the project's paragraphs (paragraph i + paragraph j, i != j: 30 texts
-that fill all 128 tokens, as BENCHMARKS.md section 5 uses), one per blank-line-separated block. `tcexport tune`
-holds a third of them out. For each FLOP budget (25 % and 40 % fewer) this runs `tcexport tune`, then scores
-the hand configs of section 5 and the tuned plan on the SAME held-out texts with the same code (tune's
-evaluator), each with its FLOP reduction measured on its own compressed graph, and prints the table.
+Calibration texts: 104 runs of 6 sentences of the project's paragraphs, in four different sentence orders
+(write_texts), one per blank-line-separated block; each fills all 128 tokens. `tcexport tune` holds a third of
+them out. For each FLOP budget (25 % and 40 % fewer) this runs `tcexport tune`, then scores the hand configs of
+section 5 and the tuned plan on the SAME held-out texts with the same code (tune's evaluator), each with its FLOP
+reduction measured on its own compressed graph, and prints the table.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ HAND = {
 }
 
 
+WINDOW = 6  # sentences per calibration text (~140 tokens: every text fills the 128)
+STRIDES = (1, 3, 5, 7)  # 4 orders x 26 starts = 104 texts
+
 # The hand configs' layouts as tune shapes (method, first and last block, step), so their amount can be sized to
 # the measured FLOP budget exactly as tune sizes its own trials (pool moves in whole layers: not sized).
 HAND_LAYOUTS = {"tome": (("tome",), 0, 5, 1), "topk": (("topk",), 1, 3, 2),
@@ -46,11 +49,16 @@ def sized_to_budget(onnx_path: Path, texts: Path, holdout_index: list[int], layo
 
 
 def write_texts(path: Path) -> None:
+    """Calibration texts from the shipped paragraphs: runs of WINDOW sentences, taken from the 26 sentences in
+    orders of stride 1, 3, 5, 7 (cyclic), so each text mixes topics differently and fills the 128 tokens."""
+    import re
+
     from tcexport import data
 
-    paragraphs = data.paragraphs()
-    n = len(paragraphs)
-    texts = [paragraphs[i] + " " + paragraphs[j] for i in range(n) for j in range(n) if i != j]
+    sentences = [s for paragraph in data.paragraphs() for s in re.split(r"(?<=[.!?])\s+", paragraph.strip())]
+    n = len(sentences)
+    texts = [" ".join(sentences[(start + stride * k) % n] for k in range(WINDOW))
+             for stride in STRIDES for start in range(n)]
     path.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
 
 

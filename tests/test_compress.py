@@ -314,3 +314,39 @@ def test_fused_attention_graph_fails_clearly(vit_checkpoint, tmp_path):
         assert_usage_error(result)
         assert "Attention" in result.stderr and "softcap" in result.stderr and "opset" in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("spec_fixture", ["vit_onnx", "minilm_onnx"])
+def test_metric_leaves_the_logits_chain_to_the_logits(spec_fixture, request, tmp_path):
+    """The head-averaged keys are read upstream of the logits' K^T (before its scale and transpose): every value
+    on the chain from there to the logits MatMul keeps the consumers it had, so ONNX Runtime can still fuse the
+    scale and the transpose into the MatMul, and the metric is not transposed back ([B, H, N, d] is read)."""
+    src = request.getfixturevalue(spec_fixture)
+    base = onnx.load(str(src), load_external_data=False)
+    model = onnx.load(str(_compress(src, tmp_path, r="2")), load_external_data=False)
+
+    def consumer_counts(graph):
+        counts = {}
+        for node in graph.node:
+            for name in node.input:
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    before, after = consumer_counts(base.graph), consumer_counts(model.graph)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    metrics = {n.name.split("/")[0]: n for n in model.graph.node if n.name.endswith("/metric")}
+    blocks = find_blocks(ir.from_proto(model).graph)
+    assert len(metrics) == len(blocks) > 1
+    for block in blocks:
+        metric = metrics[f"tc_blk{block.index}"]
+        assert metric.op_type == "Reshape"  # straight to [B, N, d]: no Transpose after the head mean
+        source = producers[producers[metric.input[0]].input[1]].input[0]  # metric <- MatMul <- flat <- source
+        value, walked = block.keys.name, []
+        while value != source:
+            walked.append(value)
+            assert after.get(value) == before.get(value), (value, before.get(value), after.get(value))
+            producer = producers[value]
+            assert producer.op_type in ("Mul", "Div", "Transpose", "Reshape"), producer.op_type
+            value = producer.input[0] if producer.op_type != "Mul" or producer.input[0] not in (
+                i.name for i in model.graph.initializer) else producer.input[1]
+        assert walked, "the metric should not read the logits operand itself"

@@ -282,3 +282,16 @@ def test_ray_scores_every_plan_as_in_process(st_tiny, texts):
         pool.close()
     assert [value for value, _ in remote] == [value for value, _ in local]
     assert [c for _, c in remote] == [c for _, c in local]
+
+
+def test_latency_ratio_is_the_upper_quartile_of_per_round_ratios():
+    """A plan whose median round meets 0.7 but whose slower rounds do not is judged by the slower rounds, and the
+    rounds are paired: a drift that slows both models in one round cancels."""
+    from tcexport.tune.latency import round_ratio_quartile
+
+    base = [100, 100, 100, 100, 200]  # the last round ran on a busy machine: both models slow
+    compressed = [60, 65, 70, 80, 140]
+    ratios = sorted(c / b for b, c in zip(base, compressed))  # 0.6, 0.65, 0.7, 0.7, 0.8
+    assert round_ratio_quartile(base, compressed) == pytest.approx(ratios[3])
+    assert round_ratio_quartile(base, compressed) > sorted(ratios)[2] - 1e-12  # not below the median
+    assert round_ratio_quartile([100] * 4, [50, 50, 50, 90]) > 0.5  # one slow round of four moves it up

@@ -1,5 +1,10 @@
 """Latency budgets, measured: the compressed plan timed interleaved with the uncompressed model (bench's loop),
-on this machine's ONNX Runtime CPU, one plan at a time so the numbers stay comparable."""
+on this machine's ONNX Runtime CPU, one plan at a time so the numbers stay comparable.
+
+The ratio a plan is judged by is conservative: per round (both models run back to back, so drift cancels) the
+compressed latency over the uncompressed one, and of those the upper quartile, not the median. A plan that meets
+the budget this way meets it in three rounds of four, so a later `tcexport bench` of the same two models on a
+noisy machine still shows the speedup the budget asks for."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from tcexport.tune import objective
 
 WARMUP = 5
 ITERS = 30
+UPPER_QUARTILE = 75
 
 
 class LatencyMeter:
@@ -20,10 +26,15 @@ class LatencyMeter:
         self.base = bench.OrtRunner("uncompressed", objective.session(model, threads))
 
     def ratio(self, compressed: onnx.ModelProto) -> float:
-        """Median latency of the compressed model over the uncompressed one's, in the same rounds."""
+        """Upper quartile over rounds of compressed / uncompressed latency (see the module doc)."""
         runner = bench.OrtRunner("compressed", objective.session(compressed, self.threads))
         names = [i.name for i in runner.session.get_inputs()]
         feed = {k: v for k, v in self.feed.items() if k in names}
         timing = bench.time_interleaved([self.base, runner], [feed, feed], WARMUP, self.iters)
-        base_ms, ours_ms = (bench.latency_stats(np.asarray(t) / 1e6)["median"] for t in timing.latencies_ns)
-        return ours_ms / base_ms
+        return round_ratio_quartile(*timing.latencies_ns)
+
+
+def round_ratio_quartile(base_ns, compressed_ns) -> float:
+    """75th percentile of the per-round ratios compressed / uncompressed (rounds aligned by index)."""
+    ratios = np.asarray(compressed_ns, dtype=float) / np.asarray(base_ns, dtype=float)
+    return float(np.percentile(ratios, UPPER_QUARTILE))
