@@ -210,7 +210,11 @@ def test_outputs_and_held_out_samples(tuned):
     samples = summary["samples"]
     assert set(samples["search"]).isdisjoint(samples["holdout"]) and samples["holdout"]
     records = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
-    assert len([r for r in records if r["role"] != "sweep"]) == 6
+    assert len([r for r in records if r["role"] in ("start", "search")]) == summary["trials"] == 6
+    polished = [r for r in records if r["role"] == "polish"]
+    assert len(polished) == summary["polished"]
+    keys = [json.dumps(r["shape"], sort_keys=True) for r in records if r["role"] != "sweep"]
+    assert len(set(keys)) == len(keys) - sum(1 for r in records if r.get("repeat"))  # no plan measured twice
     assert records[0]["role"] == "start" and records[0]["shape"]["slope"] == 0  # the structured start comes first
     pareto = json.loads((out / "pareto.json").read_text())
     front = pareto["front"]
@@ -295,3 +299,20 @@ def test_latency_ratio_is_the_upper_quartile_of_per_round_ratios():
     assert round_ratio_quartile(base, compressed) == pytest.approx(ratios[3])
     assert round_ratio_quartile(base, compressed) > sorted(ratios)[2] - 1e-12  # not below the median
     assert round_ratio_quartile([100] * 4, [50, 50, 50, 90]) > 0.5  # one slow round of four moves it up
+
+
+def test_neighbours_are_one_step_away_and_valid():
+    from tcexport.tune import search, space
+
+    structure = space.Structure(depth=6, tokens=128, protected=1, width=64)
+    shape = space.Shape(("topk",), 1, 3, 2, 0.0)
+    found = search.neighbours(shape, structure)
+    described = {n.describe() for n in found}
+    # start 0 or 2, stop 2 (stop 4 chooses the same blocks: left out), every 1 or 3, slope -0.5 or +0.5
+    assert "topk@1,2,3 slope +0.00" in described and "topk@0,2 slope +0.00" in described
+    assert "topk@2 slope +0.00" in described and "topk@1,3 slope -0.50" in described
+    for n in found:
+        assert 0 <= n.start <= n.stop <= 5 and n.every >= 1 and n.key() != shape.key()
+    edge = search.neighbours(space.Shape(("tome",), 0, 5, 1, 1.0), structure)
+    assert all(n.start >= 0 and n.stop <= 5 and n.every >= 1 and n.slope <= 1.0 for n in edge)
+    assert "tome@1,2,3,4,5 slope +1.00" in {n.describe() for n in edge}

@@ -95,7 +95,8 @@ def tune(model_path: Path, budget_text: str, data: Path, out_dir: Path, methods_
     best = result.best()
     summary = {"model": str(model_path), "budget": budget.text(), "methods": list(names), "data": str(data),
                "samples": {"search": split.search_index, "holdout": split.holdout_index},
-               "trials": sum(1 for r in result.records if r["role"] != "sweep"), "interrupted": result.interrupted,
+               "trials": sum(1 for r in result.records if r["role"] in ("start", "search")),
+               "polished": sum(1 for r in result.records if r["role"] == "polish"), "interrupted": result.interrupted,
                "search_seconds": result.seconds, "ray": ray, "best": None}
     recipe = None
     if best is not None:

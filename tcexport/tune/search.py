@@ -4,6 +4,9 @@ A trial: draw a shape (space.suggest; the first trials are space.structured_star
 proxy of the budget, compress, measure the real budget (FLOPs of the rewritten graph, its recorded token
 schedule, or its latency against the uncompressed model) and shrink the target until it is met (up to
 FIT_TRIES times), then score its fidelity. Infeasible plans are told to optuna below every feasible one.
+After the trials, the best shape's neighbours (one block earlier or later at either end, every block more or
+less, the slope +-0.5) are tried too, while one of them beats it (POLISH_ROUNDS): TPE samples the space
+broadly, and a plan one step from the best is often better and cheap to check (role "polish" in the records).
 Ctrl-C ends the search; the trials done so far are kept.
 """
 
@@ -18,6 +21,9 @@ from tcexport.tune import objective, space
 from tcexport.tune.budget import Budget
 
 FIT_TRIES = 3
+POLISH_ROUNDS = 2  # rounds of trying the best shape's neighbours after the search (each stops if none is better)
+NEIGHBOUR_STEPS = (("start", -1), ("start", 1), ("stop", -1), ("stop", 1), ("every", -1), ("every", 1),
+                   ("slope", -0.5), ("slope", 0.5))
 SWEEP = (-0.15, -0.10, -0.05, 0.05, 0.10)  # budget offsets the best shape is also measured at (Pareto front)
 
 
@@ -115,6 +121,8 @@ def run(evaluator: objective.Evaluator, budget: Budget, names: tuple[str, ...], 
                 seen.setdefault(key, {k: v for k, v in record.items() if k not in _PER_TRIAL})
                 study.tell(trial, _tell_value(record))
                 _finish(result, record, trials, budget)
+        if time_limit is None or time.perf_counter() - started < time_limit:
+            _polish(evaluator, sizer, result, budget, remote, seen)
         if sweep and result.best() is not None:
             _sweep(evaluator, sizer, result, budget, remote)
     except KeyboardInterrupt:
@@ -140,7 +148,51 @@ def _score(evaluator, records: list[dict], remote) -> None:
 
 
 def _searched(result: Result) -> int:
-    return sum(1 for r in result.records if r["role"] != "sweep")
+    return sum(1 for r in result.records if r["role"] in ("start", "search"))
+
+
+def neighbours(shape: space.Shape, structure) -> list[space.Shape]:
+    """Shapes one step from `shape`: each of NEIGHBOUR_STEPS that stays a valid shape."""
+    last = structure.depth - 1
+    found = []
+    for name, step in NEIGHBOUR_STEPS:
+        params = {**shape.to_json(), "method": "+".join(shape.methods)}
+        params[name] = max(-1.0, min(1.0, params[name] + step)) if name == "slope" else params[name] + step
+        if not (0 <= params["start"] <= params["stop"] <= last and params["every"] >= 1):
+            continue
+        candidate = space.shape_from_params(params, structure)
+        if candidate.key() != shape.key():
+            found.append(candidate)
+    return found
+
+
+def _polish(evaluator, sizer: Sizer, result: Result, budget: Budget, remote, seen: dict) -> None:
+    """Try the best shape's unseen neighbours; repeat from a better one, up to POLISH_ROUNDS times."""
+    for _ in range(POLISH_ROUNDS):
+        best = result.best()
+        if best is None:
+            return
+        shape = space.shape_from_params({**best["shape"], "method": "+".join(best["shape"]["methods"])},
+                                        evaluator.structure)
+        records = []
+        for candidate in neighbours(shape, evaluator.structure):
+            if candidate.key() in seen:
+                continue
+            record = {"number": None, "role": "polish", "shape": candidate.to_json(),
+                      "describe": candidate.describe(), "_started": time.perf_counter()}
+            try:
+                record.update(sizer.fit(candidate, budget.ratio))
+            except UsageError as exc:
+                record.update(feasible=False, note=str(exc))
+            seen[candidate.key()] = {k: v for k, v in record.items() if k not in (*_PER_TRIAL, "_model", "_started")}
+            records.append(record)
+        _score(evaluator, records, remote)
+        for record in records:
+            record["seconds"] = round(time.perf_counter() - record.pop("_started"), 3)
+            record.pop("_model", None)
+            _finish(result, record, None, budget)
+        if result.best() is best:
+            return
 
 
 def _done(result: Result, trials: int | None, time_limit: float | None, started: float) -> bool:
@@ -153,7 +205,8 @@ def _finish(result: Result, record: dict, trials: int | None, budget: Budget) ->
     result.records.append(record)
     best = result.best()
     total = f"/{trials}" if trials else ""
-    with progress.step(f"trial {_searched(result)}{total} {record['describe']}") as item:
+    label = f"trial {_searched(result)}{total}" if record["role"] in ("start", "search") else record["role"]
+    with progress.step(f"{label} {record['describe']}") as item:
         item.start -= record.get("seconds", 0.0)  # the line reports the trial's own time, measured before
         if record.get("fidelity") is not None:
             item.note(f"fidelity {record['fidelity']:.4f}, {budget.kind} {record['cost']:.3f}"
