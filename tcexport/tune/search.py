@@ -174,21 +174,24 @@ def _polish(evaluator, sizer: Sizer, result: Result, budget: Budget, remote, see
             return
         shape = space.shape_from_params({**best["shape"], "method": "+".join(best["shape"]["methods"])},
                                         evaluator.structure)
-        records = []
+        records, fit_seconds = [], []
         for candidate in neighbours(shape, evaluator.structure):
             if candidate.key() in seen:
                 continue
-            record = {"number": None, "role": "polish", "shape": candidate.to_json(),
-                      "describe": candidate.describe(), "_started": time.perf_counter()}
+            record = {"number": None, "role": "polish", "shape": candidate.to_json(), "describe": candidate.describe()}
+            started = time.perf_counter()
             try:
                 record.update(sizer.fit(candidate, budget.ratio))
             except UsageError as exc:
                 record.update(feasible=False, note=str(exc))
-            seen[candidate.key()] = {k: v for k, v in record.items() if k not in (*_PER_TRIAL, "_model", "_started")}
+            fit_seconds.append(time.perf_counter() - started)
+            seen[candidate.key()] = {k: v for k, v in record.items() if k not in (*_PER_TRIAL, "_model")}
             records.append(record)
+        scoring = time.perf_counter()
         _score(evaluator, records, remote)
-        for record in records:
-            record["seconds"] = round(time.perf_counter() - record.pop("_started"), 3)
+        share = (time.perf_counter() - scoring) / max(1, len(records))  # scored together (Ray: in parallel)
+        for record, seconds in zip(records, fit_seconds):
+            record["seconds"] = round(seconds + share, 3)
             record.pop("_model", None)
             _finish(result, record, None, budget)
         if result.best() is best:
