@@ -25,6 +25,7 @@ from tcexport.graph.blocks import LOGIT_PATH_OPS, Block
 from tcexport.graph.probe import PROBE_BATCH
 from tcexport.graph.tokens import TokenTracker, Tokens, const_array
 from tcexport.methods.base import Method
+from tcexport.methods.emit import numpy_dtype
 
 MASK_MIN = float(np.finfo(np.float32).min)  # what transformers adds for masked keys
 QUERY_INPUT = "query"  # graph input [batch, C] created for methods that need an external query vector
@@ -204,7 +205,7 @@ def _head_mean_keys(build: _Builder, block: Block, shapes) -> ir.Value:
     # provider than a ReduceMean over a leading axis. The reshapes carry no token count (0 and -1 only).
     flat = build.op(f"{prefix}/flat", "Reshape", [source, build.const(f"{prefix}/flat_shape", np.array([0, 0, -1]))],
                     (batch, heads, n * dim))
-    weights = build.const(f"{prefix}/head_weights", np.full((1, heads), 1.0 / heads, dtype=_float_dtype(source)))
+    weights = build.const(f"{prefix}/head_weights", np.full((1, heads), 1.0 / heads, dtype=numpy_dtype(source)))
     mean = build.op(f"{prefix}/head_mean", "MatMul", [weights, flat], (batch, 1, n * dim))
     if not tokens_last:
         return build.op(prefix, "Reshape", [mean, build.const(f"{prefix}/shape", np.array([0, -1, dim]))],
@@ -212,10 +213,6 @@ def _head_mean_keys(build: _Builder, block: Block, shapes) -> ir.Value:
     rows = build.op(f"{prefix}/rows", "Reshape", [mean, build.const(f"{prefix}/shape", np.array([0, dim, -1]))],
                     (batch, dim, n))
     return build.op(prefix, "Transpose", [rows], (batch, n, dim), perm=[0, 2, 1])
-
-
-def _float_dtype(value: ir.Value) -> np.dtype:
-    return np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
 
 
 def _key_source(keys: ir.Value, shapes) -> tuple[ir.Value, bool]:
@@ -232,7 +229,7 @@ def _key_source(keys: ir.Value, shapes) -> tuple[ir.Value, bool]:
     best = (keys, True)
     while (producer := value.producer()) is not None:
         if producer.op_type in ("Mul", "Div") and len(producer.inputs) == 2:
-            scalars = [const_array(v) is not None and const_array(v).size == 1 for v in producer.inputs]
+            scalars = [(array := const_array(v)) is not None and array.size == 1 for v in producer.inputs]
             if producer.op_type == "Div" and scalars == [False, True]:
                 value = producer.inputs[0]
             elif producer.op_type == "Mul" and sum(scalars) == 1:
