@@ -99,6 +99,8 @@ class Positions:
         if 0 in axes or dims[0] not in (1, PROBE_BATCH):
             raise UsageError(f"the position term '{operand.name}' of shape {list(shape)} has no batch axis tcexport "
                              "can follow; expected [1 or batch, ..., tokens, ...]")
+        if dims[0] == 1 and axes == [len(dims) - 2, len(dims) - 1]:
+            return self._gather_pairs(prefix, value, dims, positions)
         batch = build.op(f"{prefix}/batch", "Concat", [
             build.op(f"{prefix}/batch_dim", "Shape", [positions], None, start=0, end=1),
             build.const(f"{prefix}/ones", np.ones(len(dims) - 1, dtype=np.int64))], None, axis=0)
@@ -112,6 +114,27 @@ class Positions:
             picked = build.op(f"{prefix}/gather{axis}", "GatherND", [moved, index], None, batch_dims=1)
             value = build.op(f"{prefix}/back{axis}", "Transpose", [picked], None, perm=[int(i) for i in inverse])
         return value
+
+    def _gather_pairs(self, prefix: str, value: ir.Value, dims: list[int], positions: ir.Value) -> ir.Value:
+        """A term over token pairs shared by the batch ([1, ..., N, N], an attention bias): laid out pairs-first
+        ([N * N, ...]: ONNX Runtime folds that when the term is constant, as relative position biases are), one
+        Gather of the kept pairs at pos_i * N + pos_j, each a contiguous run of the other axes, then the batch
+        and the other axes back in front. The general path expands the term to the batch and transposes each
+        token axis to the front and back: five full copies of [B, H, N, N] per block."""
+        build, n, middle = self.build, dims[-1], dims[1:-2]
+        k = len(middle)
+        pairs_first = build.op(f"{prefix}/pairs_first", "Transpose", [value], None,
+                               perm=[k + 1, k + 2, 0, *range(1, k + 1)])  # [N, N, 1, middle...]
+        flat = build.op(f"{prefix}/pairs", "Reshape", [pairs_first, build.const(
+            f"{prefix}/pairs_shape", np.array([n * n, *middle], dtype=np.int64))], None)
+        row = build.op(f"{prefix}/row", "Mul", [
+            build.op(f"{prefix}/row_col", "Unsqueeze", [positions, build.const(f"{prefix}/axis2", np.array([2]))],
+                     None), build.const(f"{prefix}/n", np.array(n, dtype=np.int64))], None)
+        column = build.op(f"{prefix}/column", "Unsqueeze", [positions, build.const(f"{prefix}/axis1",
+                                                                                    np.array([1]))], None)
+        pair = build.op(f"{prefix}/pair", "Add", [row, column], None)  # [B, N', N']
+        picked = build.op(f"{prefix}/gather_pairs", "Gather", [flat, pair], None, axis=0)  # [B, N', N', middle...]
+        return build.op(f"{prefix}/batch_first", "Transpose", [picked], None, perm=[0, *range(3, k + 3), 1, 2])
 
 
 def weighted_mean(build, node: ir.Node, state, axis: int, delta: int, shape: tuple[int, ...]) -> ir.Value:
