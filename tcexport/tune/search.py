@@ -151,6 +151,11 @@ def _searched(result: Result) -> int:
     return sum(1 for r in result.records if r["role"] in ("start", "search"))
 
 
+def _shape_of(record: dict, structure) -> space.Shape:
+    """The Shape a trial record was drawn as (records keep it as JSON)."""
+    return space.shape_from_params({**record["shape"], "method": "+".join(record["shape"]["methods"])}, structure)
+
+
 def neighbours(shape: space.Shape, structure) -> list[space.Shape]:
     """Shapes one step from `shape`: each of NEIGHBOUR_STEPS that stays a valid shape."""
     last = structure.depth - 1
@@ -172,8 +177,7 @@ def _polish(evaluator, sizer: Sizer, result: Result, budget: Budget, remote, see
         best = result.best()
         if best is None:
             return
-        shape = space.shape_from_params({**best["shape"], "method": "+".join(best["shape"]["methods"])},
-                                        evaluator.structure)
+        shape = _shape_of(best, evaluator.structure)
         records, fit_seconds = [], []
         for candidate in neighbours(shape, evaluator.structure):
             if candidate.key() in seen:
@@ -222,8 +226,7 @@ def _finish(result: Result, record: dict, trials: int | None, budget: Budget) ->
 def _sweep(evaluator, sizer: Sizer, result: Result, budget: Budget, remote) -> None:
     """The best shape at other budgets: the Pareto front around the chosen point."""
     best = result.best()
-    shape = space.shape_from_params({**best["shape"], "method": "+".join(best["shape"]["methods"])},
-                                    evaluator.structure)
+    shape = _shape_of(best, evaluator.structure)
     records = []
     for offset in SWEEP:
         ratio = round(budget.ratio + offset, 4)
