@@ -12,8 +12,9 @@ from tests.families import METHODS, compress_and_validate, export_zoo, has_node
 # family -> the graph node that shows its mechanism took part (None: nothing beyond plain blocks)
 TIMM = {
     "vit_tiny_patch16_224": None,
-    "beit_base_patch16_224": "position_term",  # relative position bias gathered at the tokens' positions
-    "vit_relpos_small_patch16_224": "position_term",
+    # relative position bias [1, H, N, N]: gathered at the tokens' position pairs in one Gather
+    "beit_base_patch16_224": "position_term/gather_pairs",
+    "vit_relpos_small_patch16_224": "position_term/gather_pairs",
     "eva02_tiny_patch14_224": "position_term",  # rotary cos/sin tables gathered
     "vit_medium_patch16_gap_256": "size_weighted",  # average pooling weighted by size
     "vit_base_patch16_reg4_gap_256": "size_weighted",  # register tokens protected, avg pooling
