@@ -77,12 +77,8 @@ def merge_nodes(model_path: Path, block: int = 3) -> dict:
     return {"nodes": sum(ops.values()), "ops": dict(ops.most_common())}
 
 
-def eager_reference_ms(spec: str, r: int, batches: list[int], iters: int, threads: int | None) -> dict:
+def eager_reference_ms(source, blocks: int, r: int, batches: list[int], iters: int) -> dict:
     """Median latency of tcexport's eager reference (the model's own forward with ToMe applied), per batch."""
-    if threads:
-        torch.set_num_threads(threads)
-    source = sources.load(spec, seed=0)
-    blocks = compressed_reference(source, {}).layout.blocks
     reference = compressed_reference(source, {block: ToMe(r=r) for block in range(blocks)})
     medians = {}
     with torch.no_grad():
@@ -149,7 +145,10 @@ def main() -> None:
     bench.write_json(timing, out / "bench.json")
     medians = {(e["artifact"], e["batch"]): e["latency_ms"]["median"] for e in timing["results"]}
 
-    eager = {r: eager_reference_ms(args.model, r, batches, args.eager_iters, args.threads) for r in rs}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    source = sources.load(args.model, seed=0)  # the reference deep-copies it: one load serves every r
+    eager = {r: eager_reference_ms(source, len(schedules[r]), r, batches, args.eager_iters) for r in rs}
     rows = []
     for batch in batches:
         base_flops, _ = model_flops(base, batch)
