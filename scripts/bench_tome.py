@@ -13,6 +13,13 @@ The oracle: the same token counts per block reached by dropping tokens with one 
 buys on this engine; ToMe's extra wall time over it, (ToMe - oracle) / ToMe, is the cost of the inserted ops
 without the profiler's per-node overhead.
 
+The inserted ops' share of latency is measured twice. By ORT's profiler (their node time over all node time),
+which charges every node its own per-node overhead too (measured here on a chain of tiny Add nodes, with and
+without the profiler), so for ~40 small nodes per merge it mostly measures the profiler. And in wall-clock time,
+no profiler (tcexport.inserted_cost): the inserted ops cut out of the built model, fed the tensors the whole model
+feeds them, timed against the whole model, both as `tcexport bench` runs sessions (idle threads asleep, runs
+interleaved) and as a deployed session runs by default (threads spinning between runs).
+
 Also printed: the nodes of one merge (block 3: its metric, the merge, and the proportional-attention bias of the
 next block), as written and after ONNX Runtime's graph optimizations, and the latency of tcexport's eager PyTorch
 reference of the same compression (torch on the same threads), timed in the same run.
@@ -33,7 +40,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from tcexport import bench, compress, export, flops, inputs, metadata, sources
+from onnx import TensorProto, helper
+
+from tcexport import bench, compress, export, flops, inputs, inserted_cost, metadata, sources
 from tcexport.backends import ort as ort_backend
 from tcexport.methods.tome import ToMe
 from tcexport.reference import compressed_reference
@@ -66,6 +75,41 @@ def inserted_share(model_path: Path, batch: int, runs: int, threads: int | None)
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:4]
     return {"share": inserted_time / node_time if node_time else 0.0,
             "top_ops": [{"op": op, "share": t / node_time} for op, t in top]}
+
+
+def profiler_overhead_us(threads: int | None, nodes: int = 200, runs: int = 300) -> float:
+    """What ORT's profiler adds to each node's time: a chain of `nodes` tiny Adds, timed with and without it."""
+    def chain(length: int) -> bytes:
+        names = ["x", *[f"y{i}" for i in range(length)]]
+        graph = helper.make_graph(
+            [helper.make_node("Add", [names[i], "one"], [names[i + 1]], name=f"add{i}") for i in range(length)],
+            "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 197, 1])],
+            [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1, 197, 1])],
+            initializer=[helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+    def per_run_us(length: int, profiled: bool) -> float:
+        options = ort_backend.session_options(threads, opt_level="disable")
+        with tempfile.TemporaryDirectory() as tmp:
+            if profiled:
+                options.enable_profiling = True
+                options.profile_file_prefix = os.path.join(tmp, "profile")
+            session = ort.InferenceSession(chain(length), options, providers=["CPUExecutionProvider"])
+            feed = {"x": np.zeros((1, 197, 1), np.float32)}
+            for _ in range(20):
+                session.run(None, feed)
+            times = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - start)
+            if profiled:
+                session.end_profiling()
+        return 1e6 * float(np.median(times))
+
+    plain = (per_run_us(nodes + 1, False) - per_run_us(1, False)) / nodes
+    profiled = (per_run_us(nodes + 1, True) - per_run_us(1, True)) / nodes
+    return profiled - plain
 
 
 def merge_nodes(model_path: Path, block: int = 3) -> dict:
@@ -112,6 +156,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile-runs", type=int, default=5)
     parser.add_argument("--eager-iters", type=int, default=5)
+    parser.add_argument("--wall-iters", type=int, default=24, help="timed runs of the inserted-ops cut, per mode")
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +202,11 @@ def main() -> None:
             ideal = base_flops / own
             measured = medians[("base-ort", batch)] / medians[(f"tome_r{r}-ort", batch)]
             oracle = medians[("base-ort", batch)] / medians[(f"oracle_r{r}-ort", batch)]
-            profile = inserted_share(builds[f"r{r}"] / "model.onnx", batch, args.profile_runs, args.threads)
+            built = builds[f"r{r}"] / "model.onnx"
+            profile = inserted_share(built, batch, args.profile_runs, args.threads)
+            wall = {mode: inserted_cost.inserted_wall_time(built, batch, iters=args.wall_iters, threads=args.threads,
+                                                           spinning=spinning)
+                    for mode, spinning in (("asleep", False), ("spinning", True))}
             rows.append({"r": r, "batch": batch, "tokens_out": schedules[r][-1]["out"],
                          "gflops_base": base_flops / 1e9, "gflops_compressed": own / 1e9,
                          "gflops_inserted": inserted / 1e9, "flop_ideal_speedup": ideal,
@@ -165,6 +214,7 @@ def main() -> None:
                          "base_median_ms": medians[("base-ort", batch)],
                          "compressed_median_ms": medians[(f"tome_r{r}-ort", batch)],
                          "inserted_share": profile["share"], "inserted_top_ops": profile["top_ops"],
+                         "inserted_wall": wall, "inserted_nodes": wall["asleep"]["inserted_nodes"],
                          "oracle_speedup": oracle, "oracle_median_ms": medians[(f"oracle_r{r}-ort", batch)],
                          "fraction_of_oracle": measured / oracle,
                          "inserted_wall_share": 1 - medians[(f"oracle_r{r}-ort", batch)]
@@ -173,7 +223,9 @@ def main() -> None:
                          "ort_over_eager_speedup": eager[r][batch] / medians[(f"tome_r{r}-ort", batch)]})
     merge = {"as_written": merge_nodes(out / f"tome_r{rs[0]}.onnx"),
              "after_ort_optimizations": merge_nodes(builds[f"r{rs[0]}"] / "model.onnx")}
+    overhead = profiler_overhead_us(args.threads)
     (out / "results.json").write_text(json.dumps({"rows": rows, "merge_nodes_block3": merge,
+                                                  "profiler_overhead_us_per_node": overhead,
                                                   "environment": timing["environment"]}, indent=2))
     print("\n| r | batch | tokens (last block) | GFLOPs base → ToMe | FLOP-ideal | measured | of ideal | "
           "base ms | ToMe ms | inserted ops |")
@@ -183,6 +235,15 @@ def main() -> None:
               f"{row['gflops_compressed']:.1f} | {row['flop_ideal_speedup']:.2f}x | {row['measured_speedup']:.2f}x | "
               f"{100 * row['fraction_of_ideal']:.0f}% | {row['base_median_ms']:.1f} | "
               f"{row['compressed_median_ms']:.1f} | {100 * row['inserted_share']:.1f}% |")
+    print(f"\nORT's profiler adds {overhead:.1f} us to each node (a chain of tiny Adds, with and without it)")
+    print("\n| r | batch | inserted nodes | inserted ops, profiled | wall, threads asleep (as bench) | "
+          "wall, threads spinning (ORT default) | inserted ms (asleep / spinning) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        wall = row["inserted_wall"]
+        print(f"| {row['r']} | {row['batch']} | {row['inserted_nodes']} | {100 * row['inserted_share']:.1f}% | "
+              f"{100 * wall['asleep']['share']:.1f}% | {100 * wall['spinning']['share']:.1f}% | "
+              f"{wall['asleep']['inserted_ms']:.2f} / {wall['spinning']['inserted_ms']:.2f} |")
     print("\n| r | batch | same-schedule drop (oracle) | ToMe | ToMe of oracle | ToMe's extra wall time |")
     print("|---|---|---|---|---|---|")
     for row in rows:

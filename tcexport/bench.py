@@ -141,10 +141,7 @@ def ort_provider_and_opt_level(artifact: Artifact) -> tuple[str, str]:
 def open_ort_runner(artifact: Artifact, label: str, provider: str, opt_level: str, threads: int | None) -> OrtRunner:
     from tcexport.backends import ort as ort_backend
 
-    options = ort_backend.session_options(threads, opt_level)
-    # Idle ORT worker threads spin for a while after each run; with sessions interleaved, one artifact's spinning
-    # pool would steal cores from the next artifact's run. Sleeping pools make the comparison fair.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = ort_backend.session_options(threads, opt_level, interleaved=True)
     session = ort_backend.open_session(artifact.model_path, provider, options=options)
     return OrtRunner(label, session)
 

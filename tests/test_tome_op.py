@@ -22,7 +22,7 @@ RS = [0, 1, 8, 16, 1000]  # 1000: above the cap for every shape
 TOL = 1e-5
 # Plain ops that ONNX Runtime and TensorRT 10.3 (without its plugin library) both run.
 GEMM_OPS = {"Constant", "ReduceL2", "Max", "Div", "Slice", "Transpose", "MatMul", "Sub", "Unsqueeze", "Mul",
-            "Add", "Where", "ReduceMax", "ArgMax", "TopK", "Equal", "Cast", "Neg", "GatherND", "GatherElements",
+            "Add", "Where", "ReduceMax", "ReduceSum", "ArgMax", "TopK", "Equal", "Cast", "Neg", "GatherND", "GatherElements",
             "Concat", "Squeeze", "Greater", "Identity", "Pad", "Gather", "Split"}
 
 
@@ -158,6 +158,22 @@ def test_all_equal_scores_merge_first_a_tokens_into_first_b_token():
     assert np.array_equal(x_new[0, [0, 1, 2, 4, 5, 6, 7]], x[0, [0, 8, 10, 3, 5, 7, 9]])
 
 
+def test_equal_shares_stay_exactly_equal_on_one_hot_rows():
+    # graph/positions.py reads which input token holds the largest share of each output row (one-hot rows in,
+    # first argmax out, as the reference reads it). Three tokens of size 1 merged into one must hold exactly
+    # 1/3 each, bit for bit as in the reference, or the argmax picks another token than the reference does.
+    n, protected, r = 11, 1, 2
+    x = np.zeros((1, n, C), np.float32)
+    x[0, :, :n] = np.eye(n, dtype=np.float32)
+    _, _, size, _ = make_inputs(0, 1, n, protected, False, ones=True)
+    onnx_out, ref_out = run_both(n, protected, r, x, tied_metric(0, 1, n, 1), size, None)
+    # As in the test above, the first r unprotected A tokens (2, 4) merge into token 1: out [0, 6, 8, 10, 1+2+4, ...]
+    merged = onnx_out[0][0, 4, :n]
+    assert np.array_equal(merged, ref_out[0][0, 4, :n])
+    assert len(set(merged[[1, 2, 4]].tolist())) == 1 and merged[[1, 2, 4]].sum() == pytest.approx(1)
+    assert int(np.argmax(merged)) == 1
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("r", [0, 8])
 def test_graph_is_clean_gemm_onnx(r, with_mask):
@@ -173,14 +189,15 @@ def test_graph_is_clean_gemm_onnx(r, with_mask):
     n_out = ToMe(r=r).tokens_out(198, 2)
     assert [o.type.tensor_type.shape.dim[1].dim_value for o in model.graph.output] == [n_out] * len(model.graph.output)
     if r:
-        # Static shapes: every k and split size is a constant, and the ranking's first r entries are merged.
+        # Static shapes: every k and split size is a constant. The ranking holds every token: its first r entries
+        # are merged, the rest are the N - r output tokens.
         producers = {out: node for node in model.graph.node for out in node.output}
         for node in model.graph.node:
             if node.op_type in ("TopK", "Split"):
                 assert producers[node.input[1]].op_type == "Constant"
         split = next(node for node in model.graph.node if node.op_type == "Split")
         sizes = onnx.numpy_helper.to_array(producers[split.input[1]].attribute[0].t).tolist()
-        assert sizes[0] == r and sum(sizes) == (198 - 2 + 1) // 2 + 2
+        assert sizes == [r, 198 - r]
 
 
 def test_tokens_out_and_cap():

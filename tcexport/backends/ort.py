@@ -41,13 +41,18 @@ def provider_name(provider: str) -> str:
     return name
 
 
-def session_options(threads: int | None = None, opt_level: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None, opt_level: str = "all",
+                    interleaved: bool = False) -> ort.SessionOptions:
+    """interleaved: the session takes turns with others (timing); its idle worker threads then sleep instead of
+    spinning, since a spinning pool would steal cores from the next session's run."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[opt_level]
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if interleaved:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

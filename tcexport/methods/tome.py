@@ -33,15 +33,16 @@ Inputs as in `tcexport.methods.base`: x [B,N,C], metric [B,N,Ck], size [B,N,1], 
 Proportional attention (adding log(size) to the attention logits of later blocks) is the rewriter's job;
 `log_size_bias` gives that bias for the PyTorch reference model.
 
-ONNX form: standard opset-18 ops, no Scatter*, static output shapes, dynamic batch, few nodes (ONNX Runtime
-spends ~5-10 us per node at batch 1, so node count, not arithmetic, is what a merge costs there). Only the
-unprotected tokens are scored (slicing them out equals scoring the protected ones PROTECTED_SCORE). One TopK over
-every A token, with the protected tokens padded in last, ranks them all: its first r entries merge, and the rest,
-sorted by token number (a second, small TopK), is what stays in original order, protected tokens first. Every
-index is a [B, k, 1] column that GatherND (batch_dims=1) takes as is. Only the r merged A tokens go through a GEMM:
-a one-hot matrix D [B, Nb, r] (D[j, k] = 1 when merge k lands on B token j) adds them into B as
-x'_B = (x_B * size_B + D @ (x_src * size_src)) / (size_B + D @ size_src). That costs O(Nb * r * C) instead of
-the O(N^2 * C) of a full assignment matrix, which matters at batch 1 on a CPU.
+ONNX form: standard opset-18 ops, no Scatter*, static output shapes, dynamic batch. ONNX Runtime spends a few
+microseconds on every node at batch 1 and moves bytes at memory speed at batch 8, so a merge should have few
+nodes and, above all, few passes over the full-width tokens. Only the unprotected tokens are scored (slicing them
+out equals scoring the protected ones PROTECTED_SCORE). One TopK ranks every token, A tokens by their best score
+and then the protected and B tokens (padded in with PROTECTED_SCORE, in index order): its first r entries merge
+and the other N - r are the output tokens, which one small TopK over token-number keys puts in step 8's order.
+Each merge then computes the whole new row of its B token from the r merged rows alone (a [r, r] x [r, C] GEMM),
+those r rows are appended to x, and one GatherND of every output row from [x; merged rows] writes the output:
+x is read once and x' written once, the only full-width passes. Every index is a [B, k, 1] column that GatherND
+(batch_dims=1) takes as is.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ from tcexport.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.emit import Emitter as _Emitter
-from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import numpy_dtype as _numpy_dtype
 from tcexport.methods.emit import rows, typed_state
 
@@ -245,60 +245,68 @@ class ToMe(Method):
         # Best B partner of each A token, [B, Na, 1] each: TopK with k=1 gives the max and its first index.
         node_max, node_idx = g.op_multi("node_best", "TopK", 2, scores, g.i64("k_best", [1]), axis=-1, largest=1,
                                         sorted=1)
-        # The protected tokens join the ranking last (PROTECTED_SCORE): one ranking then yields both the r
-        # merged A tokens and everything that stays, and the protected tokens sort first among the latter.
-        ranked = node_max
-        if p:
-            ranked = g.op("node_max_protected", "Pad", node_max, g.i64("pads", [0, 0, 0, 0, p, 0]),
-                          g.const("protected_score", PROTECTED_SCORE))
-        _, order = g.op_multi("rank", "TopK", 2, ranked, g.i64("k_all", [n_a + p]), axis=1, largest=1, sorted=1)
-        if n_stay:
-            src, rest = g.op_multi("split", "Split", 2, order, g.i64("split_sizes", [r, n_stay]), axis=1)
-        else:  # every token merges (N = 2r, nothing protected)
-            src, rest = order, None
+        # The protected tokens and then the B tokens join the ranking last (PROTECTED_SCORE, ties kept in index
+        # order): one ranking yields the r merged A tokens and, after them, every output token in some order.
+        n_ranked = n_a + p + n_b
+        ranked = g.op("ranked", "Pad", node_max, g.i64("pads", [0, 0, 0, 0, p + n_b, 0]),
+                      g.const("protected_score", PROTECTED_SCORE))
+        _, order = g.op_multi("rank", "TopK", 2, ranked, g.i64("k_all", [n_ranked]), axis=1, largest=1, sorted=1)
+        src, rest = g.op_multi("split", "Split", 2, order, g.i64("split_sizes", [r, n_out]), axis=1)
         src_tok = g.op("src_tok", "Gather", g.i64("a_tokens", a_tokens), src, axis=0)  # [B, r, 1]
-        dst = g.op("dst_idx", "GatherElements", node_idx, src, axis=1)  # [B, r, 1] into B
-        # What stays keeps its original order: sort the token numbers (float32 keys: TopK on integers is not
-        # portable; small integers are exact).
-        stay_tok = None
-        if n_stay:
-            table = g.const("stay_key_table", np.concatenate([a_tokens, np.arange(p)]), np.float32)
-            stay_keys = g.op("stay_keys", "Gather", table, rest, axis=0)
-            stay_sorted, _ = g.op_multi("stay_sorted", "TopK", 2, stay_keys, g.i64("k_stay", [n_stay]),
-                                        axis=1, largest=0, sorted=1)
-            stay_tok = g.op("stay_tok", "Cast", stay_sorted, to=ir.DataType.INT64)  # [B, p + unmerged, 1]
+        dst = g.op("dst_idx", "GatherElements", node_idx, src, axis=1)  # [B, r, 1], into the B tokens
+        dst_tok = g.op("dst_tok", "Gather", g.i64("b_tokens", b_tokens), dst, axis=0)
+        # Step 8's layout from one sort of token keys (float32: TopK on integers is not portable; small integers
+        # are exact): protected and A tokens are keyed by their number, B tokens by their number + N, so they
+        # sort last; subtracting N again from the last Nb keys gives every output token's source row.
+        table = np.concatenate([a_tokens, np.arange(p), b_tokens + n])
+        keys = g.op("out_keys", "Gather", g.const("out_key_table", table, np.float32), rest, axis=0)
+        sorted_keys, _ = g.op_multi("out_sorted", "TopK", 2, keys, g.i64("k_out", [n_out]), axis=1, largest=0,
+                                    sorted=1)
+        offsets = np.concatenate([np.zeros(n_stay), np.full(n_b, n)])[:, None]
+        out_rows = g.op("out_rows", "Sub", sorted_keys, g.const("out_offsets", offsets, np.float32))  # [B, N - r, 1]
 
-        # Steps 8-9, gather form: what stays is copied by index, and only the r merged A tokens go through a
-        # (small) one-hot GEMM into their B tokens, so the cost is O(Nb * r * C), not O(N^2 * C).
+        # Step 9. Each merge k computes the new row of its B token j = dst_k in full (all merges landing on j
+        # give j the same row): x'_j = (size_j x_j + sum_k' size_src_k' x_src_k') / size'_j over the merges k'
+        # landing on j, summed as the reference sums it, so equal shares stay exactly equal (graph/positions.py
+        # reads the largest share). Those r rows are appended to x, and one gather of every output row from
+        # [x; merged rows] writes x': x is read and x' written once each, the only full-width passes.
         def rows(label: str, value: ir.Value, index: ir.Value) -> ir.Value:
             return g.op(label, "GatherND", value, index, batch_dims=1)
 
-        lands = g.op("lands", "Equal", g.op("dst_row", "Transpose", dst, perm=[0, 2, 1]),
-                     g.i64("b_index", np.arange(n_b)[:, None]))  # [B, Nb, r]
-        lands = g.op("lands_f", "Cast", lands, to=_ir_dtype(x))
+        dst_row = g.op("dst_row", "Transpose", dst, perm=[0, 2, 1])  # [B, 1, r]
+        same_dst = g.op("same_dst", "Equal", dst, dst_row)  # [B, r, r]: merges k and k' land on one B token
+        zero = g.const("zero", 0.0)
         size_src = rows("size_src", size, src_tok)
-        size_b = g.every_other("size_b", size, b0, n)
-        size_b_new = g.op("size_b_new", "Add", size_b, g.op("size_in", "MatMul", lands, size_src))
-        weighted_src = g.op("x_src_weighted", "Mul", rows("x_src", x, src_tok), size_src)
-        x_b_sum = g.op("x_b_sum", "Add", g.op("x_b_weighted", "Mul", g.every_other("x_b", x, b0, n), size_b),
-                       g.op("x_in", "MatMul", lands, weighted_src))
-        x_b_new = g.op("x_b_new", "Div", x_b_sum, size_b_new)
+        size_dst = rows("size_dst", size, dst_tok)
+        inflow = g.op("inflow", "Where", same_dst, g.op("size_src_row", "Transpose", size_src, perm=[0, 2, 1]), zero)
+        size_merged = g.op("size_merged", "Add", size_dst,
+                           g.op("inflow_sum", "ReduceSum", inflow, g.i64("axis_last_r", [-1]), keepdims=1))
+        x_sum = g.op("x_merged_sum", "Add", g.op("x_dst_weighted", "Mul", rows("x_dst", x, dst_tok), size_dst),
+                     g.op("x_in", "MatMul", inflow, rows("x_src", x, src_tok)))  # [B, r, C]
+        x_merged = g.op("x_merged", "Div", x_sum, size_merged)
 
-        def layout(label: str, value: ir.Value, b_part: ir.Value) -> ir.Value:
-            """[protected tokens, unmerged A tokens] (copied) then the B tokens, along the token axis."""
-            if stay_tok is None:
-                return g.op(label, "Identity", b_part)
-            return g.op(label, "Concat", rows(f"{label}_stay", value, stay_tok), b_part, axis=1)
+        # Which row each output token reads: a B token that received merges reads row N + k of a merge k landing
+        # on it (any such k: they computed the same row; N + k exceeds every token number, so a max picks one),
+        # every other token its own row. Float32 until the one Cast: token numbers are exact there.
+        lands = g.op("lands", "Equal", dst_row, g.i64("out_position", np.arange(n_out)[:, None] - n_stay))
+        merged_rows = g.op("merged_rows", "Where", lands, g.const("merged_row_number", n + np.arange(r)[None, :],
+                                                                  np.float32), g.const("zero_f", 0.0, np.float32))
+        source_row = g.op("source_row", "Cast", g.op("source_row_f", "Max", out_rows, g.op(
+            "merged_row", "ReduceMax", merged_rows, g.i64("axis_last_k", [-1]), keepdims=1)), to=ir.DataType.INT64)
 
-        x_new = layout("x_out", x, x_b_new)
-        size_new = layout("size_out", size, size_b_new)
+        def gathered(label: str, value: ir.Value, merged: ir.Value) -> ir.Value:
+            table = g.op(f"{label}_rows", "Concat", value, merged, axis=1)  # [B, N + r, ...]
+            return rows(label, table, source_row)
+
+        x_new = gathered("x_out", x, x_merged)
+        size_new = gathered("size_out", size, size_merged)
         mask_new = None
-        if mask is not None:
+        if mask is not None:  # 0/1 masks: a token is real when it or any token merged into it is
             mask_col = g.op("mask_col", "Unsqueeze", mask, g.i64("axis2_m", [2]))  # [B, N, 1]
-            real_in = g.op("mask_in", "MatMul", lands, rows("mask_src", mask_col, src_tok))
-            mask_b_sum = g.op("mask_b_sum", "Add", g.every_other("mask_b", mask_col, b0, n), real_in)
-            mask_b_new = g.op("mask_b_any", "Cast", g.op("mask_b_real", "Greater", mask_b_sum, g.const("zero", 0.0)),
-                              to=_ir_dtype(mask))
-            mask_out = layout("mask_out_col", mask_col, mask_b_new)
-            mask_new = g.op("mask_out", "Squeeze", mask_out, g.i64("axis2_q", [2]))
+            mask_src = g.op("mask_src_row", "Transpose", rows("mask_src", mask_col, src_tok), perm=[0, 2, 1])
+            mask_in = g.op("mask_in", "Where", same_dst, mask_src, g.const("mask_zero", 0.0, _numpy_dtype(mask)))
+            mask_merged = g.op("mask_merged", "Max", rows("mask_dst", mask_col, dst_tok),
+                               g.op("mask_in_any", "ReduceMax", mask_in, g.i64("axis_last_m", [-1]), keepdims=1))
+            mask_new = g.op("mask_out", "Squeeze", gathered("mask_out_col", mask_col, mask_merged),
+                            g.i64("axis2_q", [2]))
         return typed_state(x_new, size_new, mask_new, TokenState(x, size, mask), n_out)
