@@ -42,14 +42,16 @@ def _is_inserted(node: onnx.NodeProto) -> bool:
     return node.name.startswith(INSERTED_PREFIX)
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+def value_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     graph = inferred.graph
     return {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
 
 
-def cut_inserted(model: onnx.ModelProto) -> Cut:
-    """Split off the inserted nodes of `model` (weights loaded) as a model of their own."""
+def cut_inserted(model: onnx.ModelProto, types: dict[str, onnx.ValueInfoProto] | None = None) -> Cut:
+    """Split off the inserted nodes of `model` (weights loaded) as a model of their own.
+
+    types: the model's value types (`value_types`), when the caller already has them."""
     graph = model.graph
     mine = [node for node in graph.node if _is_inserted(node)]
     if not mine:
@@ -68,7 +70,7 @@ def cut_inserted(model: onnx.ModelProto) -> Cut:
                 crossing_out.append(name)
     crossing_out += [o.name for o in graph.output if o.name in produced_by_mine and o.name not in crossing_out]
     # A subgraph attribute (If/Loop) could read outer values by name; inserted ops never use them.
-    types = _value_types(model)
+    types = types or value_types(model)
     used = {name for node in mine for name in node.input}
     sub = helper.make_graph(
         mine, "inserted_ops",
@@ -85,14 +87,18 @@ def _typed(types: dict[str, onnx.ValueInfoProto], name: str) -> onnx.ValueInfoPr
     return helper.make_tensor_value_info(name, info.type.tensor_type.elem_type, None)
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also returns `names` (to capture what the cut's inputs are in a real run)."""
-    widened = onnx.ModelProto()
-    widened.CopyFrom(model)
-    types = _value_types(model)
-    have = {o.name for o in widened.graph.output}
-    widened.graph.output.extend(_typed(types, name) for name in names if name not in have)
-    return widened
+def with_outputs(model: onnx.ModelProto, names: list[str],
+                 types: dict[str, onnx.ValueInfoProto] | None = None) -> bytes:
+    """`model`, serialized, also returning `names` (to capture what crosses the cut in a real run). The model
+    itself is left as it was (no copy of its weights is made)."""
+    types = types or value_types(model)
+    have = {o.name for o in model.graph.output}
+    added = [_typed(types, name) for name in names if name not in have]
+    model.graph.output.extend(added)
+    try:
+        return model.SerializeToString()
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
 
 
 def _control(cut: Cut) -> onnx.ModelProto:
@@ -104,7 +110,7 @@ def _control(cut: Cut) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=list(cut.model.opset_import), ir_version=cut.model.ir_version)
 
 
-def inserted_wall_time(model_path: str | Path, batch: int, iters: int = 30, warmup: int = 3,
+def inserted_wall_time(model: str | Path | onnx.ModelProto, batch: int, iters: int = 30, warmup: int = 3,
                        threads: int | None = None, spinning: bool = False) -> dict:
     """Median wall time per run of the whole model and of its inserted ops alone (ms), and their ratio.
 
@@ -118,15 +124,18 @@ def inserted_wall_time(model_path: str | Path, batch: int, iters: int = 30, warm
 
     from tcexport.backends import ort as ort_backend
 
-    model = onnxfile.load(model_path)  # weights too: the cut's constants may sit in external data
-    cut = cut_inserted(model)
+    if not isinstance(model, onnx.ModelProto):
+        model = onnxfile.load(model)  # weights too: the cut's constants may sit in external data
+    types = value_types(model)
+    cut = cut_inserted(model, types)
     feeds = inputs.random_feeds(inputs.specs_from_graph(model), batch)
 
-    def session(proto: onnx.ModelProto) -> ort.InferenceSession:
+    def session(proto: onnx.ModelProto | bytes) -> ort.InferenceSession:
         options = ort_backend.session_options(threads, interleaved=not spinning)
-        return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        serialized = proto if isinstance(proto, bytes) else proto.SerializeToString()
+        return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 
-    widened = session(_with_outputs(model, cut.inputs))
+    widened = session(with_outputs(model, cut.inputs, types))
     captured = dict(zip(cut.inputs, widened.run(cut.inputs, feeds)))
     del widened
     runs = [(session(model), feeds), (session(cut.model), captured), (session(_control(cut)), captured)]
