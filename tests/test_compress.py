@@ -131,6 +131,18 @@ def test_hf_bert_with_padding_matches_reference(bert_onnx, tmp_path, options):
     _assert_matches_reference(out, samples=4)
 
 
+def test_proportional_attention_rides_on_the_mask_add(bert_onnx, tmp_path):
+    # A text encoder adds its attention mask to the logits: the rebuilt mask bias carries log(size) for the real
+    # tokens, so no block after a merge needs an Add of its own over the [B, H, N, N] logits. validate (with
+    # padding, batch 4) checks it computes what the reference's separate log(size) bias computes.
+    out = _compress(bert_onnx, tmp_path, r="2", layers="0")
+    model = _assert_graph_is_sound(out)
+    names = [node.name for node in model.graph.node]
+    assert not [name for name in names if name.endswith("/prop_attn")]
+    assert any(name.endswith("attention_mask_log_size/log_size") for name in names)
+    _assert_matches_reference(out, samples=4)
+
+
 @pytest.mark.parametrize("options", [dict(r="10"), dict(r="4,8", layers="1,4"), dict(r="6", schedule="decreasing")])
 def test_minilm_matches_reference(minilm_onnx, tmp_path, options):
     out = _compress(minilm_onnx, tmp_path, **options)

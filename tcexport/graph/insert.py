@@ -121,6 +121,7 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
 
     # Before any rewrite: the nodes where each block adds its attention mask to the logits.
     logit_nodes = {node for block in blocks for node in _logit_path(block)}
+    folded_bias: set[ir.Node] = set()  # mask Adds on the logits whose rebuilt bias also carries log(size)
     count = n0
     query: ir.Value | None = None  # the "query" graph input, created by the first stage that needs it
     schedule = []
@@ -129,7 +130,11 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
         stage = by_block.get(block.index)
         entering = count
         if states and prop_attn:
-            _add_log_size_bias(build, block.softmax, states[-1], shapes, n0, f"tc_blk{block.index}")
+            mask_term = _mask_term_on_logits(block, mask_input, shapes, n0)
+            if mask_term is not None:  # the attention bias rebuilt for it will carry log(size) (_SideInputs)
+                folded_bias.add(mask_term)
+            else:
+                _add_log_size_bias(build, block.softmax, states[-1], shapes, n0, f"tc_blk{block.index}")
         if stage is not None:
             x = block.hidden
             needs = stage.method.needs
@@ -175,7 +180,7 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
     if states and prop_attn:
         for number, softmax in enumerate(pool_attentions):
             _add_log_size_bias(build, softmax, states[-1], shapes, n0, f"tc_pool{number}")
-    side_inputs = _SideInputs(build, states, mask_input, logit_nodes, shapes, protected, skip)
+    side_inputs = _SideInputs(build, states, mask_input, logit_nodes, shapes, protected, skip, folded_bias)
     tracker = TokenTracker(graph, shapes, n0, [s.count for s in states], side_inputs, skip)
     tracker.alias = aliases
     side_inputs.tracker = tracker
@@ -329,6 +334,30 @@ def _add_log_size_bias(build: _Builder, softmax: ir.Node, state: TokenState, sha
     softmax.replace_input_with(0, biased)
 
 
+def _mask_term_on_logits(block: Block, mask_input: ir.Value | None, shapes, n0: int) -> ir.Node | None:
+    """The one Add that puts the attention mask on this block's [B, H, N, N] logits, if there is exactly one.
+
+    Proportional attention then rides on it: the rebuilt mask bias is log(size) for real tokens instead of 0
+    (padding keeps float32 min, which absorbs any log(size)), so the block needs no Add of its own over the
+    logits. Anything else (no mask, two mask terms, keys that leave out a prefix, 3-D logits) gets its own Add."""
+    if mask_input is None:
+        return None
+    logits_shape = shapes.get(block.softmax.inputs[0].name)
+    if logits_shape is None or len(logits_shape) != 4 or logits_shape[-1] != n0:
+        return None
+    scores = block.logits_matmul.outputs[0]
+
+    def meets(node: ir.Node) -> bool:  # where an operand computed from the mask, not the scores, meets the scores
+        data = [v for v in node.inputs if v is not None and const_array(v) is None]
+        from_scores = [_descends_from(v, scores) for v in data]
+        return any(from_scores) and any(not s and _descends_from(v, mask_input) for v, s in zip(data, from_scores))
+
+    terms = [node for node in _logit_path(block) if meets(node)]
+    if len(terms) != 1 or terms[0].op_type != "Add":
+        return None
+    return terms[0]
+
+
 def _logit_path(block: Block) -> set[ir.Node]:
     """Nodes between the logits MatMul and the Softmax (where attention masks are added)."""
     found, stack = set(), [block.softmax.inputs[0]]
@@ -346,8 +375,10 @@ class _SideInputs:
     """Replacements for operands that carry the original token axis without descending from a method."""
 
     def __init__(self, build: _Builder, states: list[TokenState], mask_input: ir.Value | None,
-                 logit_nodes: set[ir.Node], shapes, protected: int, skip: set[ir.Node]):
+                 logit_nodes: set[ir.Node], shapes, protected: int, skip: set[ir.Node],
+                 folded_bias: set[ir.Node] = frozenset()):
         self.build = build
+        self.folded_bias = folded_bias
         self.states = states
         self.mask_input = mask_input
         self.logit_nodes = logit_nodes
@@ -366,10 +397,11 @@ class _SideInputs:
                 self.cache[key] = self.positions.gather(operand, self.shapes_of(operand), axes, delta, stage, out_rank)
             return self.cache[key]
         in_logits = node in self.logit_nodes
-        key = ("bias", stage) if in_logits else ("mask", operand, stage)
+        with_log_size = node in self.folded_bias
+        key = ("bias", stage, with_log_size) if in_logits else ("mask", operand, stage)
         if key not in self.cache:
             if in_logits:
-                self.cache[key] = self._attention_bias(stage, operand)
+                self.cache[key] = self._attention_bias(stage, with_log_size)
             else:
                 self.cache[key] = self._rebuild(operand, self._weights(stage))
             self._visit_new(self.cache[key])
@@ -386,18 +418,26 @@ class _SideInputs:
         return positions_mod.weighted_mean(self.build, node, self.states[stage], axis, delta,
                                            self.shapes_of(node.inputs[0]))
 
-    def _attention_bias(self, stage: int, like: ir.Value) -> ir.Value:
-        """Additive key mask from the current mask: 0 for real tokens, float32 min for padding."""
+    def _attention_bias(self, stage: int, with_log_size: bool = False) -> ir.Value:
+        """Additive key mask from the current mask: 0 for real tokens, float32 min for padding; with_log_size,
+        log(size) for real tokens instead of 0 (proportional attention folded into the mask's Add)."""
         state, build = self.states[stage], self.build
         n0 = build.aliases[state.mask][1]
-        prefix = f"tc_stage{stage}/attention_mask"
+        prefix = f"tc_stage{stage}/attention_mask" + ("_log_size" if with_log_size else "")
         real = build.op(f"{prefix}/is_real", "Greater", [state.mask, build.const(f"{prefix}/half", np.float32(0.5))],
                         (PROBE_BATCH, n0))
         row = build.op(f"{prefix}/row", "Unsqueeze", [real, build.const(f"{prefix}/axes", np.array([1, 2]))],
                        (PROBE_BATCH, 1, 1, n0))
-        zero = build.const(f"{prefix}/zero", np.float32(0.0))
+        if with_log_size:
+            log = build.op(f"{prefix}/log_size", "Log", [state.size], (PROBE_BATCH, n0, 1))
+            # [0, 1, 1, -1]: batch copied, tokens inferred, so the shape holds no token count to keep up to date.
+            keep = build.op(f"{prefix}/log_size_row", "Reshape", [log, build.const(f"{prefix}/row_shape",
+                                                                                  np.array([0, 1, 1, -1]))],
+                            (PROBE_BATCH, 1, 1, n0))
+        else:
+            keep = build.const(f"{prefix}/zero", np.float32(0.0))
         low = build.const(f"{prefix}/min", np.float32(MASK_MIN))
-        return build.op(prefix, "Where", [row, zero, low], (PROBE_BATCH, 1, 1, n0))
+        return build.op(prefix, "Where", [row, keep, low], (PROBE_BATCH, 1, 1, n0))
 
     def _weights(self, stage: int) -> ir.Value:
         """mask * size as the attention_mask input's dtype: how many real original tokens each token holds."""
