@@ -143,6 +143,17 @@ def test_proportional_attention_rides_on_the_mask_add(bert_onnx, tmp_path):
     _assert_matches_reference(out, samples=4)
 
 
+def test_a_fold_the_tracker_never_serves_is_an_error_not_a_silent_loss(bert_onnx, tmp_path, monkeypatch):
+    # Point the fold at an Add the tracker never meets: the block would lose proportional attention without a
+    # word. compress must refuse, and write nothing.
+    from tcexport.graph import insert
+
+    monkeypatch.setattr(insert, "_mask_term_on_logits", lambda *args: ir.Node("", "Add", [], name="stray_add"))
+    with pytest.raises(RuntimeError, match="proportional attention was meant to ride on .'stray_add'"):
+        compress.compress_file(bert_onnx, tmp_path / "c.onnx", method="tome", r="2", layers="0")
+    assert not (tmp_path / "c.onnx").exists()
+
+
 @pytest.mark.parametrize("options", [dict(r="10"), dict(r="4,8", layers="1,4"), dict(r="6", schedule="decreasing")])
 def test_minilm_matches_reference(minilm_onnx, tmp_path, options):
     out = _compress(minilm_onnx, tmp_path, **options)

@@ -185,6 +185,10 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
     tracker.alias = aliases
     side_inputs.tracker = tracker
     tracker.run(starts)
+    unserved = folded_bias - side_inputs.served_log_size
+    if unserved:  # a block would silently lose proportional attention: a bug in the fold's pattern match
+        raise RuntimeError(f"tcexport bug: proportional attention was meant to ride on {sorted(n.name for n in unserved)}"
+                           ", but the tracker never rebuilt its mask operand; please report it")
     graph.sort()  # side inputs built while tracking were appended at the end
     _forget_stale_shapes(graph, tracker)
     return schedule
@@ -379,6 +383,7 @@ class _SideInputs:
                  folded_bias: set[ir.Node] = frozenset()):
         self.build = build
         self.folded_bias = folded_bias
+        self.served_log_size: set[ir.Node] = set()  # folded mask Adds whose operand was rebuilt with log(size)
         self.states = states
         self.mask_input = mask_input
         self.logit_nodes = logit_nodes
@@ -398,6 +403,8 @@ class _SideInputs:
             return self.cache[key]
         in_logits = node in self.logit_nodes
         with_log_size = node in self.folded_bias
+        if with_log_size:
+            self.served_log_size.add(node)
         key = ("bias", stage, with_log_size) if in_logits else ("mask", operand, stage)
         if key not in self.cache:
             if in_logits:
