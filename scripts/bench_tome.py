@@ -47,7 +47,7 @@ from tcexport.backends import ort as ort_backend
 from tcexport.methods.tome import ToMe
 from tcexport.reference import compressed_reference
 
-INSERTED_PREFIX = "tc_"
+INSERTED_PREFIX = inserted_cost.INSERTED_PREFIX  # one definition of which nodes compression inserted
 
 
 def inserted_share(model_path: Path, batch: int, runs: int, threads: int | None) -> dict:

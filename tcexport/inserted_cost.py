@@ -4,8 +4,8 @@ ONNX Runtime's profiler adds several microseconds to every node it times (it rec
 so for a merge made of dozens of small nodes the profiled share of node time mostly measures the profiler. This
 module measures the inserted ops the way they run: it cuts them out of the model as one subgraph (every node
 whose name starts with INSERTED_PREFIX), feeds that subgraph the very tensors the whole model gives it (captured
-from one run of the whole model), and times it interleaved with the whole model, no profiler on either. The
-per-run overhead of `session.run` itself is measured on a graph with the same inputs and subtracted.
+from one run of the whole model), and times it in turns with the whole model, no profiler on either (run by run
+with idle threads asleep, or in blocks with them spinning: `inserted_wall_time`). The per-run overhead of `session.run` itself is measured on a graph with the same inputs and subtracted.
 
 What it cannot see: a fusion ONNX Runtime would make across the cut (a model op fused with an inserted op), and
 cache effects (alone, the subgraph's inputs are hotter than inside the model, so the figure leans low).
