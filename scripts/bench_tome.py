@@ -16,7 +16,7 @@ without the profiler's per-node overhead.
 The inserted ops' share of latency is measured twice. By ORT's profiler (their node time over all node time),
 which charges every node its own per-node overhead too (measured here on a chain of tiny Add nodes, with and
 without the profiler), so for ~40 small nodes per merge it mostly measures the profiler. And in wall-clock time,
-no profiler (tcexport.inserted_cost): the inserted ops cut out of the built model, fed the tensors the whole model
+no profiler (tcexport.bench.inserted_cost): the inserted ops cut out of the built model, fed the tensors the whole model
 feeds them, timed against the whole model, both as `tcexport bench` runs sessions (idle threads asleep, runs
 interleaved) and as a deployed session runs by default (threads spinning between runs).
 
@@ -42,7 +42,14 @@ import torch
 
 from onnx import TensorProto, helper
 
-from tcexport import bench, compress, export, flops, inputs, inserted_cost, metadata, sources
+from tcexport.bench import run as bench
+from tcexport.compress import rewrite as compress
+from tcexport.export import exporter as export
+from tcexport.graph import flops
+from tcexport.models import inputs
+from tcexport.bench import inserted_cost
+from tcexport.core import metadata
+from tcexport.models import sources
 from tcexport.backends import ort as ort_backend
 from tcexport.methods.tome import ToMe
 from tcexport.reference import compressed_reference

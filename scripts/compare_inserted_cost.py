@@ -3,7 +3,7 @@
 
     python scripts/compare_inserted_cost.py A.onnx B.onnx [--batch 1] [--reps 4] [--iters 24]
 
-Each rep measures A then B (B then A on odd reps) with tcexport.inserted_cost (the inserted ops cut out of the
+Each rep measures A then B (B then A on odd reps) with tcexport.bench.inserted_cost (the inserted ops cut out of the
 model and fed what the model feeds them, threads asleep between runs as `tcexport bench` runs sessions), so a slow
 spell of a shared machine falls on both. Prints every rep and the medians. For comparing two graph forms of the
 same compression (e.g. a build of an older commit against the current one) on the same model.
@@ -16,7 +16,7 @@ import json
 
 import numpy as np
 
-from tcexport import inserted_cost
+from tcexport.bench import inserted_cost
 
 
 def main() -> None:

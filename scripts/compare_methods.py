@@ -25,7 +25,7 @@ removes about 3/4 of the tokens in one step, so only its layer can be chosen and
 others within 1.
 
 Measurements, per method and target:
-  * GFLOPs at batch 1 (tcexport.flops.estimate, MatMul/Gemm/Conv), the model's own ops and the inserted ops
+  * GFLOPs at batch 1 (tcexport.graph.flops.estimate, MatMul/Gemm/Conv), the model's own ops and the inserted ops
     (node names starting with "tc_") apart, for both models;
   * ONNX Runtime CPU latency of the vision model (seeded random weights: timing does not depend on them), every
     artifact built with backends.ort.build and timed in ONE interleaved bench.run (baseline and all methods,
@@ -57,7 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_tome import model_flops  # noqa: E402  (own ops, inserted ops)
 from minilm_fidelity import filled_texts  # noqa: E402
 
-from tcexport import bench, compress, data, export, metadata, methods, onnxfile, sources  # noqa: E402
+from tcexport import data, methods
+from tcexport.bench import run as bench
+from tcexport.compress import rewrite as compress
+from tcexport.export import exporter as export
+from tcexport.core import metadata
+from tcexport.core import onnxfile
+from tcexport.models import sources  # noqa: E402
 from tcexport.backends import ort as ort_backend  # noqa: E402
 
 TARGETS = (25, 40)  # % of token-blocks removed
@@ -499,7 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"(tolerance ±{TOLERANCE_POINTS} points). Latency: {vision_name} (random weights: timing does not "
               f"depend on them), ONNX Runtime CPU, median of {iters} interleaved runs. Fidelity: all-MiniLM-L6-v2 on "
               f"{len(fidelity.texts)} texts filling {SEQ_LEN} tokens; retrieval top-1 uncompressed "
-              f"{100 * base_row['retrieval_top1']:.0f}%. GFLOPs: tcexport.flops MatMul/Gemm/Conv FLOPs at batch 1, "
+              f"{100 * base_row['retrieval_top1']:.0f}%. GFLOPs: tcexport.graph.flops MatMul/Gemm/Conv FLOPs at batch 1, "
               "the model's own ops + the inserted (tc_*) ones; inserted elementwise, gather and TopK ops are not in "
               "that figure.\n\n")
     footer = "".join(f"\n- {n}" for n in notes)

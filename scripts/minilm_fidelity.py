@@ -19,7 +19,10 @@ import numpy as np
 import onnxruntime as ort
 from sentence_transformers import SentenceTransformer
 
-from tcexport import compress, data, export, sources
+from tcexport import data
+from tcexport.compress import rewrite as compress
+from tcexport.export import exporter as export
+from tcexport.models import sources
 
 
 def filled_texts() -> list[str]:

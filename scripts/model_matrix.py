@@ -4,17 +4,17 @@ family tcexport supports, as docs/models.md (one row per model and method) and d
 
     python scripts/model_matrix.py [--full] [--only NAME,...] [--out docs] [--work DIR] [--iters 20]
 
-Models come from tcexport.zoo: the timm variants (zoo.TIMM), the transformers kinds (zoo.HF_KINDS, saved as
+Models come from tcexport.models.zoo: the timm variants (zoo.TIMM), the transformers kinds (zoo.HF_KINDS, saved as
 hf: directories) and the sentence-transformers kinds (zoo.ST_KINDS). By default they are the zoo's tiny
 configs (2 blocks, width 32-64: minutes for the whole matrix); --full uses the real sizes (timm defaults, the
-transformers config classes' base sizes), with seeded weights drawn by tcexport.init.exercise either way.
+transformers config classes' base sizes), with seeded weights drawn by tcexport.models.seeded_init.exercise either way.
 
 Each step's UsageError (a family the rewriter or the reference does not cover yet, a refused model) lands in
 its row as the step's status; later steps of that row are skipped. Columns:
   tokens      tokens into the first block -> out of the last one (tcexport.tokens)
   max rel     the worst relative error validate measured (fp32, batch 1 and 3)
   speedup     ONNX Runtime CPU median latency, uncompressed / compressed (interleaved bench, batch 1 and 4)
-  FLOP-ideal  MatMul/Gemm/Conv FLOPs of the model's own ops, uncompressed / compressed (tcexport.flops):
+  FLOP-ideal  MatMul/Gemm/Conv FLOPs of the model's own ops, uncompressed / compressed (tcexport.graph.flops):
               the speedup if latency followed FLOPs and the inserted ops were free
 """
 
@@ -35,9 +35,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_tome import INSERTED_PREFIX  # noqa: E402  (names of the nodes compression inserts)
 
-from tcexport import bench, compress, export, flops, sources, validate, zoo  # noqa: E402
-from tcexport.atomic import atomic_file  # noqa: E402
-from tcexport.errors import UsageError, ValidationFailed  # noqa: E402
+from tcexport.bench import run as bench
+from tcexport.compress import rewrite as compress
+from tcexport.export import exporter as export
+from tcexport.graph import flops
+from tcexport.models import sources
+from tcexport.validate import equality as validate
+from tcexport.models import zoo  # noqa: E402
+from tcexport.core.atomic import atomic_file  # noqa: E402
+from tcexport.core.errors import UsageError, ValidationFailed  # noqa: E402
 
 METHODS = ("tome", "topk")
 # Methods a modality adds to the rows: adjacent merging keeps the order of speech frames.

@@ -65,7 +65,9 @@ def write_texts(path: Path) -> None:
 @functools.lru_cache(maxsize=2)
 def holdout_evaluator(onnx_path: Path, texts: Path, holdout_index: tuple[int, ...]):
     """Tune's evaluator on the held-out texts only (the uncompressed outputs computed once)."""
-    from tcexport import inputs, metadata, onnxfile
+    from tcexport.models import inputs
+    from tcexport.core import metadata
+    from tcexport.core import onnxfile
     from tcexport.tune import calibration, objective
 
     model = onnxfile.load(onnx_path)

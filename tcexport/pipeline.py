@@ -9,9 +9,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tcexport import overwrite, progress, spec_check
-from tcexport.errors import UsageError
-from tcexport.recipes import RECIPE_SUFFIXES
+from tcexport.core import overwrite
+from tcexport.core import progress
+from tcexport.models import spec_check
+from tcexport.core.errors import UsageError
+from tcexport.recipes.run import RECIPE_SUFFIXES
 
 
 def check_onnx_input(path: str | Path) -> Path:
@@ -27,7 +29,7 @@ def check_onnx_input(path: str | Path) -> Path:
 def load_source(spec: str, **load_options):
     """sources.load under a progress line (loading timm/transformers and the weights takes seconds)."""
     with progress.step(f"load {spec}"):
-        from tcexport import sources
+        from tcexport.models import sources
 
         return sources.load(spec, **load_options)
 
@@ -41,7 +43,7 @@ def export(spec: str, output: Path, opset: int = 18, batch: str | int | None = "
     fixed_batch = spec_check.parse_batch(batch)
     spec_check.check(spec, **load_options)
     overwrite.check_file(output, force)
-    from tcexport import export as export_mod
+    from tcexport.export import exporter as export_mod
 
     source = load_source(spec, **load_options)
     return export_mod.export_to_file(source, output, opset=opset, batch=fixed_batch, check=check, atol=atol,
@@ -66,7 +68,7 @@ def build(source_arg: str, output: Path, provider: str = "cpu", opt_level: str =
     if source_arg.endswith(".onnx"):
         with progress.step(what):
             return ort_backend.build(source_arg, output, provider=provider, threads=threads, opt_level=opt_level)
-    from tcexport import export as export_mod
+    from tcexport.export import exporter as export_mod
 
     source = load_source(source_arg, **load_options)
     with tempfile.TemporaryDirectory(prefix="tcexport-") as tmp:
@@ -80,7 +82,7 @@ def build(source_arg: str, output: Path, provider: str = "cpu", opt_level: str =
 
 def build_recipe(recipe_path: str, output: Path, provider: str = "cpu", opt_level: str = "all",
                  threads: int | None = None, opset: int = 18, force: bool = False, **load_options) -> dict:
-    """Run a YAML recipe (export -> compress -> validate -> build -> bench) into OUTPUT; see tcexport.recipes.
+    """Run a YAML recipe (export -> compress -> validate -> build -> bench) into OUTPUT; see tcexport.recipes.run.
 
     The recipe is the whole configuration: build/export options given beside it would silently compete with
     the file's, so they are refused.
@@ -93,6 +95,6 @@ def build_recipe(recipe_path: str, output: Path, provider: str = "cpu", opt_leve
         raise UsageError(f"{', '.join(clashing)} cannot be combined with a recipe; set "
                          f"{'it' if len(clashing) == 1 else 'them'} in {recipe_path} (sections model, export, build, "
                          "bench)")
-    from tcexport import recipes
+    from tcexport.recipes import run as recipes
 
     return recipes.build_from_file(recipe_path, output, force=force)

@@ -62,7 +62,8 @@ def exported(tmp_path_factory, name: str, spec: str, filename: str, **load_optio
     """`spec` exported to ONNX once per test run (see made_once)."""
 
     def make(directory: Path) -> None:
-        from tcexport import export, sources
+        from tcexport.export import exporter as export
+        from tcexport.models import sources
 
         export.export_to_file(sources.load(spec, **load_options), directory / filename)
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import onnx
 
-from tcexport import compress, validate, zoo
+from tcexport.compress import rewrite as compress
+from tcexport.validate import equality as validate
+from tcexport.models import zoo
 from tests.conftest import exported, made_once
 
 ZOO_ROOT = "zoo"

@@ -1,4 +1,4 @@
-"""tcexport.bench: statistics, interleaving, real runs on tiny ONNX models, outputs, and the CLI end to end."""
+"""tcexport.bench.run: statistics, interleaving, real runs on tiny ONNX models, outputs, and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tcexport import bench
-from tcexport.errors import UsageError
+from tcexport.bench import run as bench
+from tcexport.core.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -397,7 +397,7 @@ def test_print_table_mixed(mixed_results, capsys):
 
 def make_engine_dir(tmp_path: Path, onnx_path: Path, name: str = "engine", batch_max: int = 4) -> Path:
     """A directory that resolves as a TensorRT build (the runner is faked, so the engine bytes never load)."""
-    from tcexport import inputs as inputs_mod
+    from tcexport.models import inputs as inputs_mod
 
     specs = inputs_mod.specs_from_graph(onnx.load(str(onnx_path)))
     directory = tmp_path / name

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from tcexport import __version__
-from tcexport.artifacts import SIDECAR
+from tcexport.core.artifacts import SIDECAR
 from tests.conftest import assert_usage_error, run_cli
 
 COMMANDS = ["export", "compress", "validate", "build", "bench", "inspect", "lint"]

@@ -12,7 +12,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tcexport import compress, export, metadata, sources, validate
+from tcexport.compress import rewrite as compress
+from tcexport.export import exporter as export
+from tcexport.core import metadata
+from tcexport.models import sources
+from tcexport.validate import equality as validate
 from tcexport.graph.blocks import find_blocks
 from tests.conftest import assert_usage_error, run_cli
 
@@ -61,7 +65,7 @@ def test_vit_tiny_matches_reference(vit_onnx, tmp_path, options):
 
 def test_tome_graph_lints_clean_for_tensorrt_10_3(vit_onnx, minilm_onnx, tmp_path):
     """The default (subgraph) ToMe graph needs no plugin library: TensorRT 10.3 (JetPack 6) can parse it."""
-    from tcexport import lint
+    from tcexport.backends import lint
 
     for source in (vit_onnx, minilm_onnx):
         report = lint.lint_file(_compress(source, tmp_path, f"{source.stem}_tome.onnx", r="8"), "10.3")

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tcexport import metadata
+from tcexport.core import metadata
 from tests.conftest import assert_usage_error, run_cli
 
 SCOPES = "pkg.torch.onnx.name_scopes"
@@ -58,7 +58,8 @@ def test_vit_export_has_dynamic_batch_scopes_and_provenance(vit_onnx, vit_checkp
 def test_minilm_export_matches_sentence_transformers(minilm_onnx):
     from sentence_transformers import SentenceTransformer
 
-    from tcexport import data, sources
+    from tcexport import data
+    from tcexport.models import sources
 
     model_dir = sources.resolve_st_path("all-MiniLM-L6-v2")
     st = SentenceTransformer(str(model_dir), device="cpu")

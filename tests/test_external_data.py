@@ -1,6 +1,6 @@
 """Weights in an external .data file through every command: compress -> build -> bench -> validate
 --reference-onnx, a self-contained build directory, weights hashed in the sidecar, and the layout rule of
-tcexport.onnxfile (external data in -> external data out; over 2 GB -> external data)."""
+tcexport.core.onnxfile (external data in -> external data out; over 2 GB -> external data)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tcexport import onnxfile
-from tcexport.errors import UsageError
+from tcexport.core import onnxfile
+from tcexport.core.errors import UsageError
 from tests.conftest import assert_usage_error, run_cli
 from tests.fixtures.plain_onnx import export_tiny_vit
 

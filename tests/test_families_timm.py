@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tcexport import compress
-from tcexport.errors import UsageError
+from tcexport.compress import rewrite as compress
+from tcexport.core.errors import UsageError
 from tests.families import METHODS, compress_and_validate, export_zoo, has_node
 
 # family -> the graph node that shows its mechanism took part (None: nothing beyond plain blocks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tcexport import zoo
+from tcexport.models import zoo
 from tests.families import METHODS, compress_and_validate, export_zoo
 
 

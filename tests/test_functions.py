@@ -17,7 +17,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from tcexport import compress, inputs, lint, metadata, validate
+from tcexport.compress import rewrite as compress
+from tcexport.models import inputs
+from tcexport.backends import lint
+from tcexport.core import metadata
+from tcexport.validate import equality as validate
 from tcexport.graph import functions
 from tests.conftest import run_cli
 
@@ -128,7 +132,7 @@ def test_vit_function_model_validates(vit_pair):
 
 
 def test_inspect_function_model(vit_pair):
-    from tcexport import inspection
+    from tcexport.graph import inspection
 
     subgraph, function = (inspection.inspect_model(path) for path in vit_pair)
     assert function["functions"] == ["tcexport::ToMeMerge"]
@@ -284,7 +288,8 @@ TINY_SPEC = "py:tests.fixtures.factories:vit_dim_equals_tokens"  # 65 tokens, wi
 
 @pytest.fixture(scope="module")
 def tiny_vit(tmp_path_factory) -> Path:
-    from tcexport import export, sources
+    from tcexport.export import exporter as export
+    from tcexport.models import sources
 
     path = tmp_path_factory.mktemp("tiny_vit") / "tiny.onnx"
     export.export_to_file(sources.load(TINY_SPEC, input_shape="3x32x32", seed=0), path)

@@ -1,4 +1,4 @@
-"""The cut of the inserted ops (tcexport.inserted_cost): it holds every inserted node and nothing else, and fed what
+"""The cut of the inserted ops (tcexport.bench.inserted_cost): it holds every inserted node and nothing else, and fed what
 the whole model feeds it, it computes what the whole model computes at the cut."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tcexport import compress, inputs, inserted_cost
+from tcexport.compress import rewrite as compress
+from tcexport.models import inputs
+from tcexport.bench import inserted_cost
 from tests.families import export_zoo
 
 

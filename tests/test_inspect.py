@@ -1,4 +1,4 @@
-"""tcexport.flops and tcexport.inspection, and the `inspect` command."""
+"""tcexport.graph.flops and tcexport.graph.inspection, and the `inspect` command."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tcexport import flops, inspection
-from tcexport.errors import UsageError
+from tcexport.graph import flops
+from tcexport.graph import inspection
+from tcexport.core.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -204,7 +205,7 @@ def test_inspect_tiny_graph_without_metadata(tiny_path):
 
 
 def test_inspect_reports_tcexport_records_and_other_metadata(tmp_path):
-    from tcexport import metadata
+    from tcexport.core import metadata
 
     model = _tiny_model()
     metadata.write(model, metadata.SOURCE, {"spec": "timm:x", "opset": 18})
@@ -290,7 +291,7 @@ def test_cli_inspect_text_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def compressed_vit(vit_onnx, tmp_path_factory) -> Path:
-    from tcexport import compress
+    from tcexport.compress import rewrite as compress
 
     path = tmp_path_factory.mktemp("inspect_tome") / "vit_tome.onnx"
     compress.compress_file(vit_onnx, path, r="8")

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tcexport import lint
-from tcexport.errors import UsageError
+from tcexport.backends import lint
+from tcexport.core.errors import UsageError
 from tests.conftest import assert_usage_error, run_cli
 
 F = TensorProto.FLOAT

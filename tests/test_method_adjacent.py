@@ -13,8 +13,10 @@ import pytest
 import torch
 from onnx_ir import tape
 
-from tcexport import compress, metadata, validate
-from tcexport.errors import UsageError
+from tcexport.compress import rewrite as compress
+from tcexport.core import metadata
+from tcexport.validate import equality as validate
+from tcexport.core.errors import UsageError
 from tcexport.methods import METHODS, get
 from tcexport.methods.adjacent import Adjacent
 from tcexport.methods.standalone import build_standalone_model

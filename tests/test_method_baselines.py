@@ -11,8 +11,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tcexport import compress, metadata, validate
-from tcexport.errors import UsageError
+from tcexport.compress import rewrite as compress
+from tcexport.core import metadata
+from tcexport.validate import equality as validate
+from tcexport.core.errors import UsageError
 from tcexport.methods import METHODS, get
 from tcexport.methods.baselines import RandomSubset, UniformSubset
 from tcexport.methods.standalone import build_standalone_model

@@ -14,8 +14,12 @@ import pytest
 import torch
 from onnx_ir import tape
 
-from tcexport import compress, inputs, metadata, sources, validate
-from tcexport.errors import UsageError
+from tcexport.compress import rewrite as compress
+from tcexport.models import inputs
+from tcexport.core import metadata
+from tcexport.models import sources
+from tcexport.validate import equality as validate
+from tcexport.core.errors import UsageError
 from tcexport.methods import METHODS, get
 from tcexport.methods.query import PAD_PENALTY, QueryPrune
 from tcexport.methods.standalone import build_standalone_model

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tests.conftest import assert_usage_error
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "model_matrix.py"

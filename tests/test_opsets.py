@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.graph import opset as opset_pass
 from tcexport.graph.attention import decompose_attention
 from tcexport.methods import get
@@ -271,7 +271,8 @@ COMPRESSIONS = {"tome": {"method": "tome", "r": "2"}, "topk": {"method": "topk",
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """(model, opset) -> the export at that opset, made once per module."""
-    from tcexport import export, sources
+    from tcexport.export import exporter as export
+    from tcexport.models import sources
 
     made: dict[tuple[str, int], object] = {}
 
@@ -294,7 +295,8 @@ def exported(tmp_path_factory):
 @pytest.mark.parametrize("version", [17, 18, 20, 23])
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_exported_model_compresses_and_validates(exported, tmp_path, model, version):
-    from tcexport import compress, validate
+    from tcexport.compress import rewrite as compress
+    from tcexport.validate import equality as validate
 
     source = exported(model, version)
     exported_model = onnx.load(str(source))
@@ -316,7 +318,8 @@ def test_exported_model_compresses_and_validates(exported, tmp_path, model, vers
 @pytest.mark.slow
 def test_function_impl_at_opset_17_validates(exported, tmp_path):
     """--impl function: the method bodies become model-local functions, declared at the model's opset 17."""
-    from tcexport import compress, validate
+    from tcexport.compress import rewrite as compress
+    from tcexport.validate import equality as validate
 
     out = tmp_path / "vit_17_tome_fn.onnx"
     compress.compress_file(exported("vit", 17), out, method="tome", r="2", impl="function")

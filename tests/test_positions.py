@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tcexport import sources, zoo
-from tcexport.errors import UsageError
+from tcexport.models import sources
+from tcexport.models import zoo
+from tcexport.core.errors import UsageError
 from tcexport.methods.query import QueryPrune
 from tcexport.methods.tome import ToMe
 from tcexport.methods.topk import TopK

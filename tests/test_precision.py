@@ -1,4 +1,4 @@
-"""tcexport.precision: float32 -> float16/bfloat16 graphs for strongly typed TensorRT, checked on ONNX Runtime CPU."""
+"""tcexport.backends.precision: float32 -> float16/bfloat16 graphs for strongly typed TensorRT, checked on ONNX Runtime CPU."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tcexport import metadata, precision
-from tcexport.errors import UsageError
+from tcexport.core import metadata
+from tcexport.backends import precision
+from tcexport.core.errors import UsageError
 
 F, H, B = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16
 

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli
-from tcexport import progress, recipes
-from tcexport.errors import UsageError
+from tcexport.core import progress
+from tcexport.recipes import run as recipes
+from tcexport.core.errors import UsageError
 
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
 GOOD = "model:\n  spec: timm:vit_tiny_patch16_224\n"
@@ -171,9 +172,9 @@ def test_method_params_and_stage_forms():
                       "prop_attn": True, "impl": "function", "protected": None}
     assert recipe.compress.stages[0].method == "tome" and recipe.compress.stages[0].params == {"r": 8}
     # The text form parses back to the same stage (what compress_file gets is what the mapping said).
-    from tcexport import compress
+    from tcexport.compress import plan as compress_plan
 
-    assert [compress.parse_stage(t) for t in stages["stages"]] == [
+    assert [compress_plan.parse_stage(t) for t in stages["stages"]] == [
         (s.method, s.params, recipes.layers_text(s.layers)) for s in recipe.compress.stages]
     # Written back (recipe.yaml): stages alone, no single-method fields; it loads again unchanged.
     dumped = yaml.safe_load(recipe.to_yaml())["compress"]

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tcexport import data, sources
-from tcexport.errors import UsageError
+from tcexport import data
+from tcexport.models import sources
+from tcexport.core.errors import UsageError
 from tcexport.methods.tome import ToMe
 from tcexport.reference import compressed_reference
 

@@ -10,9 +10,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tcexport import metadata
-from tcexport.inputs import specs_from_graph
-from tcexport.validate import sample_feeds
+from tcexport.core import metadata
+from tcexport.models.inputs import specs_from_graph
+from tcexport.validate.equality import sample_feeds
 from tests.conftest import assert_usage_error, run_cli
 from tests.fixtures.plain_onnx import export_tiny_bert, export_tiny_vit
 
@@ -113,7 +113,7 @@ def test_text_model_bounds_ids_and_skips_outputs_whose_tokens_changed(vit_pair, 
 
 def _engine_skip_reason() -> str | None:
     from tcexport.backends import trt
-    from tcexport.errors import UsageError
+    from tcexport.core.errors import UsageError
 
     try:
         trt.require_tensorrt()

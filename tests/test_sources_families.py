@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tcexport import init, sources, zoo
-from tcexport.errors import UsageError
+from tcexport.models import seeded_init as init
+from tcexport.models import sources
+from tcexport.models import zoo
+from tcexport.core.errors import UsageError
 from tests.conftest import assert_usage_error, run_cli
 
 LAYER_SCALED = ("beit_base_patch16_224", "deit3_small_patch16_224", "vit_small_patch14_reg4_dinov2",
@@ -140,7 +142,7 @@ def _export_and_count_blocks(source: sources.Source, path) -> int:
     import onnx
     import onnx_ir as ir
 
-    from tcexport import export
+    from tcexport.export import exporter as export
     from tcexport.graph.blocks import find_blocks
 
     report = export.export_to_file(source, path)
@@ -233,7 +235,7 @@ def test_timm_tiny_variant_exports_and_has_one_block_per_layer(name, tmp_path):
 
 @pytest.mark.parametrize("name", zoo.TIMM_REFUSED)
 def test_timm_models_without_global_attention_still_export(name, tmp_path):
-    from tcexport import export
+    from tcexport.export import exporter as export
 
     assert export.export_to_file(_timm(name), tmp_path / f"{name}.onnx").passed  # compress is what refuses them
 
@@ -249,7 +251,7 @@ def test_st_kind_exports_the_pipeline_and_has_one_block_per_layer(kind, zoo_root
 
 
 def test_recipe_model_args_reach_the_loader(tmp_path):
-    from tcexport import recipes
+    from tcexport.recipes import run as recipes
 
     path = tmp_path / "tiny.yaml"
     path.write_text("model:\n  spec: timm:vit_tiny_patch16_224\n  model_args: {img_size: [32, 32], depth: 2}\n")
@@ -283,7 +285,7 @@ def test_hf_text_encoder_decoder_exports_its_encoder(tmp_path):
 
 
 def test_unknown_main_input_is_a_usage_error():
-    from tcexport import hf_models
+    from tcexport.models import hf as hf_models
 
     class TimeSeriesModel(torch.nn.Module):
         main_input_name = "past_values"

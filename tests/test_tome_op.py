@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.methods import METHODS, get
 from tcexport.methods.standalone import build_standalone_model
 from tcexport.methods.tome import ToMe, log_size_bias, schedule

@@ -14,9 +14,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tcexport import artifacts, inputs
+from tcexport.core import artifacts
+from tcexport.models import inputs
 from tcexport.backends import trt
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tests.conftest import assert_usage_error, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +311,7 @@ def test_cli_build_writes_engine_dir(tiny_onnx, tmp_path):
 
 
 def test_tolerances_for_each_precision():
-    from tcexport import validate
+    from tcexport.validate import equality as validate
 
     assert validate.tolerances_for("fp32") == (1e-4, 1e-4, None)
     assert validate.tolerances_for("fp16") == (1e-2, 1e-2, 0.999)
@@ -326,7 +327,7 @@ def test_tolerances_for_each_precision():
 
 
 def test_tolerance_reason_says_where_each_value_comes_from():
-    from tcexport import validate
+    from tcexport.validate import equality as validate
 
     default = validate.tolerance_reason("fp16", engine=True)
     assert "defaults for a fp16 engine" in default and "float16" in default
@@ -337,7 +338,7 @@ def test_tolerance_reason_says_where_each_value_comes_from():
 
 
 def test_compare_with_a_cosine_floor():
-    from tcexport import validate
+    from tcexport.validate import equality as validate
 
     reference = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     rotated = np.array([[1.0, 0.05, 0.0], [0.0, 0.0, 0.0]])  # within atol 0.1, but cosine 0.9988
@@ -580,7 +581,7 @@ def fake_gpu(monkeypatch):
 def make_engine_dir(directory: Path, onnx_path: Path, precision="fp16", version="10.13", compute_capability=(8, 7),
                     batch="1,1,8") -> Path:
     """A build directory as build_engine writes it, with the ONNX bytes as the (fake) engine."""
-    from tcexport import metadata
+    from tcexport.core import metadata
 
     model = onnx.load(str(onnx_path))
     plan = trt.make_plan(model, version, precision, batch)
@@ -665,7 +666,8 @@ def test_fake_runner_refusals(fake_gpu, tiny_onnx, tmp_path):
 @pytest.fixture(scope="module")
 def convnet_onnx(tmp_path_factory) -> Path:
     """A tiny exported CNN with its tcexport.source record, so validate can rebuild the PyTorch reference."""
-    from tcexport import export, sources
+    from tcexport.export import exporter as export
+    from tcexport.models import sources
 
     source = sources.load("py:tests.fixtures.factories:tiny_convnet", input_shape="3x8x8")
     path = tmp_path_factory.mktemp("convnet") / "convnet.onnx"
@@ -674,8 +676,8 @@ def convnet_onnx(tmp_path_factory) -> Path:
 
 
 def test_validate_fp16_engine_uses_its_precision_tolerances(fake_gpu, convnet_onnx, tmp_path):
-    from tcexport import validate
-    from tcexport.errors import ValidationFailed
+    from tcexport.validate import equality as validate
+    from tcexport.core.errors import ValidationFailed
 
     fake_gpu.relative_error = 1e-3  # far beyond fp32's 1e-4, well within fp16's 1e-2
     engine_dir = make_engine_dir(tmp_path / "engine", convnet_onnx, precision="fp16")
@@ -698,7 +700,7 @@ def test_validate_fp16_engine_uses_its_precision_tolerances(fake_gpu, convnet_on
 
 
 def test_validate_fp32_engine_keeps_the_user_tolerances(fake_gpu, convnet_onnx, tmp_path):
-    from tcexport import validate
+    from tcexport.validate import equality as validate
 
     engine_dir = make_engine_dir(tmp_path / "engine", convnet_onnx, precision="fp32")
     report = validate.validate(engine_dir, samples=1, atol=2e-4)
@@ -708,7 +710,7 @@ def test_validate_fp32_engine_keeps_the_user_tolerances(fake_gpu, convnet_onnx, 
 
 
 def test_validate_onnx_is_unchanged(convnet_onnx):
-    from tcexport import validate
+    from tcexport.validate import equality as validate
 
     report = validate.validate(convnet_onnx, samples=2)
     assert report.passed and (report.atol, report.rtol, report.min_cosine) == (1e-4, 1e-4, None)
@@ -719,7 +721,7 @@ def test_validate_onnx_is_unchanged(convnet_onnx):
 
 
 def test_bench_fake_engine_next_to_onnx_runtime(fake_gpu, tiny_onnx, tmp_path):
-    from tcexport import bench
+    from tcexport.bench import run as bench
 
     engine_dir = make_engine_dir(tmp_path / "tiny-trt", tiny_onnx)
     results = bench.run([tiny_onnx, engine_dir], batches=[1, 2], warmup=1, iters=3, include_copies=True,
@@ -760,7 +762,7 @@ def test_validate_and_bench_engine_without_tensorrt_fail_cleanly(tiny_onnx, tmp_
 @needs_engine
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cli_validate_engine(convnet_onnx, tmp_path, precision):
-    from tcexport import validate
+    from tcexport.validate import equality as validate
 
     plan = trt.make_plan(convnet_onnx, trt.require_tensorrt().__version__, precision, "1,1,8")
     engine_dir = tmp_path / f"engine-{precision}"
@@ -1046,7 +1048,9 @@ class SimpleTensor:
 @pytest.fixture(scope="module")
 def tome_onnx(tmp_path_factory) -> Path:
     """A 3-block ViT (65 tokens, width 65) with ToMe r=8 at every block, as standard ONNX ops."""
-    from tcexport import compress, export, sources
+    from tcexport.compress import rewrite as compress
+    from tcexport.export import exporter as export
+    from tcexport.models import sources
 
     folder = tmp_path_factory.mktemp("tome_trt")
     exported = folder / "tiny.onnx"

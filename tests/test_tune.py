@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import assert_usage_error, made_once, run_cli
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 SEQ_LEN = 32
 WORDS_PER_TEXT = 24  # fills the 32 tokens: no padding, so pruning cannot get away with dropping pads
@@ -22,7 +22,9 @@ def st_tiny(tmp_path_factory) -> Path:
     """The zoo's 2-block, width-32 BERT as a sentence-transformers pipeline, exported at 32 tokens."""
 
     def make(directory: Path) -> None:
-        from tcexport import export, sources, zoo
+        from tcexport.export import exporter as export
+        from tcexport.models import sources
+        from tcexport.models import zoo
 
         model_dir = zoo.st_dir("bert", directory)
         export.export_to_file(sources.load(f"st:{model_dir}", seq_len=SEQ_LEN), directory / "st.onnx")
@@ -112,7 +114,7 @@ def test_split_is_disjoint_and_complete():
 def test_images_are_resized_and_normalized(tmp_path):
     from PIL import Image
 
-    from tcexport.inputs import InputSpec
+    from tcexport.models.inputs import InputSpec
     from tcexport.tune import calibration
 
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "a.png")
@@ -173,7 +175,11 @@ def tuned(st_tiny, texts, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def test_tuned_plan_meets_the_measured_flop_budget_and_its_recipe_runs(tuned, st_tiny, tmp_path):
-    from tcexport import compress, flops, metadata, onnxfile, recipes
+    from tcexport.compress import rewrite as compress
+    from tcexport.graph import flops
+    from tcexport.core import metadata
+    from tcexport.core import onnxfile
+    from tcexport.recipes import run as recipes
     from tcexport.tune import objective
 
     out, summary = tuned
@@ -231,7 +237,7 @@ def test_outputs_and_held_out_samples(tuned):
 def test_latency_is_measured_per_plan_and_an_unmet_budget_exits_1(st_tiny, texts, tmp_path):
     """On a 2-block width-32 model the inserted ops cost more than the tokens they save: half the uncompressed
     latency is out of reach, so no plan may be reported as meeting it; the trials are still written."""
-    from tcexport.errors import ValidationFailed
+    from tcexport.core.errors import ValidationFailed
     from tcexport.tune import command
 
     out = tmp_path / "out"
@@ -246,7 +252,9 @@ def test_latency_is_measured_per_plan_and_an_unmet_budget_exits_1(st_tiny, texts
 
 
 def test_ctrl_c_keeps_the_best_plan_found(st_tiny, texts):
-    from tcexport import inputs, metadata, onnxfile
+    from tcexport.models import inputs
+    from tcexport.core import metadata
+    from tcexport.core import onnxfile
     from tcexport.tune import budget, calibration, objective, search
 
     model = onnxfile.load(st_tiny)
@@ -273,7 +281,9 @@ def test_ctrl_c_keeps_the_best_plan_found(st_tiny, texts):
 def test_ray_scores_every_plan_as_in_process(st_tiny, texts):
     if importlib.util.find_spec("ray") is None:
         pytest.skip("Ray is not installed (pip install 'tcexport[ray]')")
-    from tcexport import inputs, metadata, onnxfile
+    from tcexport.models import inputs
+    from tcexport.core import metadata
+    from tcexport.core import onnxfile
     from tcexport.tune import calibration, objective
     from tcexport.tune.remote import RayPool
 

@@ -16,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tcexport import overwrite, progress, spec_check
-from tcexport.errors import UsageError
+from tcexport.core import overwrite
+from tcexport.core import progress
+from tcexport.models import spec_check
+from tcexport.core.errors import UsageError
 from tests.conftest import ROOT, assert_usage_error, run_cli
 
 CONVNET = ["py:tests.fixtures.factories:tiny_convnet", "--input-shape", "3x16x16"]
@@ -161,7 +163,7 @@ def test_options_that_do_not_apply_are_errors(tmp_path, args, words):
 
 
 def test_recipe_refuses_options_its_model_cannot_take():
-    from tcexport import recipes
+    from tcexport.recipes import run as recipes
 
     with pytest.raises(UsageError, match=r"^r\.yaml: model\.seq_len: seq_len does not apply to timm"):
         recipes.parse({"model": {"spec": "timm:vit_tiny_patch16_224", "seq_len": 16}}, "r.yaml")
@@ -170,7 +172,7 @@ def test_recipe_refuses_options_its_model_cannot_take():
 
 
 def test_spec_prefixes_match_the_loaders():
-    from tcexport import sources
+    from tcexport.models import sources
 
     assert set(spec_check.PREFIXES) == set(sources.LOADERS)
 
@@ -272,7 +274,7 @@ def test_the_blocked_environment_really_blocks(no_heavy_imports, bad_inputs):
 
 
 def test_validate_lines_say_which_criterion_decided():
-    from tcexport import validate
+    from tcexport.validate import equality as validate
 
     reference = np.array([[1e-6, 1.0, 2.0]], dtype=np.float32)
     actual = reference + np.array([[5e-5, 0.0, 1e-5]], dtype=np.float32)

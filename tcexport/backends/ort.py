@@ -11,10 +11,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from tcexport import __version__, inputs, metadata, onnxfile
-from tcexport.artifacts import SIDECAR
-from tcexport.atomic import atomic_dir
-from tcexport.errors import UsageError
+from tcexport import __version__
+from tcexport.models import inputs
+from tcexport.core import metadata
+from tcexport.core import onnxfile
+from tcexport.core.artifacts import SIDECAR
+from tcexport.core.atomic import atomic_dir
+from tcexport.core.errors import UsageError
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",

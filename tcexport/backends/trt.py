@@ -17,7 +17,7 @@ Without the tensorrt package, or without an NVIDIA GPU, the wrappers raise Usage
 is missing, before anything is written.
 
 Facts this encodes (see DESIGN.md §5): TensorRT 11 networks are strongly typed and the FP16/BF16/INT8 builder
-flags are gone, so reduced precision there means converting the ONNX graph (tcexport.precision). TensorRT 10.x
+flags are gone, so reduced precision there means converting the ONNX graph (tcexport.backends.precision). TensorRT 10.x
 still has the flags, but they mean "fp16 where faster" and could run the layers that decide which tokens merge
 in fp16; so 10.x fp16/bf16 engines are built the same way, strongly typed from the converted graph, and both
 lines make the same fp32 decisions. Plugins to load (--plugins) are decided in trt_plugins.py. Python plugins
@@ -39,9 +39,12 @@ from typing import Any, Callable, Iterable
 
 import onnx
 
-from tcexport import __version__, inputs, metadata, onnxfile
-from tcexport.artifacts import SIDECAR
-from tcexport.errors import UsageError
+from tcexport import __version__
+from tcexport.models import inputs
+from tcexport.core import metadata
+from tcexport.core import onnxfile
+from tcexport.core.artifacts import SIDECAR
+from tcexport.core.errors import UsageError
 
 ENGINE_FILE = "model.engine"
 INSTALL_HINT = ("pip install 'tcexport[trt10]' (TensorRT 10.x, CUDA 12) or 'tcexport[trt11]' (= tcexport[trt], "
@@ -93,7 +96,7 @@ def builder_flags(version: str | TrtVersion, precision: str) -> tuple[str, ...]:
     10.x's FP16/BF16 flags mean "fp16 where faster, fp32 fallback": the score MatMul, TopK and ArgMax that decide
     which tokens merge could then run in fp16, and decisions would differ from 11.x. So reduced precision is built
     the 11.x way on 10.x too: a strongly typed network from the converted graph (converts_graph), whose deciding
-    layers tcexport.precision keeps in fp32. A strongly typed network takes no precision flags.
+    layers tcexport.backends.precision keeps in fp32. A strongly typed network takes no precision flags.
     """
     _check_precision(precision)
     parse_version(version)
@@ -101,7 +104,7 @@ def builder_flags(version: str | TrtVersion, precision: str) -> tuple[str, ...]:
 
 
 def converts_graph(version: str | TrtVersion, precision: str) -> bool:
-    """Whether reduced precision needs the ONNX graph rewritten (tcexport.precision) before parsing: always."""
+    """Whether reduced precision needs the ONNX graph rewritten (tcexport.backends.precision) before parsing: always."""
     parse_version(version)
     return _check_precision(precision) != "fp32"
 
@@ -501,7 +504,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, plan: BuildPlan,
     """
     import time
 
-    from tcexport.atomic import atomic_dir, atomic_file
+    from tcexport.core.atomic import atomic_dir, atomic_file
     from tcexport.backends.ort import file_sha256
 
     trt = require_tensorrt()
@@ -533,7 +536,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, plan: BuildPlan,
     with tempfile.TemporaryDirectory(prefix="tcexport-trt-") as scratch:
         parse_path = onnx_path
         if plan.convert_graph:
-            from tcexport import precision as precision_mod
+            from tcexport.backends import precision as precision_mod
 
             parse_path = Path(scratch) / f"model.{plan.precision}.onnx"
             precision_report = precision_mod.convert_file(onnx_path, parse_path, plan.precision).to_json()
@@ -683,7 +686,7 @@ def require_engine_runtime(path: str | Path) -> tuple[Any, DeviceInfo]:
 
 def open_engine_runner(artifact, label: str | None = None, *, include_copies: bool = False,
                        cuda_graph: bool = False) -> "TrtRunner":
-    """A TrtRunner for a build directory whose sidecar says backend "trt" (a tcexport.artifacts.Artifact)."""
+    """A TrtRunner for a build directory whose sidecar says backend "trt" (a tcexport.core.artifacts.Artifact)."""
     trt, device = require_engine_runtime(artifact.path)
     problem = engine_mismatch(artifact.sidecar, trt.__version__, device)
     if problem:
@@ -783,7 +786,7 @@ class TorchCuda:
 class TrtRunner:
     """Run a serialized engine: feeds in, outputs out, and per-run device timing with CUDA events.
 
-    It is a tcexport.bench Runner (name, run(feeds)) that also reports device times: run() records events on its
+    It is a tcexport.bench.run Runner (name, run(feeds)) that also reports device times: run() records events on its
     stream around execute_async_v3 (gpu_compute_ms) and, with include_copies, around the H2D copies of the inputs
     from pinned host buffers and the D2H copies of the outputs back (h2d_ms, d2h_ms), then waits for the stream, so
     the host wall time the bench measures around run() covers the same work. pop_device_times() hands over what

@@ -25,7 +25,7 @@ from pathlib import Path
 import onnx
 
 from tcexport import __version__
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 NONE, AUTO, PYTHON = "none", "auto", "python"
 LIBRARY_ENV = "TCEXPORT_PLUGIN_LIBRARY"

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 FUSED = "Attention"
 

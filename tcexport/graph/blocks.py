@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 # Ops allowed between the logits MatMul and the Softmax: scaling, masks, biases, casts.

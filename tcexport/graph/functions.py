@@ -64,7 +64,7 @@ import onnx_ir.passes.common
 
 from tcexport import methods
 from tcexport.backends import trt as trt_backend
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 DOMAIN = trt_backend.PLUGIN_DOMAIN  # "tcexport": the function domain is the plugin namespace
 DOMAIN_VERSION = 1

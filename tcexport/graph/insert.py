@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.graph import positions as positions_mod
 from tcexport.graph.blocks import LOGIT_PATH_OPS, Block
 from tcexport.graph.probe import PROBE_BATCH

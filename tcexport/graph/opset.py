@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 AXES_INPUT_SINCE = 18
 REDUCE_AXES_CHANGED = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",

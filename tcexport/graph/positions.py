@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.graph.probe import PROBE_BATCH
 
 

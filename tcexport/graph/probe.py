@@ -10,7 +10,7 @@ from __future__ import annotations
 import onnx
 import onnxruntime as ort
 
-from tcexport import inputs as inputs_mod
+from tcexport.models import inputs as inputs_mod
 
 PROBE_BATCH = 2  # not 1: a batch of 1 would look like any other size-1 axis
 

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import onnx_ir as ir
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 UNARY = {"Identity", "Cast", "CastLike", "Erf", "Relu", "Gelu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Neg",
          "Abs", "Reciprocal", "Softmax", "LogSoftmax", "LayerNormalization", "Dropout", "IsNaN", "IsInf", "Not",

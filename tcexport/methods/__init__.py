@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.methods.base import Method, TokenState
 
 METHODS: dict[str, type[Method]] = {}

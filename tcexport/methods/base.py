@@ -21,7 +21,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir import tape
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 
 class TokenState(NamedTuple):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 CEIL_SLACK = 1e-9
 

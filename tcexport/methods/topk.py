@@ -65,7 +65,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir import tape
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.methods import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.keep import check_keep, check_keep_fits, is_bool, kept_count

@@ -42,8 +42,8 @@ from collections.abc import Mapping
 
 import torch
 
-from tcexport.errors import UsageError
-from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS
+from tcexport.core.errors import UsageError
+from tcexport.models.inputs import ATTENTION_MASK, TOKEN_IDS
 from tcexport.methods.base import Method, TokenState
 from tcexport.reference.flow import EXTRA_INPUTS, TokenFlow
 from tcexport.reference.mode import Layout, TokenMode, set_tags, tags

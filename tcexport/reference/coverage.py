@@ -12,12 +12,12 @@ from functools import lru_cache
 
 import torch
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 
 @lru_cache(maxsize=4)
 def _source(record_json: str):
-    from tcexport import sources
+    from tcexport.models import sources
 
     return sources.load_from_record(json.loads(record_json))
 
@@ -47,7 +47,7 @@ def check(source_record: dict | None, plan: dict, prop_attn: bool, protected: in
         raise UsageError(f"the PyTorch reference of {source.spec} finds {reference.layout.blocks} attention blocks "
                          f"where the graph has {len(graph_counts)}; validate could not check this compression, so "
                          "tcexport does not write it")
-    from tcexport.inputs import InputSpec, random_feeds
+    from tcexport.models.inputs import InputSpec, random_feeds
 
     specs = [InputSpec.from_json(spec) for spec in extra_inputs]
     extra = {name: torch.from_numpy(value) for name, value in random_feeds(specs, 2, 1).items()}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.methods.base import Method
 from tcexport.methods.tome import log_size_bias
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 from tcexport.reference import positions as positions_mod
 from tcexport.reference.flow import TokenFlow
 

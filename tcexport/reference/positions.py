@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 
 def follow_tokens(flow, value: torch.Tensor, other: torch.Tensor, from_mask: bool) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 KINDS = ("flops", "tokens", "latency")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tcexport import inputs as inputs_mod
-from tcexport.errors import UsageError
+from tcexport.models import inputs as inputs_mod
+from tcexport.core.errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

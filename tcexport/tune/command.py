@@ -11,7 +11,7 @@ import importlib.util
 import time
 from pathlib import Path
 
-from tcexport.errors import UsageError, ValidationFailed
+from tcexport.core.errors import UsageError, ValidationFailed
 from tcexport.tune import budget as budget_mod
 from tcexport.tune import calibration, outputs
 
@@ -58,7 +58,10 @@ def tune(model_path: Path, budget_text: str, data: Path, out_dir: Path, methods_
     if trials is None and time_limit is None:
         trials = 24
     budget = check_request(model_path, budget_text, data, out_dir, trials, time_limit, holdout, ray, force)
-    from tcexport import inputs, metadata, onnxfile, progress
+    from tcexport.models import inputs
+    from tcexport.core import metadata
+    from tcexport.core import onnxfile
+    from tcexport.core import progress
     from tcexport.tune import objective, search, space
 
     names = space.parse_methods(methods_text)

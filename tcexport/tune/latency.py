@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from tcexport import bench
+from tcexport.bench import run as bench
 from tcexport.tune import objective
 
 WARMUP = 5

@@ -1,7 +1,7 @@
 """One plan, measured: compressed in memory, its budget (FLOPs, tokens, latency) and its fidelity against the
 uncompressed model on the calibration feeds, both run with ONNX Runtime on the same inputs.
 
-Fidelity reuses tcexport.fidelity's per-output comparison (validate --reference-onnx): the score is the mean
+Fidelity reuses tcexport.validate.fidelity's per-output comparison (validate --reference-onnx): the score is the mean
 embedding cosine for feature outputs, and the mean of top-1 agreement and logit cosine for classifier outputs,
 averaged over the outputs compression leaves comparable. `--metric py:module:fn` replaces it with
 fn(reference_outputs, compressed_outputs) -> float (higher is better), both dicts of name -> array.
@@ -16,9 +16,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from tcexport import compress as compress_mod
-from tcexport import fidelity, flops
-from tcexport.errors import UsageError
+from tcexport.compress import plan as compress_plan
+from tcexport.compress import rewrite as compress_mod
+from tcexport.validate import fidelity
+from tcexport.graph import flops
+from tcexport.core.errors import UsageError
 from tcexport.graph import attention, probe
 from tcexport.graph import blocks as blocks_mod
 from tcexport.tune.space import Structure
@@ -32,7 +34,7 @@ def load_metric(text: str | None) -> Metric | None:
     """--metric py:module:fn, imported from the current directory as py: model specs are."""
     if text is None:
         return None
-    from tcexport import spec_check
+    from tcexport.models import spec_check
 
     prefix, sep, target = str(text).partition(":")
     module_name, colon, name = target.partition(":")
@@ -96,7 +98,7 @@ class Evaluator:
         if not found:
             raise UsageError("the model has no attention blocks to compress")
         hidden = self.shapes[found[0].hidden.name]
-        self.protected = compress_mod.default_protected(model) if protected is None else protected
+        self.protected = compress_plan.default_protected(model) if protected is None else protected
         self.structure = Structure(len(found), int(hidden[1]), self.protected, int(hidden[-1]))
         self.metric, self.threads = metric, threads
         self.base_flops = measured_flops(self.model)
@@ -105,9 +107,9 @@ class Evaluator:
         self.reference = run_all(session(self.model, threads), feeds) if reference is None else reference
 
     def compress(self, stages: list[str]) -> tuple[onnx.ModelProto, list[dict]]:
-        planned = compress_mod.plan_stages(self.structure.depth, stages)
+        planned = compress_plan.plan_stages(self.structure.depth, stages)
         names = list(dict.fromkeys(s.method.name for s in planned))
-        plan = compress_mod.Plan("+".join(names), planned, self.protected, True, "subgraph", "constant",
+        plan = compress_plan.Plan("+".join(names), planned, self.protected, True, "subgraph", "constant",
                                  {"stages": list(stages)})
         return compress_mod.compress_model(self.model, plan, shapes=self.shapes)
 

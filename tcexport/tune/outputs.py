@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tcexport import recipes
-from tcexport.atomic import atomic_dir
+from tcexport.recipes import run as recipes
+from tcexport.core.atomic import atomic_dir
 
 SUMMARY = "tune.json"  # marks a directory as tune's own output (it may be replaced without --force)
 FILES = ("best.yaml", "pareto.json", "pareto.png", "trials.jsonl", SUMMARY)

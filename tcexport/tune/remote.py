@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 LOCAL_WORKERS = 2
 QUIET = {"log_to_driver": False, "logging_level": logging.WARNING}  # stderr stays tcexport's progress lines

@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from tcexport import progress
-from tcexport.errors import UsageError
+from tcexport.core import progress
+from tcexport.core.errors import UsageError
 from tcexport.tune import objective, space
 from tcexport.tune.budget import Budget
 

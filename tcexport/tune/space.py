@@ -6,7 +6,7 @@ intensity (0: nothing removed, 1: the most the methods allow) is not searched bu
 on the budget: the optimizer spends its trials on where and how to compress, not on how much.
 
 Plans are lists of stages in `tcexport compress --stage` form ('tome:r=8@0,1', 'topk:keep=0.7@3'), which the
-recipe schema and compress.plan_stages take as they are.
+recipe schema and compress.plan.plan_stages take as they are.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from tcexport import methods
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 MERGING = ("tome", "adjacent")  # r tokens merged per block
 KEEPING = ("topk", "random", "uniform")  # a share of the unprotected tokens kept

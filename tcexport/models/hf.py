@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from tcexport.errors import UsageError
-from tcexport.inputs import ATTENTION_MASK, FLOAT, TOKEN_IDS, InputSpec
-from tcexport.spec_check import parse_shape
+from tcexport.core.errors import UsageError
+from tcexport.models.inputs import ATTENTION_MASK, FLOAT, TOKEN_IDS, InputSpec
+from tcexport.models.spec_check import parse_shape
 
 MODALITIES = {"input_ids": "text", "pixel_values": "vision", "input_features": "speech", "input_values": "speech"}
 DEFAULT_SEQ_LEN = 128
@@ -150,7 +150,7 @@ def _takes(model: torch.nn.Module, argument: str) -> bool:
 @torch.no_grad()
 def token_count(wrapped: torch.nn.Module, inputs: list[InputSpec]) -> int:
     """Tokens in last_hidden_state at the exported input size (one run at batch 1)."""
-    from tcexport.inputs import random_feeds
+    from tcexport.models.inputs import random_feeds
 
     feeds = random_feeds(inputs, 1)
     return int(wrapped(*(torch.from_numpy(feeds[s.name]) for s in inputs)).shape[1])

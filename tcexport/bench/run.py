@@ -44,10 +44,13 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from tcexport import __version__, inputs, onnxfile, progress
-from tcexport.artifacts import Artifact, resolve
-from tcexport.atomic import atomic_file
-from tcexport.errors import UsageError
+from tcexport import __version__
+from tcexport.models import inputs
+from tcexport.core import onnxfile
+from tcexport.core import progress
+from tcexport.core.artifacts import Artifact, resolve
+from tcexport.core.atomic import atomic_file
+from tcexport.core.errors import UsageError
 
 DEFAULT_ITERS = 50
 MIN_ROUNDS_WITH_DURATION = 3  # a duration budget still yields a few samples per artifact, even for slow models

@@ -17,7 +17,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx.external_data_helper import uses_external_data
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 PROTOBUF_LIMIT = 1_800_000_000  # bytes; protobuf refuses messages over 2 GiB, so leave headroom
 DATA_SUFFIX = ".data"

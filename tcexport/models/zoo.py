@@ -5,7 +5,7 @@ One registry per source kind:
     hf_dir(kind, root)    saves a tiny random transformers model directory (what `hf:DIR` loads)
     st_dir(kind, root)    the same text model as a sentence-transformers directory (`st:DIR`)
 
-Weights are seeded random and drawn by `tcexport.init.exercise` (layer scale in [0.5, 1], non-zero position
+Weights are seeded random and drawn by `tcexport.models.seeded_init.exercise` (layer scale in [0.5, 1], non-zero position
 bias), so a wrong branch after attention shows in the output. Directories are written once per root and reused.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tcexport.init import exercise
+from tcexport.models.seeded_init import exercise
 
 SEED = 0
 WIDTH = 32
@@ -140,7 +140,7 @@ def _save_once(target: Path, write) -> Path:
     """Write a directory under a temporary name and rename it, so concurrent or failed writes leave no half."""
     if target.is_dir():
         return target
-    from tcexport.atomic import atomic_dir
+    from tcexport.core.atomic import atomic_dir
 
     with atomic_dir(target) as tmp:
         write(tmp)
@@ -149,7 +149,7 @@ def _save_once(target: Path, write) -> Path:
 
 def hf_dir(kind: str, root: Path, seed: int = SEED, full: bool = False) -> Path:
     """Save (once) a random transformers model of `kind` (tiny, or base size with `full`) under `root`."""
-    from tcexport.sources import _quiet_transformers
+    from tcexport.models.sources import _quiet_transformers
 
     config = hf_config(kind, full=full)
     _quiet_transformers()
@@ -175,7 +175,7 @@ def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128, f
     """
     if kind not in ST_KINDS:
         raise KeyError(f"unknown st kind '{kind}'; choose one of {', '.join(ST_KINDS)}")
-    from tcexport.sources import _quiet_transformers
+    from tcexport.models.sources import _quiet_transformers
 
     _quiet_transformers()
     tokenizer = minilm_tokenizer_dir()

@@ -31,10 +31,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from tcexport import onnxfile
+from tcexport.core import onnxfile
 from tcexport.backends import trt as trt_backend
 from tcexport.backends.trt import TrtVersion
-from tcexport.errors import ValidationFailed
+from tcexport.core.errors import ValidationFailed
 
 ERROR = "error"
 WARNING = "warning"

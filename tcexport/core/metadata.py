@@ -12,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 SOURCE = "tcexport.source"
 COMPRESSION = "tcexport.compression"

@@ -3,7 +3,7 @@
 A typo in a spec, a missing checkpoint or an option that cannot apply should cost milliseconds, not the
 seconds a torch import takes. What can be decided from the spec's prefix alone is decided here; what needs the
 model itself (an hf: directory holding an image model, a timm model without img_size) stays in its loader in
-tcexport.sources.
+tcexport.models.sources.
 
     timm:  an image model: --input-shape CxHxW applies, --seq-len does not
     st:    a sentence-transformers text pipeline: --seq-len applies, --input-shape does not
@@ -18,10 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 # prefix -> the input kind that prefix alone implies (None: decided by the loader). Must match
-# tcexport.sources.LOADERS; a test holds the two together.
+# tcexport.models.sources.LOADERS; a test holds the two together.
 PREFIXES = {"timm": "image", "hf": None, "st": "text", "py": None}
 # Options that only some prefixes take (the rest ignore nothing: they refuse).
 WEIGHT_OPTIONS = {"--pretrained": ("timm",), "--checkpoint": ("timm", "py")}

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from tcexport import inputs, onnxfile
+from tcexport.models import inputs
+from tcexport.core import onnxfile
 
 INSERTED_PREFIX = "tc_"
 BLOCK_RUNS = 4     # timed runs per turn when worker threads spin

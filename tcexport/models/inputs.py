@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from tcexport import metadata
-from tcexport.errors import UsageError
+from tcexport.core import metadata
+from tcexport.core.errors import UsageError
 
 # Input kinds decide how random values are drawn.
 FLOAT = "float"

@@ -32,8 +32,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from tcexport import metadata, onnxfile
-from tcexport.errors import UsageError
+from tcexport.core import metadata
+from tcexport.core import onnxfile
+from tcexport.core.errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PRECISION_RECORD = "tcexport.precision"
@@ -139,7 +140,7 @@ def convert(model: onnx.ModelProto, precision: str, *, keep_io_types: bool = Tru
 
 def convert_file(src: str | Path, dst: str | Path, precision: str, **options) -> ConversionReport:
     """Load `src`, convert it, save to `dst` (atomically). Returns the report."""
-    from tcexport.atomic import atomic_file
+    from tcexport.core.atomic import atomic_file
 
     model = onnxfile.load(src)
     converted, report = convert(model, precision, **options)

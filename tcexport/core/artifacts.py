@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tcexport.errors import UsageError
+from tcexport.core.errors import UsageError
 
 SIDECAR = "tcexport-build.json"
 

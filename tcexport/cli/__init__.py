@@ -1,6 +1,6 @@
 """The `tcexport` command line: a thin click group. Each command parses, calls one function, prints.
 
-Errors: tcexport.errors.UsageError (and click's own usage errors) print one line on stderr and exit 2;
+Errors: tcexport.core.errors.UsageError (and click's own usage errors) print one line on stderr and exit 2;
 ValidationFailed prints its report and exits 1. Heavy imports (torch, onnxruntime) happen inside commands so
 `tcexport --help` stays fast.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from tcexport import __version__
-from tcexport.errors import UsageError, ValidationFailed
+from tcexport.core.errors import UsageError, ValidationFailed
 
 
 def _one_line(text: str) -> str:
@@ -172,7 +172,8 @@ def compress(model, output, method, r, keep, keep_count, fuse, keep_order, domin
       tcexport compress vit.onnx --r 16 --schedule decreasing --layers 0-5 -o vit_tome.onnx
       tcexport compress minilm.onnx --r 4,4,8 --layers 1,2,3 -o minilm_tome.onnx
     """
-    from tcexport import pipeline, progress
+    from tcexport import pipeline
+    from tcexport.core import progress
 
     given = {"keep": keep, "keep_count": keep_count, "fuse": fuse, "keep_order": keep_order, "dominant": dominant,
              "contextual": contextual, "kernel": kernel, "seed": method_seed}
@@ -180,7 +181,7 @@ def compress(model, output, method, r, keep, keep_count, fuse, keep_order, domin
     if stages and (params or r is not None):
         raise UsageError("--stage carries each method's parameters; drop --r/--keep/... when using --stage")
     pipeline.check_onnx_input(model)  # before the method registry imports torch
-    from tcexport import compress as compress_mod
+    from tcexport.compress import rewrite as compress_mod
 
     with progress.step(f"compress {model} ({' + '.join(stages) or method}) -> {output}"):
         schedule_out = compress_mod.compress_file(model, output, method=method, r=r, layers=layers,
@@ -224,7 +225,7 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
       tcexport validate build/vit-trt-fp16
       tcexport validate my_model.tc.onnx --reference-onnx my_model.onnx --min-cosine 0.99
     """
-    from tcexport import artifacts
+    from tcexport.core import artifacts
 
     batches = tuple(_positive_int_list(batch_text, "--batch"))
     if user_inputs is not None and not user_inputs.is_file():
@@ -237,13 +238,13 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
         if atol is not None or rtol is not None:
             raise UsageError("--atol/--rtol check equality with the eager PyTorch reference; --reference-onnx "
                              "reports fidelity, where only --min-cosine applies")
-        from tcexport import fidelity
+        from tcexport.validate import fidelity
 
         report = fidelity.run(model, reference_onnx, json_path=json_path, samples=samples, seed=seed,
                               batches=batches, min_cosine=min_cosine, user_inputs=user_inputs)
         click.echo(fidelity.format_report(report))
         return
-    from tcexport import validate as validate_mod
+    from tcexport.validate import equality as validate_mod
 
     report = validate_mod.run(model, json_path=json_path, samples=samples, seed=seed, atol=atol, rtol=rtol,
                               min_cosine=min_cosine, batches=batches, user_inputs=user_inputs)
@@ -298,7 +299,9 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
       tcexport build timm:vit_tiny_patch16_224 -o build/vit-ort
       tcexport build recipes/minilm_tome.yaml -o out/minilm_tome
     """
-    from tcexport import overwrite, pipeline, spec_check
+    from tcexport import pipeline
+    from tcexport.core import overwrite
+    from tcexport.models import spec_check
 
     if backend == "trt":
         import tempfile
@@ -318,8 +321,8 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
         if source_arg.endswith(".onnx"):
             sidecar = trt_backend.build(source_arg, output, **options)
         else:
-            from tcexport import export as export_mod
-            from tcexport import sources
+            from tcexport.export import exporter as export_mod
+            from tcexport.models import sources
 
             source = sources.load(source_arg, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
                                   input_shape=input_shape, seq_len=seq_len, model_args=model_args)
@@ -375,7 +378,7 @@ def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms
       tcexport bench build/vit-ort build/vit-trt --include-copies --cuda-graph
       tcexport bench vit.onnx --shapes pixel_values:4x3x224x224 --warmup-ms 500
     """
-    from tcexport import bench as bench_mod
+    from tcexport.bench import run as bench_mod
 
     if iters is not None and duration is not None:
         raise UsageError("give --iters or --duration, not both")
@@ -406,7 +409,7 @@ def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_cmd(model, batch, as_json):
     """Show an ONNX model: inputs/outputs, op histogram, provenance, estimated GFLOPs."""
-    from tcexport import inspection
+    from tcexport.graph import inspection
 
     report = inspection.inspect_model(model, batch=batch)
     if as_json:
@@ -433,7 +436,7 @@ def lint(model, trt_version, as_json):
       tcexport lint vit.onnx --trt-version 10.3
       tcexport lint vit.onnx --trt-version 10.13 --json
     """
-    from tcexport import lint as lint_mod
+    from tcexport.backends import lint as lint_mod
 
     report = lint_mod.lint_file(model, trt_version)
     if as_json:
@@ -495,7 +498,7 @@ def tune(model, budget_text, data, methods_text, trials, time_limit, holdout, me
 
 
 def main():
-    from tcexport import progress
+    from tcexport.core import progress
 
     progress.configure("auto")  # progress on stderr for people and CI logs; library calls stay quiet
     cli()

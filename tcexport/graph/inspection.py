@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import onnx
 
-from tcexport import flops as flops_mod
-from tcexport import metadata, onnxfile
-from tcexport.errors import UsageError
+from tcexport.graph import flops as flops_mod
+from tcexport.core import metadata
+from tcexport.core import onnxfile
+from tcexport.core.errors import UsageError
 
 
 @dataclass

@@ -120,7 +120,7 @@ def estimate(model: onnx.ModelProto | str | Path, batch: int = 1, dims: Mapping[
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     if not isinstance(model, onnx.ModelProto):
-        from tcexport import onnxfile
+        from tcexport.core import onnxfile
 
         model = onnxfile.load(model, load_external_data=False)
     result = FlopsResult(batch=batch)

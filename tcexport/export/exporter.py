@@ -18,11 +18,14 @@ import numpy as np
 import onnx
 import torch
 
-from tcexport import __version__, metadata, onnxfile, progress
-from tcexport.atomic import atomic_file
-from tcexport.errors import UsageError, ValidationFailed
-from tcexport.sources import Source
-from tcexport.spec_check import parse_batch  # noqa: F401 - checked up front, kept importable here
+from tcexport import __version__
+from tcexport.core import metadata
+from tcexport.core import onnxfile
+from tcexport.core import progress
+from tcexport.core.atomic import atomic_file
+from tcexport.core.errors import UsageError, ValidationFailed
+from tcexport.models.sources import Source
+from tcexport.models.spec_check import parse_batch  # noqa: F401 - checked up front, kept importable here
 
 EXPORTERS = ("dynamo", "torchscript")
 EXAMPLE_BATCH = 2

@@ -41,9 +41,9 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_serializer, \
     field_validator, model_serializer, model_validator
 
-from tcexport import progress
-from tcexport.errors import UsageError, ValidationFailed
-from tcexport.overwrite import SUMMARY
+from tcexport.core import progress
+from tcexport.core.errors import UsageError, ValidationFailed
+from tcexport.core.overwrite import SUMMARY
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 DEFAULT_DYNAMIC_VALIDATE_BATCHES = [1, 3]
@@ -245,7 +245,7 @@ class ModelSection(Section):
         if self.pretrained and self.checkpoint:
             raise ValueError("give pretrained or checkpoint, not both")
         if not self.spec.endswith(".onnx"):
-            from tcexport import spec_check
+            from tcexport.models import spec_check
 
             try:  # the options the spec's kind cannot take (seq_len for timm:, input_shape for st:, ...)
                 spec_check.check(self.spec, pretrained=self.pretrained, checkpoint=None, input_shape=self.input_shape,
@@ -330,10 +330,10 @@ def _stage_from_text(value: Any) -> Any:
     """'tome:r=8@0-5' (what `tcexport compress --stage` takes) -> {method: tome, params: {r: 8}, layers: '0-5'}."""
     if not isinstance(value, str):
         return value
-    from tcexport import compress as compress_mod
+    from tcexport.compress import plan as compress_plan
 
     try:
-        method, params, layers = compress_mod.parse_stage(value.strip())
+        method, params, layers = compress_plan.parse_stage(value.strip())
     except UsageError as exc:
         raise ValueError(_recipe_terms(str(exc)).replace("stage '", "stage text '", 1)) from None
     return {"method": method, "params": params, "layers": layers}
@@ -772,8 +772,8 @@ def _in_stage(recipe: Recipe, stage: str, exc: UsageError) -> UsageError:
 
 def check_output(recipe: Recipe, out_dir: Path, force: bool = False) -> str | None:
     """Refuse an OUT_DIR whose replacement would destroy something this recipe did not write (see
-    tcexport.overwrite; --force replaces it anyway). Returns the note to show when an earlier output goes."""
-    from tcexport import overwrite
+    tcexport.core.overwrite; --force replaces it anyway). Returns the note to show when an earlier output goes."""
+    from tcexport.core import overwrite
 
     out = out_dir.resolve()
     if recipe.path is not None and out in recipe.path.resolve().parents:
@@ -783,7 +783,7 @@ def check_output(recipe: Recipe, out_dir: Path, force: bool = False) -> str | No
 
 def run(recipe: Recipe, out_dir: str | Path, echo: Echo | None = None, force: bool = False) -> dict:
     """Run every stage into OUT_DIR (atomically); return the summary (also written as summary.json)."""
-    from tcexport.atomic import atomic_dir
+    from tcexport.core.atomic import atomic_dir
 
     echo = echo or _echo
     out_dir = Path(out_dir)
@@ -841,11 +841,11 @@ class _Runner:
         (work / SUMMARY).write_text(json.dumps(_finite(summary), indent=2) + "\n")
         _repoint(work, final)
         if bench:
-            from tcexport import bench as bench_mod
+            from tcexport.bench import run as bench_mod
 
             bench_mod.print_table(bench)
         if report is not None:
-            from tcexport import validate as validate_mod
+            from tcexport.validate import equality as validate_mod
 
             self.echo(validate_mod.format_report(report).replace(str(work), str(final)))
         for entry in summary["speedup"]:
@@ -863,8 +863,8 @@ class _Runner:
                 shutil.copyfile(model.spec, output)
                 item.note("copied")
             return None
-        from tcexport import export as export_mod
-        from tcexport import sources
+        from tcexport.export import exporter as export_mod
+        from tcexport.models import sources
 
         options = dict(pretrained=model.pretrained, checkpoint=model.checkpoint, seed=model.seed,
                        input_shape=model.input_shape, seq_len=model.seq_len, model_args=model.model_args)
@@ -884,8 +884,9 @@ class _Runner:
         return {"passed": check.passed, "max_abs": check.max_abs, "atol": check.atol} if check else None
 
     def compress(self, exported: Path, output: Path) -> list[dict]:
-        from tcexport import compress as compress_mod
-        from tcexport import metadata, onnxfile
+        from tcexport.compress import rewrite as compress_mod
+        from tcexport.core import metadata
+        from tcexport.core import onnxfile
 
         c = self.recipe.compress
         with self.stage("compress", f"{c.describe()} -> model.tc.onnx") as item:
@@ -904,7 +905,7 @@ class _Runner:
         return schedule
 
     def validate(self, model: Path, json_path: Path):
-        from tcexport import validate as validate_mod
+        from tcexport.validate import equality as validate_mod
 
         v = self.recipe.validation
         samples = f"{v.samples} sample{'s' if v.samples > 1 else ''}"
@@ -941,7 +942,7 @@ class _Runner:
         return builds
 
     def bench(self, work: Path, names: list[str]) -> dict:
-        from tcexport import bench as bench_mod
+        from tcexport.bench import run as bench_mod
 
         b = self.recipe.bench
         amount = f"{b.duration:g} s" if b.duration else f"{b.iters or bench_mod.DEFAULT_ITERS} iters"
@@ -1063,13 +1064,13 @@ def _repoint(work: Path, final: Path) -> None:
 
 def build_from_file(path: str | Path, output: str | Path, echo: Echo | None = None, force: bool = False) -> dict:
     """`tcexport build RECIPE.yaml -o DIR`: load, run, and return the main build's sidecar (for the CLI's line)."""
-    from tcexport import overwrite
+    from tcexport.core import overwrite
 
     overwrite.check_recipe_dir(output, Path(path), force)  # before load: the schema's checks import torch
     recipe = load(path)
     summary = run(recipe, output, echo=echo, force=force)
     main = "compressed" if recipe.compress else "baseline"
-    from tcexport.artifacts import SIDECAR
+    from tcexport.core.artifacts import SIDECAR
 
     sidecar = json.loads((Path(output) / main / SIDECAR).read_text())
     sidecar["summary"] = summary

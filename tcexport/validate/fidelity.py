@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tcexport import artifacts, onnxfile
-from tcexport.atomic import atomic_file
-from tcexport.errors import UsageError, ValidationFailed
-from tcexport.inputs import InputSpec, specs_from_graph
+from tcexport.core import artifacts
+from tcexport.core import onnxfile
+from tcexport.core.atomic import atomic_file
+from tcexport.core.errors import UsageError, ValidationFailed
+from tcexport.models.inputs import InputSpec, specs_from_graph
 
 LABEL = "FIDELITY vs the uncompressed model (how close, not an equality check)"
 # Outputs whose name says they are features, not class scores, get no top-1 agreement.
@@ -139,7 +140,7 @@ def _specs(artifact: artifacts.Artifact) -> list[InputSpec]:
 def compare_with_reference(path: Path, reference_onnx: Path, samples: int = 4, seed: int = 0,
                            batches: tuple[int, ...] = (1, 3), threads: int | None = None,
                            min_cosine: float | None = None, user_inputs: Path | None = None) -> FidelityReport:
-    from tcexport.validate import load_user_inputs, sample_feeds
+    from tcexport.validate.equality import load_user_inputs, sample_feeds
 
     compressed = artifacts.resolve(path)
     reference = artifacts.resolve(reference_onnx)

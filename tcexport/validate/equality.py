@@ -31,11 +31,15 @@ import numpy as np
 import onnx
 import torch
 
-from tcexport import artifacts, metadata, methods, onnxfile, progress
+from tcexport import methods
+from tcexport.core import artifacts
+from tcexport.core import metadata
+from tcexport.core import onnxfile
+from tcexport.core import progress
 from tcexport.reference import coverage
-from tcexport.atomic import atomic_file
-from tcexport.errors import UsageError, ValidationFailed
-from tcexport.inputs import ATTENTION_MASK, TOKEN_IDS, InputSpec, load_npz_feeds, random_feeds
+from tcexport.core.atomic import atomic_file
+from tcexport.core.errors import UsageError, ValidationFailed
+from tcexport.models.inputs import ATTENTION_MASK, TOKEN_IDS, InputSpec, load_npz_feeds, random_feeds
 
 SIZE_OUTPUT = re.compile(r"^tc_blk(\d+)_[a-z_-]+_size_out$")
 # What each stage decided on, as named in the graph: the keys metric, or the CLS attention (graph/insert.py).

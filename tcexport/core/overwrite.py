@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tcexport.artifacts import SIDECAR
-from tcexport.errors import UsageError
+from tcexport.core.artifacts import SIDECAR
+from tcexport.core.errors import UsageError
 
-SUMMARY = "summary.json"  # what a recipe run writes last (tcexport.recipes uses this name)
+SUMMARY = "summary.json"  # what a recipe run writes last (tcexport.recipes.run uses this name)
 PRODUCER = b"tcexport"
 
 

@@ -1,0 +1,1 @@
+"""PyTorch -> ONNX with provenance, checked against PyTorch."""

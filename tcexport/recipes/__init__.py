@@ -1,0 +1,1 @@
+"""YAML recipes: export -> compress -> validate -> build -> bench in one run."""
