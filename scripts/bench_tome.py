@@ -42,7 +42,8 @@ import torch
 
 from onnx import TensorProto, helper
 
-from tcexport.bench import run as bench
+from tcexport.bench import report as bench_report
+from tcexport.bench import session as bench_session
 from tcexport.compress import rewrite as compress
 from tcexport.export import exporter as export
 from tcexport.graph import flops
@@ -191,10 +192,10 @@ def main() -> None:
         builds[f"oracle_r{r}"] = out / f"oracle_r{r}-ort"
         ort_backend.build(path, builds[f"oracle_r{r}"], threads=args.threads)
 
-    timing = bench.run([str(p) for p in builds.values()], batches=batches, threads=args.threads,
-                       warmup=args.warmup, iters=args.iters)
-    bench.print_table(timing)
-    bench.write_json(timing, out / "bench.json")
+    timing = bench_session.run([str(p) for p in builds.values()], batches=batches, threads=args.threads,
+                               warmup=args.warmup, iters=args.iters)
+    bench_report.print_table(timing)
+    bench_report.write_json(timing, out / "bench.json")
     medians = {(e["artifact"], e["batch"]): e["latency_ms"]["median"] for e in timing["results"]}
 
     if args.threads:

@@ -28,7 +28,7 @@ Measurements, per method and target:
   * GFLOPs at batch 1 (tcexport.graph.flops.estimate, MatMul/Gemm/Conv), the model's own ops and the inserted ops
     (node names starting with "tc_") apart, for both models;
   * ONNX Runtime CPU latency of the vision model (seeded random weights: timing does not depend on them), every
-    artifact built with backends.ort.build and timed in ONE interleaved bench.run (baseline and all methods,
+    artifact built with backends.ort.build and timed in ONE interleaved bench.session.run (baseline and all methods,
     rotating order each round, so machine drift hits all of them equally);
   * MiniLM (real weights) embedding cosine vs the uncompressed model on real text that fills all 128 tokens
     (pairs of the project's paragraphs, as in scripts/minilm_fidelity.py: no padding to remove for free), and
@@ -58,7 +58,8 @@ from bench_tome import model_flops  # noqa: E402  (own ops, inserted ops)
 from minilm_fidelity import filled_texts  # noqa: E402
 
 from tcexport import data, methods
-from tcexport.bench import run as bench
+from tcexport.bench import report as bench_report
+from tcexport.bench import session as bench_session
 from tcexport.compress import rewrite as compress
 from tcexport.export import exporter as export
 from tcexport.core import metadata
@@ -480,9 +481,9 @@ def main(argv: list[str] | None = None) -> dict:
     phase(f"building {vision_name} with ONNX Runtime (CPU)")
     builds = build_all(vision_base, vision, out, args.threads, notes)
     phase(f"timing {len(builds)} artifacts interleaved at batch {','.join(map(str, batches))}, {iters} iterations")
-    timing = bench.run([str(p) for p in builds.values()], batches=batches, threads=args.threads, warmup=warmup,
-                       iters=iters)
-    bench.write_json(timing, out / "bench.json")
+    timing = bench_session.run([str(p) for p in builds.values()], batches=batches, threads=args.threads,
+                               warmup=warmup, iters=iters)
+    bench_report.write_json(timing, out / "bench.json")
     # Labels are the build directories' names, i.e. the keys of `builds` (all distinct).
     medians = {(e["artifact"], e["batch"]): e["latency_ms"]["median"] for e in timing["results"]}
 

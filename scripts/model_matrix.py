@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_tome import INSERTED_PREFIX  # noqa: E402  (names of the nodes compression inserts)
 
-from tcexport.bench import run as bench
+from tcexport.bench import session as bench_session
 from tcexport.compress import rewrite as compress
 from tcexport.export import exporter as export
 from tcexport.graph import flops
@@ -182,8 +182,8 @@ def run_entry(entry: Entry, work: Path, iters: int, warmup: int, methods: tuple[
             row["validate"] = "passed" if report.passed else "failed"
             row["max_rel"] = report.worst("max_rel")
             row["max_abs"] = report.worst("max_abs")
-        results = step(row, "bench", lambda: bench.run([base_path, compressed], batches=list(BATCHES), iters=iters,
-                                                       warmup=warmup))
+        results = step(row, "bench", lambda: bench_session.run([base_path, compressed], batches=list(BATCHES),
+                                                               iters=iters, warmup=warmup))
         if results is not None:
             for entry_ in results["results"][1::2]:
                 row[f"speedup_b{entry_['batch']}"] = entry_["speedup"]

@@ -1,4 +1,4 @@
-"""tcexport.bench.run: statistics, interleaving, real runs on tiny ONNX models, outputs, and the CLI end to end."""
+"""tcexport.bench: statistics, interleaving, real runs on tiny ONNX models, outputs, and the CLI end to end."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tcexport.bench import run as bench
+from tcexport.bench import report, session, stats, timing
 from tcexport.core.errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,23 +58,23 @@ def big_onnx(tmp_path: Path) -> Path:
 
 def test_latency_stats_match_numpy():
     values = [1.0, 2.0, 3.0, 4.0, 10.0, 2.5, 3.5, 7.0]
-    stats = bench.latency_stats(values)
+    summary = stats.latency_stats(values)
     array = np.asarray(values)
-    assert stats["min"] == 1.0 and stats["max"] == 10.0
-    assert stats["mean"] == pytest.approx(array.mean())
-    assert stats["median"] == pytest.approx(np.median(array))
+    assert summary["min"] == 1.0 and summary["max"] == 10.0
+    assert summary["mean"] == pytest.approx(array.mean())
+    assert summary["median"] == pytest.approx(np.median(array))
     for name, q in (("p90", 90), ("p95", 95), ("p99", 99)):
-        assert stats[name] == pytest.approx(np.percentile(array, q))
-    assert stats["std"] == pytest.approx(array.std())
+        assert summary[name] == pytest.approx(np.percentile(array, q))
+    assert summary["std"] == pytest.approx(array.std())
 
 
 def test_summarize_and_speedup():
     base_ns = [2_000_000, 2_000_000, 4_000_000]  # median 2 ms, mean 8/3 ms
     fast_ns = [1_000_000, 500_000, 1_000_000]  # median 1 ms
     # The wall-clock the runs held is longer than their latencies (loop overhead between runs): 12 ms for 3 runs.
-    entries = [bench.summarize("base", 4, base_ns, 12_000_000), bench.summarize("fast", 4, fast_ns, 3_000_000),
-               bench.summarize("base", 1, [3_000_000], 3_000_000), bench.summarize("fast", 1, [6_000_000], 6_000_000)]
-    bench.add_speedups(entries)
+    entries = [stats.summarize("base", 4, base_ns, 12_000_000), stats.summarize("fast", 4, fast_ns, 3_000_000),
+               stats.summarize("base", 1, [3_000_000], 3_000_000), stats.summarize("fast", 1, [6_000_000], 6_000_000)]
+    stats.add_speedups(entries)
     base4, fast4, base1, fast1 = entries
     assert base4["latency_ms"]["median"] == pytest.approx(2.0)
     assert base4["throughput_qps"] == pytest.approx(3 / 0.012)  # runs / wall-clock, not 1 / mean latency
@@ -101,14 +101,14 @@ class RecordingRunner:
 
 
 def test_round_order_rotates():
-    assert [bench.round_order(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    assert [timing.round_order(3, r) for r in range(4)] == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
 
 
 def test_time_interleaved_rotates_and_warms_up():
     calls: list[str] = []
     runners = [RecordingRunner(n, calls) for n in "abc"]
     rounds = []
-    latencies = bench.time_interleaved(runners, [{}, {}, {}], warmup=2, iters=4, on_round=rounds.append).latencies_ns
+    latencies = timing.time_interleaved(runners, [{}, {}, {}], warmup=2, iters=4, on_round=rounds.append).latencies_ns
     warm, timed = calls[:6], calls[6:]
     assert sorted(warm) == sorted("aabbcc")
     assert timed == list("abc" "bca" "cab" "abc")
@@ -121,21 +121,21 @@ def test_time_interleaved_rotates_and_warms_up():
 def test_time_interleaved_duration_runs_at_least_three_rounds():
     calls: list[str] = []
     runners = [RecordingRunner(n, calls) for n in "ab"]
-    latencies = bench.time_interleaved(runners, [{}, {}], warmup=0, duration=1e-9).latencies_ns
-    assert [len(lat) for lat in latencies] == [bench.MIN_ROUNDS_WITH_DURATION] * 2
+    latencies = timing.time_interleaved(runners, [{}, {}], warmup=0, duration=1e-9).latencies_ns
+    assert [len(lat) for lat in latencies] == [timing.MIN_ROUNDS_WITH_DURATION] * 2
 
 
 def test_time_interleaved_default_iters():
     calls: list[str] = []
-    latencies = bench.time_interleaved([RecordingRunner("a", calls)], [{}], warmup=0).latencies_ns
-    assert len(latencies[0]) == bench.DEFAULT_ITERS
+    latencies = timing.time_interleaved([RecordingRunner("a", calls)], [{}], warmup=0).latencies_ns
+    assert len(latencies[0]) == timing.DEFAULT_ITERS
 
 
 # ---------------------------------------------------------------------------------------------- real runs
 
 
 def test_run_two_onnx_files(small_onnx, big_onnx):
-    results = bench.run([small_onnx, big_onnx], batches=[1, 2], warmup=1, iters=5)
+    results = session.run([small_onnx, big_onnx], batches=[1, 2], warmup=1, iters=5)
     json.dumps(results)  # plain data all the way down
     assert [a["label"] for a in results["artifacts"]] == ["small", "big"]
     assert all(a["backend"] == "ort" and a["provider"] == "cpu" for a in results["artifacts"])
@@ -154,8 +154,8 @@ def test_run_two_onnx_files(small_onnx, big_onnx):
 
 
 def test_run_with_duration_and_threads(small_onnx):
-    results = bench.run([small_onnx], batches=[1], threads=1, warmup=0, duration=0.05)
-    assert results["results"][0]["iters"] >= bench.MIN_ROUNDS_WITH_DURATION
+    results = session.run([small_onnx], batches=[1], threads=1, warmup=0, duration=0.05)
+    assert results["results"][0]["iters"] >= timing.MIN_ROUNDS_WITH_DURATION
     assert results["environment"]["threads"] == 1
 
 
@@ -164,7 +164,7 @@ def test_run_build_dir(small_onnx, tmp_path):
 
     build_dir = tmp_path / "b"
     ort_backend.build(small_onnx, build_dir, opt_level="extended")
-    results = bench.run([small_onnx, build_dir], batches=[1, 3], warmup=1, iters=3)
+    results = session.run([small_onnx, build_dir], batches=[1, 3], warmup=1, iters=3)
     built = results["artifacts"][1]
     assert built["label"] == "b" and built["provider"] == "cpu" and built["opt_level"] == "extended"
     assert len(results["results"]) == 4
@@ -175,21 +175,21 @@ def test_same_stem_labels_are_made_unique(tmp_path):
     (tmp_path / "b").mkdir()
     one = make_matmul_model(tmp_path / "a" / "model.onnx", [64, 64])
     two = make_matmul_model(tmp_path / "b" / "model.onnx", [64, 64])
-    results = bench.run([one, two, one], batches=[1], warmup=0, iters=2)
+    results = session.run([one, two, one], batches=[1], warmup=0, iters=2)
     labels = [a["label"] for a in results["artifacts"]]
     assert len(set(labels)) == 3
 
 
 def test_static_batch_model_at_other_batch(tmp_path):
     static = make_matmul_model(tmp_path / "static.onnx", [64, 64], batch=1)
-    assert bench.run([static], batches=[1], warmup=0, iters=2)["results"][0]["batch"] == 1
+    assert session.run([static], batches=[1], warmup=0, iters=2)["results"][0]["batch"] == 1
     with pytest.raises(UsageError, match="fixed batch size of 1"):
-        bench.run([static], batches=[4], warmup=0, iters=2)
+        session.run([static], batches=[4], warmup=0, iters=2)
 
 
 def test_progress_off_a_terminal_is_one_line_per_step(small_onnx, capsys, monkeypatch):
     monkeypatch.setenv("TCEXPORT_PROGRESS", "lines")
-    results = bench.run([small_onnx], batches=[1, 2], warmup=0, iters=300)
+    results = session.run([small_onnx], batches=[1, 2], warmup=0, iters=300)
     assert results["results"][0]["iters"] == 300
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 3, lines  # open, then one per batch size: no bar redraws in a log
@@ -199,13 +199,13 @@ def test_progress_off_a_terminal_is_one_line_per_step(small_onnx, capsys, monkey
 
 def test_library_calls_are_quiet_by_default(small_onnx, capsys, monkeypatch):
     monkeypatch.delenv("TCEXPORT_PROGRESS", raising=False)
-    bench.run([small_onnx], batches=[1], warmup=0, iters=3)
+    session.run([small_onnx], batches=[1], warmup=0, iters=3)
     assert capsys.readouterr().err == ""
 
 
 def test_missing_artifact(tmp_path):
     with pytest.raises(UsageError, match="no such file"):
-        bench.run([tmp_path / "nope.onnx"], batches=[1])
+        session.run([tmp_path / "nope.onnx"], batches=[1])
 
 
 def test_trt_backend_is_a_usage_error(tmp_path):
@@ -214,12 +214,12 @@ def test_trt_backend_is_a_usage_error(tmp_path):
     (build_dir / "model.plan").write_bytes(b"\0")
     (build_dir / "tcexport-build.json").write_text(json.dumps({"backend": "trt", "model_file": "model.plan"}))
     with pytest.raises(UsageError, match="tensorrt"):
-        bench.run([build_dir], batches=[1])
+        session.run([build_dir], batches=[1])
 
 
 def test_iters_and_duration_together():
     with pytest.raises(UsageError):
-        bench.run(["x.onnx"], iters=5, duration=1.0)
+        session.run(["x.onnx"], iters=5, duration=1.0)
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -227,14 +227,14 @@ def test_iters_and_duration_together():
 
 @pytest.fixture()
 def fake_results() -> dict:
-    entries = [bench.summarize(label, batch, [int(ns * 1e6) for ns in lat], int(sum(lat) * 1.1e6))
+    entries = [stats.summarize(label, batch, [int(ns * 1e6) for ns in lat], int(sum(lat) * 1.1e6))
                for label, batch, lat in (("base", 1, [1.0, 1.2, 1.1]), ("tome", 1, [0.6, 0.7, 0.9]),
                                          ("base", 8, [5.0, 6.0, 5.5]), ("tome", 8, [3.0, 3.2, 3.1]))]
-    return {"artifacts": [], "environment": {}, "settings": {}, "results": bench.add_speedups(entries)}
+    return {"artifacts": [], "environment": {}, "settings": {}, "results": stats.add_speedups(entries)}
 
 
 def test_print_table(fake_results, capsys):
-    bench.print_table(fake_results)
+    report.print_table(fake_results)
     out = capsys.readouterr().out
     for word in ("artifact", "median", "p99", "samples/s", "speedup", "base", "tome"):
         assert word in out
@@ -243,7 +243,7 @@ def test_print_table(fake_results, capsys):
 
 def test_print_table_fits_a_narrow_terminal(fake_results, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
-    bench.print_table(fake_results)
+    report.print_table(fake_results)
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= 80
     assert "…" not in out  # compact layout instead of numbers cut short
@@ -252,21 +252,21 @@ def test_print_table_fits_a_narrow_terminal(fake_results, capsys, monkeypatch):
 
 def test_write_json(fake_results, tmp_path):
     path = tmp_path / "sub" / "bench.json"
-    bench.write_json(fake_results, path)
+    report.write_json(fake_results, path)
     assert json.loads(path.read_text())["results"][1]["speedup"] == pytest.approx(1.1 / 0.7)
     assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no temporary left behind
 
 
 def test_write_plot(fake_results, tmp_path):
     path = tmp_path / "bench.png"
-    bench.write_plot(fake_results, path)
+    report.write_plot(fake_results, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
 
 
 def test_write_plot_needs_png_suffix(fake_results, tmp_path):
     with pytest.raises(UsageError, match=r"\.png"):
-        bench.write_plot(fake_results, tmp_path / "bench.jpg")
+        report.write_plot(fake_results, tmp_path / "bench.jpg")
     assert not (tmp_path / "bench.jpg").exists()
 
 
@@ -329,68 +329,68 @@ class FakeDeviceRunner:
 
 
 def test_device_fields_of_runners():
-    assert bench.device_fields_of(RecordingRunner("ort", [])) == ()
-    assert bench.pop_device_times(RecordingRunner("ort", [])) == {}
-    assert bench.device_fields_of(FakeDeviceRunner("trt", ("h2d_ms", "gpu_compute_ms", "d2h_ms"))) == \
+    assert timing.device_fields_of(RecordingRunner("ort", [])) == ()
+    assert timing.pop_device_times(RecordingRunner("ort", [])) == {}
+    assert timing.device_fields_of(FakeDeviceRunner("trt", ("h2d_ms", "gpu_compute_ms", "d2h_ms"))) == \
         ("h2d_ms", "gpu_compute_ms", "d2h_ms")
     with pytest.raises(ValueError, match="unknown device time fields"):
-        bench.device_fields_of(FakeDeviceRunner("odd", ("power_w",)))
+        timing.device_fields_of(FakeDeviceRunner("odd", ("power_w",)))
 
 
 def test_time_interleaved_stages_and_drops_warmup_device_times():
     calls: list[str] = []
     device = FakeDeviceRunner("trt")
     feeds = [{}, {"x": 1}]
-    latencies = bench.time_interleaved([RecordingRunner("ort", calls), device], feeds, warmup=2,
+    latencies = timing.time_interleaved([RecordingRunner("ort", calls), device], feeds, warmup=2,
                                        iters=3).latencies_ns
     assert device.staged == [feeds[1]]  # staged once, before its warm-up
     assert device.runs == 5 and [len(lat) for lat in latencies] == [3, 3]
     # The warm-up runs (1 ms, 2 ms) were dropped; what is left lines up with the three timed runs.
-    assert bench.pop_device_times(device) == {"gpu_compute_ms": [3.0, 4.0, 5.0]}
+    assert timing.pop_device_times(device) == {"gpu_compute_ms": [3.0, 4.0, 5.0]}
 
 
 def test_summarize_merges_device_stats_next_to_host_latency():
-    entry = bench.summarize("trt", 2, [4_000_000, 5_000_000, 6_000_000], 15_000_000,
+    entry = stats.summarize("trt", 2, [4_000_000, 5_000_000, 6_000_000], 15_000_000,
                             {"gpu_compute_ms": [1.0, 2.0, 3.0], "h2d_ms": [0.1, 0.1, 0.4], "d2h_ms": [0.2] * 3})
     assert entry["latency_ms"]["median"] == pytest.approx(5.0)  # host wall time is untouched
-    assert entry["gpu_compute_ms"] == bench.latency_stats([1.0, 2.0, 3.0])
+    assert entry["gpu_compute_ms"] == stats.latency_stats([1.0, 2.0, 3.0])
     assert entry["h2d_ms"]["max"] == pytest.approx(0.4) and entry["d2h_ms"]["median"] == pytest.approx(0.2)
     assert entry["throughput_qps"] == pytest.approx(3 / 0.015)  # throughput stays host-based, as trtexec's
-    plain = bench.summarize("ort", 2, [4_000_000, 5_000_000, 6_000_000], 15_000_000, {})
-    assert not set(bench.DEVICE_FIELDS) & set(plain)
-    assert bench.summarize("ort", 2, [1, 2, 3], 6).keys() == plain.keys()
+    plain = stats.summarize("ort", 2, [4_000_000, 5_000_000, 6_000_000], 15_000_000, {})
+    assert not set(stats.DEVICE_FIELDS) & set(plain)
+    assert stats.summarize("ort", 2, [1, 2, 3], 6).keys() == plain.keys()
     with pytest.raises(ValueError, match="2 gpu_compute_ms samples for 3 timed runs"):
-        bench.summarize("trt", 1, [1, 2, 3], 6, {"gpu_compute_ms": [1.0, 2.0]})
+        stats.summarize("trt", 1, [1, 2, 3], 6, {"gpu_compute_ms": [1.0, 2.0]})
 
 
 @pytest.fixture()
 def mixed_results() -> dict:
-    entries = [bench.summarize("ort", 1, [2_000_000, 2_000_000], 4_000_000),
-               bench.summarize("trt", 1, [1_000_000, 1_000_000], 2_000_000, {"gpu_compute_ms": [0.25, 0.75]}),
-               bench.summarize("trt-copies", 1, [1_500_000, 1_500_000], 3_000_000,
+    entries = [stats.summarize("ort", 1, [2_000_000, 2_000_000], 4_000_000),
+               stats.summarize("trt", 1, [1_000_000, 1_000_000], 2_000_000, {"gpu_compute_ms": [0.25, 0.75]}),
+               stats.summarize("trt-copies", 1, [1_500_000, 1_500_000], 3_000_000,
                                {"gpu_compute_ms": [0.5, 0.5], "h2d_ms": [0.125, 0.125], "d2h_ms": [0.0625, 0.0625]})]
-    return {"artifacts": [], "environment": {}, "settings": {}, "results": bench.add_speedups(entries)}
+    return {"artifacts": [], "environment": {}, "settings": {}, "results": stats.add_speedups(entries)}
 
 
 def test_table_columns_for_each_mix(fake_results, mixed_results):
-    assert bench.table_columns(fake_results) == bench.TABLE_COLUMNS  # ONNX Runtime only: as before
-    assert bench.table_columns(mixed_results) == ("artifact", "batch", "runs", "min", "median", "mean", "p90", "p95",
+    assert report.table_columns(fake_results) == report.TABLE_COLUMNS  # ONNX Runtime only: as before
+    assert report.table_columns(mixed_results) == ("artifact", "batch", "runs", "min", "median", "mean", "p90", "p95",
                                                   "p99", "gpu", "h2d", "d2h", "qps", "samples/s", "speedup")
     compute_only = {"results": mixed_results["results"][:2]}
-    assert bench.table_columns(compute_only)[9:11] == ("gpu", "qps")
-    columns = bench.table_columns(mixed_results)
-    decimals = bench.column_formats(mixed_results["results"], columns)
-    ort_row, trt_row, copies_row = (bench.table_row(e, columns, decimals) for e in mixed_results["results"])
-    assert ort_row[2] == "2" and ort_row[9:12] == [bench.MISSING_CELL] * 3 and ort_row[-1] == "1.00x"
+    assert report.table_columns(compute_only)[9:11] == ("gpu", "qps")
+    columns = report.table_columns(mixed_results)
+    decimals = report.column_formats(mixed_results["results"], columns)
+    ort_row, trt_row, copies_row = (report.table_row(e, columns, decimals) for e in mixed_results["results"])
+    assert ort_row[2] == "2" and ort_row[9:12] == [report.MISSING_CELL] * 3 and ort_row[-1] == "1.00x"
     # One format per column: gpu's smallest median is 0.5 -> 3 decimals for all; d2h's 0.0625 -> 4.
     assert trt_row[9:12] == ["0.500", "-", "-"] and trt_row[-1] == "2.00x"
     assert copies_row[9:12] == ["0.500", "0.125", "0.0625"]
-    assert "gpu/h2d/d2h = median device time" in bench.table_caption(columns)
-    assert bench.table_caption(bench.TABLE_COLUMNS) == "speedup = first artifact's median / median, same batch"
+    assert "gpu/h2d/d2h = median device time" in report.table_caption(columns)
+    assert report.table_caption(report.TABLE_COLUMNS) == "speedup = first artifact's median / median, same batch"
 
 
 def test_print_table_mixed(mixed_results, capsys):
-    bench.print_table(mixed_results)
+    report.print_table(mixed_results)
     out = capsys.readouterr().out
     assert "gpu" in out and "h2d" in out and "0.500" in out and "0.0625" in out and "2.00x" in out
 
@@ -431,7 +431,7 @@ def fake_engines(monkeypatch):
 
 def test_run_mixed_ort_and_engine(small_onnx, tmp_path, fake_engines):
     engine = make_engine_dir(tmp_path, small_onnx)
-    results = bench.run([small_onnx, engine], batches=[1, 2], warmup=2, iters=4, cuda_graph=True)
+    results = session.run([small_onnx, engine], batches=[1, 2], warmup=2, iters=4, cuda_graph=True)
     json.dumps(results)
     assert fake_engines == [{"label": "engine", "include_copies": False, "cuda_graph": True}]
     ort_artifact, engine_artifact = results["artifacts"]
@@ -453,7 +453,7 @@ def test_run_mixed_ort_and_engine(small_onnx, tmp_path, fake_engines):
 
 def test_run_engine_with_copies_reports_h2d_d2h(small_onnx, tmp_path, fake_engines):
     engine = make_engine_dir(tmp_path, small_onnx)
-    results = bench.run([engine, small_onnx], batches=[1], warmup=0, iters=2, include_copies=True)
+    results = session.run([engine, small_onnx], batches=[1], warmup=0, iters=2, include_copies=True)
     entry = results["results"][0]
     assert entry["artifact"] == "engine" and entry["h2d_ms"]["median"] == pytest.approx(0.1)
     assert {"gpu_compute_ms", "h2d_ms", "d2h_ms"} <= set(entry) and "h2d_ms" not in results["results"][1]
@@ -462,13 +462,13 @@ def test_run_engine_with_copies_reports_h2d_d2h(small_onnx, tmp_path, fake_engin
 def test_run_engine_batch_outside_profile(small_onnx, tmp_path, fake_engines):
     engine = make_engine_dir(tmp_path, small_onnx, batch_max=4)
     with pytest.raises(UsageError, match="engine: batch 8 is outside the engine's optimization profile"):
-        bench.run([small_onnx, engine], batches=[1, 8], warmup=0, iters=1)
+        session.run([small_onnx, engine], batches=[1, 8], warmup=0, iters=1)
 
 
 def test_engine_options_need_an_engine(small_onnx):
     for options in ({"cuda_graph": True}, {"include_copies": True}):
         with pytest.raises(UsageError, match="apply|applies"):
-            bench.run([small_onnx], batches=[1], warmup=0, iters=1, **options)
+            session.run([small_onnx], batches=[1], warmup=0, iters=1, **options)
 
 
 def test_cli_engine_option_without_engine(small_onnx, tmp_path):
@@ -492,7 +492,7 @@ def test_cli_cuda_provider_build_on_a_cpu_only_machine(small_onnx, tmp_path):
     sidecar["provider"] = "CUDAExecutionProvider"
     sidecar_path.write_text(json.dumps(sidecar))
     with pytest.raises(UsageError, match="built for CUDAExecutionProvider"):
-        bench.run([build_dir], batches=[1], warmup=0, iters=1)
+        session.run([build_dir], batches=[1], warmup=0, iters=1)
     proc = run_cli(str(small_onnx), str(build_dir), "--iters", "1", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout
     lines = proc.stderr.strip().splitlines()
@@ -529,17 +529,17 @@ class ClockedRunner:
 
 def test_throughput_comes_from_wall_time_not_mean_latency(monkeypatch):
     clock = FakeClock(overhead_ns=1_000_000)  # 1 ms of loop overhead per clock reading
-    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
     runners = [ClockedRunner("a", clock, 2_000_000), ClockedRunner("b", clock, 4_000_000)]
-    timing = bench.time_interleaved(runners, [{}, {}], warmup=0, iters=5)
+    timed = timing.time_interleaved(runners, [{}, {}], warmup=0, iters=5)
     # A run is timed from one reading to the next: its run time plus one reading (1 ms).
-    assert timing.latencies_ns == [[3_000_000] * 5, [5_000_000] * 5]
+    assert timed.latencies_ns == [[3_000_000] * 5, [5_000_000] * 5]
     # Its wall-clock slice runs to the next run's start: one more reading, so 4 ms and 6 ms per run.
-    assert timing.wall_ns == [5 * 4_000_000, 5 * 6_000_000]
+    assert timed.wall_ns == [5 * 4_000_000, 5 * 6_000_000]
     # The slices tile the timed region, from the first start, except the 4 pauses between the 5 rounds (one
     # reading each), where the progress bar is drawn: that is tcexport's time, not an artifact's.
-    assert sum(timing.wall_ns) == clock.now - 1_000_000 - 4 * 1_000_000
-    entry = bench.summarize("a", 2, timing.latencies_ns[0], timing.wall_ns[0])
+    assert sum(timed.wall_ns) == clock.now - 1_000_000 - 4 * 1_000_000
+    entry = stats.summarize("a", 2, timed.latencies_ns[0], timed.wall_ns[0])
     assert entry["throughput_qps"] == pytest.approx(1 / 0.004)  # 250 runs/s from wall time
     assert entry["throughput_qps"] != pytest.approx(1000 / entry["latency_ms"]["mean"])  # 333/s would be 1/mean
     assert entry["throughput_samples_per_s"] == pytest.approx(2 / 0.004)
@@ -547,31 +547,31 @@ def test_throughput_comes_from_wall_time_not_mean_latency(monkeypatch):
 
 def test_warmup_ms_runs_for_a_time_budget(monkeypatch):
     clock = FakeClock(overhead_ns=0)
-    monkeypatch.setattr(bench, "time", clock)
+    monkeypatch.setattr(timing, "time", clock)
     runner = ClockedRunner("a", clock, 3_000_000)
-    assert bench.warm_up(runner, {}, runs=99, ms=10.0) == 4  # 3 ms runs until 10 ms have passed
-    assert bench.warm_up(runner, {}, runs=2) == 2
-    assert bench.warm_up(runner, {}, runs=0, ms=1e-6) == 1  # at least one run
+    assert timing.warm_up(runner, {}, runs=99, ms=10.0) == 4  # 3 ms runs until 10 ms have passed
+    assert timing.warm_up(runner, {}, runs=2) == 2
+    assert timing.warm_up(runner, {}, runs=0, ms=1e-6) == 1  # at least one run
 
 
 def _entry(label: str, latencies_ms: list[float]) -> dict:
     ns = [int(v * 1e6) for v in latencies_ms]
-    return bench.summarize(label, 1, ns, sum(ns))
+    return stats.summarize(label, 1, ns, sum(ns))
 
 
 def test_noise_warning_for_a_long_tail_and_for_too_few_runs():
     steady = _entry("steady", [1.0] * 200)
-    assert bench.noise_warnings([steady]) == []
+    assert stats.noise_warnings([steady]) == []
     spiky = _entry("spiky", [1.0] * 190 + [10.0] * 10)  # p99 = 10 ms = 10x the median
-    warnings = bench.noise_warnings([steady, spiky])
+    warnings = stats.noise_warnings([steady, spiky])
     assert len(warnings) == 1 and warnings[0].startswith("spiky at batch 1: p99") and "too noisy" in warnings[0]
-    short = bench.noise_warnings([_entry("short", [1.0] * 15)])
+    short = stats.noise_warnings([_entry("short", [1.0] * 15)])
     assert len(short) == 1 and "15 timed runs are too few for p95, p99" in short[0] and "--iters 100" in short[0]
-    assert [bench.runs_needed(q) for q in (90, 95, 99)] == [10, 20, 100]
+    assert [stats.runs_needed(q) for q in (90, 95, 99)] == [10, 20, 100]
 
 
 def test_run_reports_runs_warmup_and_warnings(small_onnx):
-    results = bench.run([small_onnx], batches=[1], warmup=3, iters=12)
+    results = session.run([small_onnx], batches=[1], warmup=3, iters=12)
     entry = results["results"][0]
     assert entry["iters"] == 12 and entry["warmup_runs"] == 3 and entry["wall_s"] > 0
     assert entry["throughput_qps"] == pytest.approx(12 / entry["wall_s"])
@@ -581,10 +581,10 @@ def test_run_reports_runs_warmup_and_warnings(small_onnx):
 
 def test_one_number_format_per_column():
     entries = [_entry("slow", [75.923] * 3), _entry("fast", [0.5] * 3)]
-    bench.add_speedups(entries)
-    columns = bench.table_columns({"results": entries})
-    decimals = bench.column_formats(entries, columns)
-    rows = [bench.table_row(e, columns, decimals) for e in entries]
+    stats.add_speedups(entries)
+    columns = report.table_columns({"results": entries})
+    decimals = report.column_formats(entries, columns)
+    rows = [report.table_row(e, columns, decimals) for e in entries]
     for index, column in enumerate(columns):
         if column in ("artifact", "batch", "runs", "speedup"):
             continue
@@ -596,7 +596,7 @@ def test_one_number_format_per_column():
 
 def test_summary_names_both_artifacts(fake_results):
     fake_results["artifacts"] = [{"label": "base", "path": "b/base"}, {"label": "tome", "path": "b/tome"}]
-    assert bench.summary_lines(fake_results) == ["tome (b/tome) vs base (b/base): 1.57x at batch 1, 1.77x at batch 8 "
+    assert report.summary_lines(fake_results) == ["tome (b/tome) vs base (b/base): 1.57x at batch 1, 1.77x at batch 8 "
                                                  "(median latency)"]
 
 
@@ -611,7 +611,7 @@ def test_plot_has_one_panel_per_batch_and_a_caption(fake_results, tmp_path, monk
     monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))  # keep the figure to look at it
     fake_results["environment"] = {"processor": "TestCPU", "usable_cpus": 2, "onnxruntime_version": "9.9"}
     fake_results["settings"] = {"iters": 3, "warmup": 1, "threads": 2}
-    bench.write_plot(fake_results, tmp_path / "bench.png")
+    report.write_plot(fake_results, tmp_path / "bench.png")
     fig = figures[0]
     assert [ax.get_title() for ax in fig.axes] == ["batch 1", "batch 8"]
     labels = [t.get_text() for ax in fig.axes for t in ax.texts]
@@ -622,31 +622,31 @@ def test_plot_has_one_panel_per_batch_and_a_caption(fake_results, tmp_path, monk
 
 
 def test_shapes_set_the_inputs_and_the_batch(small_onnx):
-    results = bench.run([small_onnx], batches=None, shapes="x:4x64", warmup=0, iters=2)
+    results = session.run([small_onnx], batches=None, shapes="x:4x64", warmup=0, iters=2)
     assert results["settings"]["batches"] == [4] and results["settings"]["shapes"] == {"x": [4, 64]}
     assert results["results"][0]["batch"] == 4
     with pytest.raises(UsageError, match="fixed at 64"):
-        bench.run([small_onnx], batches=None, shapes="x:4x32", warmup=0, iters=1)
+        session.run([small_onnx], batches=None, shapes="x:4x32", warmup=0, iters=1)
     with pytest.raises(UsageError, match="no artifact takes an input named pixel_values"):
-        bench.run([small_onnx], batches=None, shapes="x:1x64,pixel_values:1x3", warmup=0, iters=1)
+        session.run([small_onnx], batches=None, shapes="x:1x64,pixel_values:1x3", warmup=0, iters=1)
     with pytest.raises(UsageError, match="NAME:DIMS"):
-        bench.run([small_onnx], batches=None, shapes="x=1x64", warmup=0, iters=1)
+        session.run([small_onnx], batches=None, shapes="x=1x64", warmup=0, iters=1)
     with pytest.raises(UsageError, match="drop --batch"):
-        bench.run([small_onnx], batches=[2], shapes="x:1x64", warmup=0, iters=1)
+        session.run([small_onnx], batches=[2], shapes="x:1x64", warmup=0, iters=1)
 
 
 def test_load_inputs_times_the_users_arrays(small_onnx, tmp_path, monkeypatch):
     path = tmp_path / "in.npz"
     np.savez(path, x=np.ones((3, 64), dtype=np.float32))
     seen = []
-    original = bench.OrtRunner.run
-    monkeypatch.setattr(bench.OrtRunner, "run", lambda self, feeds: (seen.append(feeds), original(self, feeds))[1])
-    results = bench.run([small_onnx], batches=None, load_inputs=path, warmup=0, iters=2)
+    original = timing.OrtRunner.run
+    monkeypatch.setattr(timing.OrtRunner, "run", lambda self, feeds: (seen.append(feeds), original(self, feeds))[1])
+    results = session.run([small_onnx], batches=None, load_inputs=path, warmup=0, iters=2)
     assert results["results"][0]["batch"] == 3 and results["settings"]["inputs"] == f"--load-inputs {path}"
     assert all(np.array_equal(feeds["x"], np.ones((3, 64), dtype=np.float32)) for feeds in seen) and len(seen) == 2
     np.savez(path, y=np.ones((3, 64), dtype=np.float32))  # a typo in the array's name
     with pytest.raises(UsageError, match="no artifact takes an input named y"):
-        bench.run([small_onnx], batches=None, load_inputs=path, warmup=0, iters=1)
+        session.run([small_onnx], batches=None, load_inputs=path, warmup=0, iters=1)
 
 
 def test_cli_shapes_load_inputs_and_warmup_ms(small_onnx, tmp_path):

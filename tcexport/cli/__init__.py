@@ -378,7 +378,8 @@ def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms
       tcexport bench build/vit-ort build/vit-trt --include-copies --cuda-graph
       tcexport bench vit.onnx --shapes pixel_values:4x3x224x224 --warmup-ms 500
     """
-    from tcexport.bench import run as bench_mod
+    from tcexport.bench import report as bench_report
+    from tcexport.bench import session as bench_session
 
     if iters is not None and duration is not None:
         raise UsageError("give --iters or --duration, not both")
@@ -387,19 +388,19 @@ def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms
     if plot_path and plot_path.suffix != ".png":
         raise UsageError(f"--plot {plot_path}: the plot is written as PNG; give a .png path")
     batches = _positive_int_list(batch_text, "--batch")
-    results = bench_mod.run(list(artifacts), batches=batches, threads=threads,
-                            warmup=10 if warmup is None else warmup, warmup_ms=warmup_ms, iters=iters,
-                            duration=duration, include_copies=include_copies, cuda_graph=cuda_graph, shapes=shapes,
-                            load_inputs=load_inputs)
-    bench_mod.print_table(results)
-    for line in bench_mod.summary_lines(results):
+    results = bench_session.run(list(artifacts), batches=batches, threads=threads,
+                                warmup=10 if warmup is None else warmup, warmup_ms=warmup_ms, iters=iters,
+                                duration=duration, include_copies=include_copies, cuda_graph=cuda_graph,
+                                shapes=shapes, load_inputs=load_inputs)
+    bench_report.print_table(results)
+    for line in bench_report.summary_lines(results):
         click.echo(line)
-    bench_mod.print_warnings(results)
+    bench_report.print_warnings(results)
     if json_path:
-        bench_mod.write_json(results, json_path)
+        bench_report.write_json(results, json_path)
         click.echo(f"wrote {json_path}")
     if plot_path:
-        bench_mod.write_plot(results, plot_path)
+        bench_report.write_plot(results, plot_path)
         click.echo(f"wrote {plot_path}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from tcexport.bench import run as bench
+from tcexport.bench.timing import OrtRunner, time_interleaved
 from tcexport.tune import objective
 
 WARMUP = 5
@@ -25,14 +25,14 @@ class LatencyMeter:
     def __init__(self, model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int | None = None,
                  iters: int = ITERS):
         self.feed, self.threads, self.iters = feed, threads, iters
-        self.base = bench.OrtRunner("uncompressed", objective.session(model, threads))
+        self.base = OrtRunner("uncompressed", objective.session(model, threads))
 
     def ratio(self, compressed: onnx.ModelProto) -> float:
         """Upper quartile over rounds of compressed / uncompressed latency (see the module doc)."""
-        runner = bench.OrtRunner("compressed", objective.session(compressed, self.threads))
+        runner = OrtRunner("compressed", objective.session(compressed, self.threads))
         names = [i.name for i in runner.session.get_inputs()]
         feed = {k: v for k, v in self.feed.items() if k in names}
-        timing = bench.time_interleaved([self.base, runner], [feed, feed], WARMUP, self.iters)
+        timing = time_interleaved([self.base, runner], [feed, feed], WARMUP, self.iters)
         return round_ratio_quartile(*timing.latencies_ns)
 
 
