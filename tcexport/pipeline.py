@@ -13,7 +13,7 @@ from tcexport.core import overwrite
 from tcexport.core import progress
 from tcexport.models import spec_check
 from tcexport.core.errors import UsageError
-from tcexport.recipes.run import RECIPE_SUFFIXES
+from tcexport.recipes.loading import RECIPE_SUFFIXES
 
 
 def check_onnx_input(path: str | Path) -> Path:
@@ -82,7 +82,7 @@ def build(source_arg: str, output: Path, provider: str = "cpu", opt_level: str =
 
 def build_recipe(recipe_path: str, output: Path, provider: str = "cpu", opt_level: str = "all",
                  threads: int | None = None, opset: int = 18, force: bool = False, **load_options) -> dict:
-    """Run a YAML recipe (export -> compress -> validate -> build -> bench) into OUTPUT; see tcexport.recipes.run.
+    """Run a YAML recipe (export -> compress -> validate -> build -> bench) into OUTPUT; see tcexport.recipes.runner.
 
     The recipe is the whole configuration: build/export options given beside it would silently compete with
     the file's, so they are refused.
@@ -95,6 +95,6 @@ def build_recipe(recipe_path: str, output: Path, provider: str = "cpu", opt_leve
         raise UsageError(f"{', '.join(clashing)} cannot be combined with a recipe; set "
                          f"{'it' if len(clashing) == 1 else 'them'} in {recipe_path} (sections model, export, build, "
                          "bench)")
-    from tcexport.recipes import run as recipes
+    from tcexport.recipes import runner
 
-    return recipes.build_from_file(recipe_path, output, force=force)
+    return runner.build_from_file(recipe_path, output, force=force)

@@ -14,7 +14,7 @@ import yaml
 
 from conftest import ROOT, run_cli
 from tcexport.core import progress
-from tcexport.recipes import run as recipes
+from tcexport.recipes import fields, loading, runner
 from tcexport.core.errors import UsageError
 
 SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -69,27 +69,27 @@ def test_bad_recipe_is_one_line_exit_2_and_writes_nothing(bad_runs, name):
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_recipe_validates(path):
-    recipe = recipes.load(path)
+    recipe = loading.load(path)
     assert recipe.name == path.stem
     assert recipe.compress is not None and recipe.validation is not None and recipe.bench is not None
     # The resolved form written into OUT_DIR/recipe.yaml is itself a valid recipe, equal to the original.
-    again = recipes.parse(yaml.safe_load(recipe.to_yaml()), "resolved")
+    again = loading.parse(yaml.safe_load(recipe.to_yaml()), "resolved")
     assert again.model_dump() == recipe.model_dump()
 
 
 def test_the_expected_recipes_ship():
     assert {p.stem for p in SHIPPED} >= {"vit_b16_tome_r16", "deit_s_tome_r13", "minilm_tome", "vit_tiny_tome_r8",
                                          "vit_tiny_multistage", "minilm_topk"}
-    multistage = recipes.load(ROOT / "recipes" / "vit_tiny_multistage.yaml")
+    multistage = loading.load(ROOT / "recipes" / "vit_tiny_multistage.yaml")
     assert multistage.compress.plan()["stages"] == ["tome:r=8@0-5", "topk:keep=0.7@6,9"]
-    topk = recipes.load(ROOT / "recipes" / "minilm_topk.yaml")
+    topk = loading.load(ROOT / "recipes" / "minilm_topk.yaml")
     assert topk.model.spec == "st:all-MiniLM-L6-v2" and topk.compress.method == "topk"
     assert topk.compress.plan() == dict(method="topk", r=None, layers="1,3", schedule="constant",
                                         params={"keep": 0.7}, prop_attn=True, impl="subgraph", protected=None)
-    minilm = recipes.load(ROOT / "recipes" / "minilm_tome.yaml")
+    minilm = loading.load(ROOT / "recipes" / "minilm_tome.yaml")
     assert minilm.model.spec == "st:all-MiniLM-L6-v2" and minilm.model.seq_len == 128
     assert minilm.bench.batch == [1, 8]
-    vit_b = recipes.load(ROOT / "recipes" / "vit_b16_tome_r16.yaml")
+    vit_b = loading.load(ROOT / "recipes" / "vit_b16_tome_r16.yaml")
     assert vit_b.model.seed == 0 and vit_b.compress.r == 16
 
 
@@ -142,7 +142,7 @@ def test_schema_errors_name_the_field(tmp_path, text, words):
     path = tmp_path / "r.yaml"
     path.write_text(text + "\n")
     with pytest.raises(UsageError) as info:
-        recipes.load(path)
+        loading.load(path)
     message = str(info.value)
     assert message.startswith(f"{path}:") and "\n" not in message
     for word in words:
@@ -151,13 +151,13 @@ def test_schema_errors_name_the_field(tmp_path, text, words):
 
 def test_method_params_and_stage_forms():
     """compress.params pass through to compress_file; a stage is text or a mapping, run as text."""
-    recipe = recipes.parse(yaml.safe_load(GOOD + "compress: {method: topk, params: {keep: 0.7, fuse: true, "
+    recipe = loading.parse(yaml.safe_load(GOOD + "compress: {method: topk, params: {keep: 0.7, fuse: true, "
                                                  "keep-order: true}, layers: [3, 6]}"))
     plan = recipe.compress.plan()
     assert plan["method"] == "topk" and plan["layers"] == "3,6" and plan["r"] is None
     assert plan["params"] == {"keep": 0.7, "fuse": True, "keep_order": True}
-    assert recipes.parse(yaml.safe_load(GOOD + "compress: {method: adjacent, r: 4}")).compress.plan()["r"] == "4"
-    assert recipes.parse(yaml.safe_load(GOOD + "compress: {r: [4, 8], layers: 0-1}")).compress.plan()["r"] == "4,8"
+    assert loading.parse(yaml.safe_load(GOOD + "compress: {method: adjacent, r: 4}")).compress.plan()["r"] == "4"
+    assert loading.parse(yaml.safe_load(GOOD + "compress: {r: [4, 8], layers: 0-1}")).compress.plan()["r"] == "4,8"
 
     text = GOOD + """compress:
   stages:
@@ -166,7 +166,7 @@ def test_method_params_and_stage_forms():
     - {method: pool, layers: 10, params: {kernel: 2, grid: 1d}}
   impl: function
 """
-    recipe = recipes.parse(yaml.safe_load(text))
+    recipe = loading.parse(yaml.safe_load(text))
     stages = recipe.compress.plan()
     assert stages == {"stages": ["tome:r=8@0-5", "topk:keep=0.7,fuse=true@6,9", "pool:kernel=2,grid=1d@10"],
                       "prop_attn": True, "impl": "function", "protected": None}
@@ -175,12 +175,12 @@ def test_method_params_and_stage_forms():
     from tcexport.compress import plan as compress_plan
 
     assert [compress_plan.parse_stage(t) for t in stages["stages"]] == [
-        (s.method, s.params, recipes.layers_text(s.layers)) for s in recipe.compress.stages]
+        (s.method, s.params, fields.layers_text(s.layers)) for s in recipe.compress.stages]
     # Written back (recipe.yaml): stages alone, no single-method fields; it loads again unchanged.
     dumped = yaml.safe_load(recipe.to_yaml())["compress"]
     assert set(dumped) == {"stages", "prop_attn", "impl", "protected"}
-    assert recipes.parse(yaml.safe_load(recipe.to_yaml())).model_dump() == recipe.model_dump()
-    single = recipes.parse(yaml.safe_load(GOOD + "compress: {r: 8}"))
+    assert loading.parse(yaml.safe_load(recipe.to_yaml())).model_dump() == recipe.model_dump()
+    single = loading.parse(yaml.safe_load(GOOD + "compress: {r: 8}"))
     assert set(yaml.safe_load(single.to_yaml())["compress"]) == {"method", "r", "layers", "schedule", "prop_attn",
                                                                 "impl", "protected"}
 
@@ -189,7 +189,7 @@ def test_missing_recipe_file_and_cli_options_beside_a_recipe(tmp_path):
     from tcexport import pipeline
 
     with pytest.raises(UsageError, match="no such recipe file"):
-        recipes.load(tmp_path / "nope.yaml")
+        loading.load(tmp_path / "nope.yaml")
     path = tmp_path / "ok.yaml"
     path.write_text(GOOD)
     with pytest.raises(UsageError, match="--opt-level, --seq-len cannot be combined with a recipe"):
@@ -203,7 +203,7 @@ def test_defaults_skips_and_relative_checkpoint(tmp_path):
     path = tmp_path / "my recipe.yaml"
     path.write_text("model: {spec: 'timm:x', checkpoint: weights/w.pth}\nvalidate: false\nbench: false\n"
                     "export: {atol: 1e-4}\n")  # PyYAML reads 1e-4 as a string; the schema takes it as a number
-    recipe = recipes.load(path)
+    recipe = loading.load(path)
     assert recipe.name == "my_recipe"
     assert recipe.model.checkpoint == str((tmp_path / "weights" / "w.pth").resolve())
     assert recipe.validation is None and recipe.bench is None and recipe.compress is None
@@ -212,21 +212,21 @@ def test_defaults_skips_and_relative_checkpoint(tmp_path):
     assert dumped["validate"] is False and dumped["bench"] is False and "compress" not in dumped
 
     path.write_text("model: {spec: 'hf:./bert'}\n")
-    assert recipes.load(path).model.spec == f"hf:{(tmp_path / 'bert').resolve()}"
+    assert loading.load(path).model.spec == f"hf:{(tmp_path / 'bert').resolve()}"
     path.write_text("model: {spec: 'st:all-MiniLM-L6-v2'}\n")
-    assert recipes.load(path).model.spec == "st:all-MiniLM-L6-v2"
+    assert loading.load(path).model.spec == "st:all-MiniLM-L6-v2"
 
-    recipe = recipes.parse({"model": {"spec": "timm:x"}, "export": {"batch": 2}})
+    recipe = loading.parse({"model": {"spec": "timm:x"}, "export": {"batch": 2}})
     assert recipe.validation.batch == [2] and recipe.bench.batch == [2]
-    recipe = recipes.parse({"model": {"spec": "timm:x"}})
+    recipe = loading.parse({"model": {"spec": "timm:x"}})
     assert recipe.validation.batch == [1, 3] and recipe.bench.batch == [1, 8]
 
 
 def test_output_dir_that_is_not_a_recipe_output_is_refused(tmp_path):
-    recipe = recipes.parse({"model": {"spec": "timm:x"}})
+    recipe = loading.parse({"model": {"spec": "timm:x"}})
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(UsageError, match="not the output of a recipe"):
-        recipes.run(recipe, tmp_path)
+        runner.run(recipe, tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
@@ -275,7 +275,7 @@ def test_vit_tiny_recipe_end_to_end(vit_tiny_run):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
     # recipe.yaml is the resolved recipe: it loads again and says what ran.
-    resolved = recipes.load(out / "recipe.yaml")
+    resolved = loading.load(out / "recipe.yaml")
     assert resolved.bench.iters == 3 and resolved.compress.r == 8 and resolved.validation.batch == [1, 3]
 
     # Progress: one line per stage on stderr (not a terminal), each with its elapsed time; stdout keeps the results.
@@ -292,14 +292,14 @@ def test_vit_tiny_recipe_end_to_end(vit_tiny_run):
 
 def test_rerun_into_its_own_output_is_fine_another_recipes_output_needs_force(vit_tiny_run, tmp_path):
     _, out, work = vit_tiny_run
-    recipe = recipes.load(work / "vit_tiny_short.yaml")
-    assert recipes.check_output(recipe, out) == f"replacing the earlier output of this recipe in {out}"
+    recipe = loading.load(work / "vit_tiny_short.yaml")
+    assert runner.check_output(recipe, out) == f"replacing the earlier output of this recipe in {out}"
     other_path = tmp_path / "other.yaml"
     other_path.write_text(GOOD)
-    other = recipes.load(other_path)
+    other = loading.load(other_path)
     with pytest.raises(UsageError, match="holds the output of another recipe"):
-        recipes.check_output(other, out)
-    assert "(--force)" in recipes.check_output(other, out, force=True)
+        runner.check_output(other, out)
+    assert "(--force)" in runner.check_output(other, out, force=True)
     summary = (out / "summary.json").read_text()
     result = run_cli("build", other_path, "-o", out)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -344,7 +344,7 @@ def multistage_run(tmp_path_factory):
     with contextlib.redirect_stderr(progress_log):
         progress.configure("lines")
         try:
-            summary = recipes.run(recipes.load(path), work / "out", echo=lines.append)
+            summary = runner.run(loading.load(path), work / "out", echo=lines.append)
         finally:
             progress.configure("off")
     return summary, work / "out", progress_log.getvalue()
@@ -371,7 +371,7 @@ def test_multistage_recipe_end_to_end(multistage_run):
     assert [s["batch"] for s in summary["speedup"]] == [1, 8]
     assert json.loads((out / "bench.json").read_text())["settings"]["iters"] == 2
     assert "[2/5] compress  tome:r=8@0-5 + topk:keep=0.7@6,9" in log
-    resolved = recipes.load(out / "recipe.yaml")
+    resolved = loading.load(out / "recipe.yaml")
     assert resolved.compress.plan()["stages"] == ["tome:r=8@0-5", "topk:keep=0.7@6,9"]
 
 
@@ -382,7 +382,7 @@ def test_query_recipe_adds_an_input_and_still_validates_and_benches(multistage_r
     path = tmp_path / "query.yaml"
     path.write_text("model: {spec: vit.onnx}\ncompress: {method: query, params: {keep: 0.5}, layers: '4,8'}\n"
                     "validate: {samples: 1, batch: 1}\nbench: {batch: 1, iters: 1, warmup: 0}\n")
-    summary = recipes.run(recipes.load(path), tmp_path / "out", echo=lambda text: None)
+    summary = runner.run(loading.load(path), tmp_path / "out", echo=lambda text: None)
     assert summary["compression"]["extra_inputs"] == ["query"]
     assert summary["tokens"]["by_method"] == {"query": {"blocks": [4, 8], "removed": 197 - 50}}
     assert summary["validation"]["passed"] is True

@@ -251,15 +251,15 @@ def test_st_kind_exports_the_pipeline_and_has_one_block_per_layer(kind, zoo_root
 
 
 def test_recipe_model_args_reach_the_loader(tmp_path):
-    from tcexport.recipes import run as recipes
+    from tcexport.recipes import loading
 
     path = tmp_path / "tiny.yaml"
     path.write_text("model:\n  spec: timm:vit_tiny_patch16_224\n  model_args: {img_size: [32, 32], depth: 2}\n")
-    assert recipes.load(path).model.model_args == {"img_size": [32, 32], "depth": 2}
+    assert loading.load(path).model.model_args == {"img_size": [32, 32], "depth": 2}
     onnx_spec = tmp_path / "onnx.yaml"
     onnx_spec.write_text("model:\n  spec: model.onnx\n  model_args: {depth: 2}\n")
     with pytest.raises(UsageError, match="model_args"):
-        recipes.load(onnx_spec)
+        loading.load(onnx_spec)
 
 
 def test_zoo_directories_are_reproducible_and_exercise_layer_scale(tmp_path):

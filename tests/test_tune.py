@@ -179,7 +179,7 @@ def test_tuned_plan_meets_the_measured_flop_budget_and_its_recipe_runs(tuned, st
     from tcexport.graph import flops
     from tcexport.core import metadata
     from tcexport.core import onnxfile
-    from tcexport.recipes import run as recipes
+    from tcexport.recipes import loading, runner
     from tcexport.tune import objective
 
     out, summary = tuned
@@ -198,10 +198,10 @@ def test_tuned_plan_meets_the_measured_flop_budget_and_its_recipe_runs(tuned, st
     assert unpadded.unknown_nodes == 0  # the uncompressed count is plain shape inference's
     assert objective.measured_flops(onnxfile.load(st_tiny)) == unpadded.total_flops
 
-    recipe = recipes.load(out / "best.yaml")
+    recipe = loading.load(out / "best.yaml")
     assert [s.text() for s in recipe.compress.stages] == best["stages"]
     recipe.bench = None  # timing is bench's test; here: export copy -> compress -> validate -> build
-    result = recipes.run(recipe, tmp_path / "built")
+    result = runner.run(recipe, tmp_path / "built")
     built = onnxfile.load(tmp_path / "built" / "model.tc.onnx", load_external_data=False)
     tokens = metadata.read(built, metadata.TOKENS)
     assert [tokens[0]["in"]] + [s["out"] for s in tokens] == best["tokens"]

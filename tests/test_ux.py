@@ -163,12 +163,12 @@ def test_options_that_do_not_apply_are_errors(tmp_path, args, words):
 
 
 def test_recipe_refuses_options_its_model_cannot_take():
-    from tcexport.recipes import run as recipes
+    from tcexport.recipes import loading
 
     with pytest.raises(UsageError, match=r"^r\.yaml: model\.seq_len: seq_len does not apply to timm"):
-        recipes.parse({"model": {"spec": "timm:vit_tiny_patch16_224", "seq_len": 16}}, "r.yaml")
+        loading.parse({"model": {"spec": "timm:vit_tiny_patch16_224", "seq_len": 16}}, "r.yaml")
     with pytest.raises(UsageError, match=r"model\.input_shape: input_shape does not apply to st:"):
-        recipes.parse({"model": {"spec": "st:all-MiniLM-L6-v2", "input_shape": "3x8x8"}}, "r.yaml")
+        loading.parse({"model": {"spec": "st:all-MiniLM-L6-v2", "input_shape": "3x8x8"}}, "r.yaml")
 
 
 def test_spec_prefixes_match_the_loaders():

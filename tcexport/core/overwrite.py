@@ -17,7 +17,7 @@ from pathlib import Path
 from tcexport.core.artifacts import SIDECAR
 from tcexport.core.errors import UsageError
 
-SUMMARY = "summary.json"  # what a recipe run writes last (tcexport.recipes.run uses this name)
+SUMMARY = "summary.json"  # what a recipe run writes last (tcexport.recipes.runner uses this name)
 PRODUCER = b"tcexport"
 
 

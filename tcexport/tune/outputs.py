@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tcexport.recipes import run as recipes
+from tcexport.recipes import loading
 from tcexport.core.atomic import atomic_dir
 
 SUMMARY = "tune.json"  # marks a directory as tune's own output (it may be replaced without --force)
@@ -26,7 +26,7 @@ def recipe_for(model_path: Path, stages: list[str], protected: int, name: str = 
 
     data = {"name": name, "model": {"spec": str(Path(model_path).resolve())},
             "compress": {"stages": list(stages), "protected": protected}}
-    recipes.parse(data, origin="tuned plan")
+    loading.parse(data, origin="tuned plan")
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
