@@ -302,9 +302,9 @@ def _plugin_nodes(path: Path) -> tuple[onnx.ModelProto, list[onnx.NodeProto]]:
 
 
 def _assert_parser_ready(node: onnx.NodeProto, fields: dict[str, int]) -> None:
-    from tcexport.backends import trt as trt_backend
+    from tcexport.methods import registry
 
-    spec = trt_backend.plugin_spec(node.op_type)
+    spec = registry.plugin_spec(node.op_type)
     by_name = {a.name: a for a in node.attribute}
     assert list(spec.fields) == list(fields)
     for name, expected in fields.items():  # each declared field: an ONNX INT attribute (-> kINT32 field)

@@ -391,12 +391,13 @@ def test_creators_declare_the_contract(probe_api):
         "TokenPrune tcexport 1 PLUGIN CREATOR_V3ONE k:i32 protected:i32 fuse:i32 keep_order:i32",
     ]
     # The same fields, in the same order, as the plugin table the graph side and the lint read.
-    from tcexport.backends import trt as trt_backend
+    from tcexport.methods import registry
+    from tcexport.methods.plugin import PLUGIN_DOMAIN
 
     for line in answers["creator"]:
         name, namespace, version = line.split()[:3]
-        spec = trt_backend.plugin_spec(name)
-        assert spec.cpp and (namespace, version) == (trt_backend.PLUGIN_DOMAIN, spec.version)
+        spec = registry.plugin_spec(name)
+        assert spec.cpp and (namespace, version) == (PLUGIN_DOMAIN, spec.version)
         assert tuple(field.split(":")[0] for field in line.split()[5:]) == spec.fields
     assert answers["tome.kinds"] == ["PLUGIN_V3ONE_CORE PLUGIN_V3ONE_BUILD PLUGIN_V3ONE_RUNTIME"]
     assert answers["prune.core"] == ["TokenPrune tcexport 1"]

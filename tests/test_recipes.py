@@ -117,7 +117,7 @@ def test_the_expected_recipes_ship():
      ["compress.params: unknown pool parameter(s) size"]),
     ("model: {spec: 'timm:x'}\ncompress: {method: topk, params: [0.7]}", ["compress.params", "must be a mapping"]),
     ("model: {spec: 'timm:x'}\ncompress: {method: topk, r: 8}", ["compress.r: topk takes no r", "compress.params"]),
-    ("model: {spec: 'timm:x'}\ncompress: {method: tome}", ["compress.r: ToMe needs parameter r"]),
+    ("model: {spec: 'timm:x'}\ncompress: {method: tome}", ["compress.r: tome needs r"]),
     ("model: {spec: 'timm:x'}\ncompress: {method: adjacent, r: 4, params: {r: 4}}", ["compress.params", "twice"]),
     ("model: {spec: 'timm:x'}\ncompress: {method: topk, params: {keep: 0.7}, schedule: decreasing}",
      ["compress.schedule: applies to tome only"]),

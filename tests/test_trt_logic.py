@@ -111,8 +111,11 @@ def test_plugin_feature_switches():
     assert not trt.supports_aot_plugins("10.8") and trt.supports_aot_plugins("10.9")
     assert not trt.prefers_plugin_over_local_function("10.6") and trt.prefers_plugin_over_local_function("10.7")
     assert not trt.reads_plugin_namespace_from_domain("10.9") and trt.reads_plugin_namespace_from_domain("10.13")
-    spec = trt.TCEXPORT_PLUGINS[("tcexport", "ToMeMerge")]
-    assert trt.plugin_node_attributes(spec) == {"plugin_namespace": "tcexport", "plugin_version": "1"}
+    from tcexport.methods import registry
+    from tcexport.methods.plugin import plugin_node_attributes
+
+    spec = registry.plugin_specs()[("tcexport", "ToMeMerge")]
+    assert plugin_node_attributes(spec) == {"plugin_namespace": "tcexport", "plugin_version": "1"}
 
 
 # --- profiles, workspace -----------------------------------------------------------------------------------------
@@ -721,11 +724,11 @@ def test_validate_onnx_is_unchanged(convnet_onnx):
 
 
 def test_bench_fake_engine_next_to_onnx_runtime(fake_gpu, tiny_onnx, tmp_path):
-    from tcexport.bench import run as bench
+    from tcexport.bench import session
 
     engine_dir = make_engine_dir(tmp_path / "tiny-trt", tiny_onnx)
-    results = bench.run([tiny_onnx, engine_dir], batches=[1, 2], warmup=1, iters=3, include_copies=True,
-                        cuda_graph=True)
+    results = session.run([tiny_onnx, engine_dir], batches=[1, 2], warmup=1, iters=3, include_copies=True,
+                          cuda_graph=True)
     json.dumps(results)
     ort_entry, engine_entry = results["artifacts"]
     assert ort_entry["backend"] == "ort" and "cuda_graph" not in ort_entry
@@ -739,7 +742,7 @@ def test_bench_fake_engine_next_to_onnx_runtime(fake_gpu, tiny_onnx, tmp_path):
             assert entry["gpu_compute_ms"]["median"] == 1.5 and entry["h2d_ms"]["max"] == 0.25
             assert entry["d2h_ms"]["min"] == 0.25 and entry["iters"] == 3
     with pytest.raises(UsageError, match="outside the engine's optimization profile"):
-        bench.run([engine_dir], batches=[16], warmup=0, iters=1)
+        session.run([engine_dir], batches=[16], warmup=0, iters=1)
 
 
 # --- clean failure without TensorRT: running engines -------------------------------------------------------------

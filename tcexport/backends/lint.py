@@ -35,6 +35,7 @@ from tcexport.core import onnxfile
 from tcexport.backends import trt as trt_backend
 from tcexport.backends.trt import TrtVersion
 from tcexport.core.errors import ValidationFailed
+from tcexport.methods import registry
 
 ERROR = "error"
 WARNING = "warning"
@@ -429,7 +430,7 @@ class Linter:
 
     def check_custom(self, scope: Scope, node: onnx.NodeProto) -> None:
         key = (node.domain, node.op_type)
-        spec = trt_backend.TCEXPORT_PLUGINS.get(key)
+        spec = registry.plugin_specs().get(key)
         if key in self.functions:
             self.check_function_call(scope, node, spec)
             return

@@ -45,6 +45,7 @@ from tcexport.core import metadata
 from tcexport.core import onnxfile
 from tcexport.core.artifacts import SIDECAR
 from tcexport.core.errors import UsageError
+from tcexport.methods.plugin import PluginSpec
 
 ENGINE_FILE = "model.engine"
 INSTALL_HINT = ("pip install 'tcexport[trt10]' (TensorRT 10.x, CUDA 12) or 'tcexport[trt11]' (= tcexport[trt], "
@@ -147,46 +148,6 @@ def _check_precision(precision: str) -> str:
 # --- plugins -----------------------------------------------------------------------------------------------------
 
 
-PLUGIN_DOMAIN = "tcexport"
-
-
-@dataclass(frozen=True)
-class PluginSpec:
-    """A TensorRT plugin that stands in for a tcexport op (ONNX node op_type == name, domain == namespace)."""
-
-    name: str
-    namespace: str = PLUGIN_DOMAIN
-    version: str = "1"
-    description: str = ""
-    # tcexport's Python plugin has both a JIT (impl) and an AOT (aot_impl) implementation: the ONNX parser then
-    # needs the node attribute `aot` (or a PREFER_AOT/PREFER_JIT network flag) to choose one.
-    python_aot: bool = False
-    # The INT32 fields its creator declares, in order: the ONNX parser passes only these.
-    fields: tuple[str, ...] = ()
-    cpp: bool = False  # implemented in plugins/cpp (libtcexport_plugins.so, IPluginV3)
-
-
-# tcexport's own plugins, by the (domain, op_type) their ONNX nodes carry. Methods that gain a plugin add theirs
-# with register_plugin(); the lint checks custom-domain nodes against this table.
-TCEXPORT_PLUGINS: dict[tuple[str, str], PluginSpec] = {}
-
-
-def register_plugin(spec: PluginSpec) -> PluginSpec:
-    TCEXPORT_PLUGINS[(spec.namespace, spec.name)] = spec
-    return spec
-
-
-for _spec in (
-    PluginSpec("ToMeMerge", description="ToMe bipartite soft matching: merge r token pairs (size-weighted)",
-               python_aot=True, fields=("r", "protected"), cpp=True),
-    PluginSpec("TokenPrune", description="keep the K tokens with the highest CLS attention (EViT)", python_aot=True,
-               fields=("k", "protected", "fuse", "keep_order"), cpp=True),
-    PluginSpec("TokenPool", description="average-pool the token grid (no plugin implementation yet)",
-               fields=("kernel", "protected", "grid_side")),
-):
-    register_plugin(_spec)
-
-
 # Which plugin kinds a TensorRT version runs: C++ IPluginV3 from 10.0 (JetPack 6's 10.3 included), Python
 # "quickly deployable" plugins JIT from 10.6, ahead of time (aot_impl, no Python at run time) from 10.9.
 CPP_PLUGIN, PYTHON_JIT_PLUGIN, PYTHON_AOT_PLUGIN = "C++ IPluginV3 library", "Python plugin (JIT)", "Python plugin (AOT)"
@@ -202,28 +163,6 @@ def plugin_kinds(version: str | TrtVersion, spec: PluginSpec, with_mask: bool = 
         if supports_aot_plugins(version):
             kinds.append(PYTHON_AOT_PLUGIN)
     return kinds
-
-
-def plugin_spec(name: str) -> PluginSpec:
-    """tcexport's registered plugin of that op type, or a plain spec (namespace tcexport, version 1)."""
-    return TCEXPORT_PLUGINS.get((PLUGIN_DOMAIN, name), PluginSpec(name))
-
-
-def plugin_choice_attributes(spec: PluginSpec) -> dict[str, int]:
-    """INT node attributes that pick the implementation: aot=1 (no Python at run time) where both exist.
-
-    A C++ IPluginV3 creator does not declare `aot`, so the parser never passes it to one (only declared fields
-    reach a plugin); for a Python plugin with impl and aot_impl the parser fails without it or a network flag.
-    """
-    return {"aot": 1} if spec.python_aot else {}
-
-
-def plugin_node_attributes(spec: PluginSpec) -> dict[str, str]:
-    """Attributes an ONNX node needs so TensorRT's parser maps it to `spec`'s plugin.
-
-    The namespace goes in `plugin_namespace` as well as the node domain: before 10.10 the parser ignores the domain.
-    """
-    return {"plugin_namespace": spec.namespace, "plugin_version": spec.version}
 
 
 # --- shapes and memory -------------------------------------------------------------------------------------------
@@ -786,7 +725,7 @@ class TorchCuda:
 class TrtRunner:
     """Run a serialized engine: feeds in, outputs out, and per-run device timing with CUDA events.
 
-    It is a tcexport.bench.run Runner (name, run(feeds)) that also reports device times: run() records events on its
+    It is a tcexport.bench.timing Runner (name, run(feeds)) that also reports device times: run() records events on its
     stream around execute_async_v3 (gpu_compute_ms) and, with include_copies, around the H2D copies of the inputs
     from pinned host buffers and the D2H copies of the outputs back (h2d_ms, d2h_ms), then waits for the stream, so
     the host wall time the bench measures around run() covers the same work. pop_device_times() hands over what
@@ -946,12 +885,12 @@ class TrtRunner:
 
 
 __all__ = [
-    "builds_strongly_typed", "network_creation_flags", "plugin_choice_attributes", "plugin_kinds", "plugin_spec",
-    "BuildPlan", "DeviceInfo", "PluginSpec", "ProfileShape", "TensorInfo", "TorchCuda", "TrtRunner", "TrtVersion",
+    "builds_strongly_typed", "network_creation_flags", "plugin_kinds",
+    "BuildPlan", "DeviceInfo", "ProfileShape", "TensorInfo", "TorchCuda", "TrtRunner", "TrtVersion",
     "build", "build_engine", "builder_flags", "check_batch_in_profile", "check_device_precision", "converts_graph",
     "cuda_graph_note", "device_fields", "engine_mismatch", "make_plan", "open_engine_runner", "parse_batch_range",
-    "parse_version", "plugin_node_attributes", "profile_shapes", "prefers_plugin_over_local_function",
-    "reads_plugin_namespace_from_domain", "register_plugin", "require_engine_runtime", "require_gpu",
+    "parse_version", "profile_shapes", "prefers_plugin_over_local_function",
+    "reads_plugin_namespace_from_domain", "require_engine_runtime", "require_gpu",
     "require_tensorrt", "sidecar", "supports_aot_plugins", "supports_python_plugins", "uses_strong_typing",
-    "workspace_bytes", "TCEXPORT_PLUGINS", "ENGINE_FILE", "TRTEXEC_FIELDS",
+    "workspace_bytes", "ENGINE_FILE", "TRTEXEC_FIELDS",
 ]

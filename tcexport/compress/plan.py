@@ -77,35 +77,46 @@ class Plan:
                 "prop_attn": self.prop_attn, "impl": self.impl, "schedule": self.schedule, "request": self.request}
 
 
-def plan_tome(depth: int, r: str | int, layers: str = "all", schedule: str = "constant") -> list[Stage]:
-    chosen = parse_layers(layers, depth)
-    if schedule not in tome.SCHEDULES:
-        raise UsageError(f"--schedule must be one of {', '.join(tome.SCHEDULES)}; got '{schedule}'")
-    counts = parse_counts(r, len(chosen))
-    if schedule == "decreasing":
-        if len(set(counts)) != 1:
-            raise UsageError("--schedule decreasing takes one --r value (the schedule spreads it over the layers)")
-        counts = tome.schedule(counts[0], len(chosen), "decreasing")
-    return [Stage(block, methods.get("tome")(r=count)) for block, count in zip(chosen, counts)]
-
-
 def plan_method(name: str, depth: int, layers: str = "all", params: dict | None = None, r: str | int | None = None,
                 schedule: str = "constant") -> list[Stage]:
-    """Stages for one method over the chosen layers. ToMe's r may be per layer and follow a schedule."""
+    """Stages for one method over the chosen layers.
+
+    Values are read by the method's declaration: text (from the CLI or a recipe) in the parameter's kind, and a
+    per-layer parameter (ToMe's r) as one value or a comma list with one per chosen layer. `r` is the --r
+    shorthand. `schedule` is ToMe's: decreasing spreads one r over the layers as ToMe's (r, -1).
+    """
     cls = methods.get(name)
     params = dict(params or {})
-    if name == "tome":
-        if params:
-            r = params.pop("r", r)
-            if params:
-                raise UsageError(f"unknown ToMe parameter(s) {', '.join(sorted(params))}; ToMe takes r")
-        return plan_tome(depth, r, layers, schedule)
     if r is not None:
-        params.setdefault("r", int(r) if str(r).isdigit() else r)
-    if schedule != "constant":
+        params.setdefault("r", r)
+    if schedule not in tome.SCHEDULES:
+        raise UsageError(f"--schedule must be one of {', '.join(tome.SCHEDULES)}; got '{schedule}'")
+    if schedule != "constant" and name != "tome":
         raise UsageError(f"--schedule applies to tome only, not to '{name}'")
-    method = cls(**params)  # parameters checked once, with a clear error
-    return [Stage(block, cls(**method.params)) for block in parse_layers(layers, depth)]
+    chosen = parse_layers(layers, depth)
+    declared = {p.name: p for p in cls.parameters}
+    per_layer: dict[str, list[int]] = {}
+    for key, value in list(params.items()):
+        param = declared.get(key)
+        if param is None or value is None:
+            continue  # the method's own check names an unknown parameter
+        if param.per_layer and (isinstance(value, (str, list, tuple))):
+            text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            per_layer[key] = parse_counts(text, len(chosen), param.flag)
+        elif isinstance(value, str):
+            params[key] = param.parse(value)
+    if schedule == "decreasing":
+        counts = per_layer.get("r") or parse_counts(params.get("r"), len(chosen))
+        if len(set(counts)) != 1:
+            raise UsageError("--schedule decreasing takes one --r value (the schedule spreads it over the layers)")
+        per_layer["r"] = tome.schedule(counts[0], len(chosen), "decreasing")
+    stages = []
+    for i, block in enumerate(chosen):
+        block_params = {**params, **{key: values[i] for key, values in per_layer.items()}}
+        stages.append(Stage(block, cls(**block_params)))  # each block's parameters checked, with a clear error
+    if not stages:
+        cls(**params)
+    return stages
 
 
 def parse_stage(text: str) -> tuple[str, dict, str]:
@@ -114,16 +125,23 @@ def parse_stage(text: str) -> tuple[str, dict, str]:
     name, _, args = head.partition(":")
     if not at or not name.strip() or not layers.strip():
         raise UsageError(f"--stage '{text}' must look like METHOD:key=value,...@LAYERS, e.g. tome:r=8@0-5")
+    name = name.strip()
+    cls = methods.METHODS.get(name)
+    declared = {p.name: p for p in cls.parameters} if cls is not None else {}
     params = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             raise UsageError(f"--stage '{text}': parameter '{item}' must be key=value")
-        params[key.strip().replace("-", "_")] = _parse_value(value.strip())
-    return name.strip(), params, layers.strip()
+        key = key.strip().replace("-", "_")
+        params[key] = _parse_value(declared.get(key), value.strip())
+    return name, params, layers.strip()
 
 
-def _parse_value(text: str):
+def _parse_value(param, text: str):
+    """A value in its declared kind; for a parameter the method does not declare, the likeliest kind."""
+    if param is not None:
+        return param.parse(text)
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"

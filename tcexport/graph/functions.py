@@ -8,7 +8,7 @@ method)`. package_methods() replaces the nodes of each stage by ONE node
 
 calling a function of the same name kept in the model (domain "tcexport", version 1; the function imports the
 model's default opset). Other methods likewise: topk -> TokenPrune, pool -> TokenPool (the names of tcexport's
-plugin table in backends/trt.py), any other -> Token<Name>. Formal inputs follow the method contract: x, what
+methods' plugin specs, methods/plugin.py), any other -> Token<Name>. Formal inputs follow the method contract: x, what
 the method needs (metric, signals such as cls_attention), size, mask when there is one. What feeds the method
 (the metric's ReduceMean/Transpose `tc_blk{b}/metric`, signals) stays in the main graph, and the call node keeps
 the stage's name and its output names, so `tcexport validate` still finds each stage's sizes.
@@ -44,8 +44,8 @@ Every call node carries:
 If the stages of one method ever differed in structure (not the case for ToMe within a model), each variant
 would get its own function, named <op_type>_2, ...; only the first matches the plugin name.
 
-Only ToMe derives plugin attributes (r, protected) so far; the other methods' calls carry plugin_namespace,
-plugin_version and their const_* tensors until their plugins define what they take.
+A method's plugin attributes come from its own spec (Method.plugin and Method.plugin_fields); a method that names
+no plugin gets op type Token<Name> and its calls carry plugin_namespace, plugin_version and const_* tensors only.
 
 Names: the body's nodes and values are the stage's with the block taken out (`tc_blk3_tome/scores` ->
 `tome/scores`); formal inputs are `tome_x`, `tome_metric`, `tome_size`, `tome_mask`: distinct from main-graph
@@ -55,7 +55,6 @@ names, since TensorRT's function importer skips binding a formal input whose nam
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -63,10 +62,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from tcexport import methods
-from tcexport.backends import trt as trt_backend
 from tcexport.core.errors import UsageError
+from tcexport.methods import registry
+from tcexport.methods.plugin import PLUGIN_DOMAIN, plugin_choice_attributes, plugin_node_attributes
 
-DOMAIN = trt_backend.PLUGIN_DOMAIN  # "tcexport": the function domain is the plugin namespace
+DOMAIN = PLUGIN_DOMAIN  # "tcexport": the function domain is the plugin namespace
 DOMAIN_VERSION = 1
 ARGS_KEY = "tcexport_stage_args"  # set by graph/insert.py: params, n_in, protected of the stage
 STAGE_KEY = "tcexport_stage"  # node.meta key set by graph/insert.py
@@ -82,23 +82,6 @@ def _role_order(role: str) -> tuple[int, str]:
     return ({"x": 0, "metric": 1, "size": 3, "mask": 4}.get(role, 2), role)
 
 
-@dataclass(frozen=True)
-class FunctionOp:
-    """How a method is packaged: its op_type and the static attributes its plugin takes."""
-
-    op_type: str  # the names of tcexport's plugin table (backends/trt.py)
-    # (stage, tokens in, tokens out) -> the plugin's attributes; None: the call carries none yet
-    plugin_attributes: Callable[[_Stage, int, int], dict[str, int]] | None = None
-
-
-def _tome_attributes(stage: _Stage, n_in: int, n_out: int) -> dict[str, int]:
-    """r = tokens this stage removes (ToMe's per-block cap applied); protected = as the stage was built."""
-    args = stage.nodes[0].meta.get(ARGS_KEY)
-    if args is None:
-        raise _internal(f"the ToMe stage at block {stage.block} carries no build arguments")
-    return {"r": n_in - n_out, "protected": int(args["protected"])}
-
-
 def _stage_method(stage: _Stage):
     """The stage's Method rebuilt from its recorded parameters, and its protected count."""
     args = stage.nodes[0].meta.get(ARGS_KEY)
@@ -107,33 +90,19 @@ def _stage_method(stage: _Stage):
     return methods.get(stage.method)(**args["params"]), int(args["protected"])
 
 
-def _topk_attributes(stage: _Stage, n_in: int, n_out: int) -> dict[str, int]:
-    """k = kept unprotected tokens (the per-block cap applied), protected, fuse and keep_order as 0/1."""
-    method, protected = _stage_method(stage)
-    return {"k": method.kept(n_in, protected), "protected": protected, "fuse": int(method.fuse),
-            "keep_order": int(method.keep_order)}
-
-
-def _pool_attributes(stage: _Stage, n_in: int, n_out: int) -> dict[str, int]:
-    """kernel, protected, and grid_side = G of a 2-D G x G grid (0 for 1-D pooling), resolved from grid=auto."""
-    method, protected = _stage_method(stage)
-    mode, _, side = method.layout(n_in, protected)
-    return {"kernel": method.kernel, "protected": protected, "grid_side": side if mode == "2d" else 0}
-
-
-OPS: dict[str, FunctionOp] = {
-    "tome": FunctionOp("ToMeMerge", _tome_attributes),
-    "topk": FunctionOp("TokenPrune", _topk_attributes),
-    "pool": FunctionOp("TokenPool", _pool_attributes),
-}
-# Methods with a TensorRT plugin implementation (plugins/cpp, tcexport/plugins): what --impl plugin can emit.
-PLUGIN_METHODS = ("tome", "topk")
-
-
 def op_type(method: str) -> str:
-    """The call node's op_type (and function name) for a method; never the name of an ONNX op."""
-    known = OPS.get(method)
-    return known.op_type if known else "Token" + "".join(part.capitalize() for part in method.split("_"))
+    """The call node's op_type (and function name) for a method: its plugin's name, else Token<Name>."""
+    return registry.op_type(method)
+
+
+def _has_plugin_fields(method: str) -> bool:
+    spec = methods.get(method).plugin
+    return spec is not None and bool(spec.fields)
+
+
+def _implemented_plugins() -> list[str]:
+    """Methods with a TensorRT plugin implementation (plugins/cpp, tcexport/plugins): what --impl plugin emits."""
+    return sorted(name for name, cls in methods.METHODS.items() if cls.plugin is not None and cls.plugin.implemented)
 
 
 @dataclass
@@ -171,7 +140,7 @@ def package_methods(model: ir.Model, with_body: bool = True) -> None:
     if not with_body:
         _package_as_plugins(model, stages)
         return
-    if any(_op(stage).plugin_attributes for stage in stages):
+    if any(_has_plugin_fields(stage.method) for stage in stages):
         # Token counts for the plugin attributes (insert.py dropped the stale shapes; infer them afresh).
         ir.passes.common.ShapeInferencePass(data_prop=True)(model)
     opset = graph.opset_imports.get("", graph.opset_imports.get("ai.onnx"))
@@ -198,10 +167,11 @@ def package_methods(model: ir.Model, with_body: bool = True) -> None:
 
 
 def _package_as_plugins(model: ir.Model, stages: list[_Stage]) -> None:
-    without = sorted({stage.method for stage in stages if stage.method not in PLUGIN_METHODS})
+    implemented = _implemented_plugins()
+    without = sorted({stage.method for stage in stages if stage.method not in implemented})
     if without:
         raise UsageError(f"--impl plugin: no TensorRT plugin implements {', '.join(without)} (plugins exist for "
-                         f"{', '.join(PLUGIN_METHODS)}); use --impl function or --impl subgraph")
+                         f"{', '.join(implemented)}); use --impl function or --impl subgraph")
     ir.passes.common.ShapeInferencePass(data_prop=True)(model)
     replaced: dict[ir.Value, ir.Value] = {}
     for stage in stages:
@@ -385,7 +355,7 @@ def _function(stage: _Stage, name: str, lifted: list[str], plugin: list[str], op
     declared = [ir.Attr(key, ir.AttributeType.INT, None) for key in plugin]
     declared += [ir.Attr(key, ir.AttributeType.STRING, None) for key in ("plugin_namespace", "plugin_version")]
     declared += [ir.Attr(key, ir.AttributeType.INT, None)
-                 for key in trt_backend.plugin_choice_attributes(trt_backend.plugin_spec(name))]
+                 for key in plugin_choice_attributes(registry.plugin_spec(name))]
     declared += [ir.Attr(CONST_PREFIX + label, ir.AttributeType.TENSOR, None) for label in lifted]
     function = ir.Function(DOMAIN, name, graph=function_graph, attributes=declared)
     function.doc_string = (f"tcexport method '{stage.method}' (inputs {', '.join(stage.in_roles)}; outputs "
@@ -395,26 +365,22 @@ def _function(stage: _Stage, name: str, lifted: list[str], plugin: list[str], op
     return function
 
 
-def _op(stage: _Stage) -> FunctionOp:
-    return OPS.get(stage.method) or FunctionOp(op_type(stage.method))
-
-
 def _plugin_attributes(stage: _Stage) -> dict[str, int]:
-    derive = _op(stage).plugin_attributes
-    if derive is None:
+    if not _has_plugin_fields(stage.method):
         return {}
     n_in, n_out = _tokens(stage.inputs["x"]), _tokens(stage.outputs["x"])
     if n_in is None or n_out is None:
         raise _internal(f"the token counts around the {stage.method} stage at block {stage.block} are unknown")
-    return derive(stage, n_in, n_out)
+    method, protected = _stage_method(stage)
+    return method.plugin_fields(n_in, n_out, protected)
 
 
 def _replace_by_call(graph: ir.Graph, stage: _Stage, name: str, lifted: list[str], plugin: dict[str, int],
                      replaced: dict[ir.Value, ir.Value]) -> None:
     attributes: list[ir.Attr] = [ir.AttrInt64(k, v) for k, v in plugin.items()]
-    spec = trt_backend.plugin_spec(name)
-    attributes += [ir.AttrString(k, v) for k, v in trt_backend.plugin_node_attributes(spec).items()]
-    attributes += [ir.AttrInt64(k, v) for k, v in trt_backend.plugin_choice_attributes(spec).items()]
+    spec = registry.plugin_spec(name)
+    attributes += [ir.AttrString(k, v) for k, v in plugin_node_attributes(spec).items()]
+    attributes += [ir.AttrInt64(k, v) for k, v in plugin_choice_attributes(spec).items()]
     attributes += [ir.AttrTensor(CONST_PREFIX + label, ir.tensor(stage.constants[label], name=CONST_PREFIX + label))
                    for label in lifted]
     inputs = [replaced.get(stage.inputs[role], stage.inputs[role]) for role in stage.in_roles]

@@ -40,8 +40,6 @@ arithmetic on indices. TensorRT needs N < 3840.
 
 from __future__ import annotations
 
-from numbers import Integral
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -49,7 +47,8 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
-from tcexport.methods import register
+from tcexport.methods.params import REQUIRED, Param
+from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.tome import NORM_EPS, PAD_BONUS
 from tcexport.methods.emit import Emitter as _Emitter
@@ -74,19 +73,8 @@ class Adjacent(Method):
     name = "adjacent"
     needs = frozenset({"keys"})
 
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - {"r"})
-        if unknown:
-            raise UsageError(f"unknown adjacent parameter(s) {', '.join(unknown)}; adjacent takes r")
-        r = params.get("r")
-        if r is None:
-            raise UsageError("adjacent needs --r (neighbouring pairs merged per block), e.g. --r 8")
-        if isinstance(r, (bool, np.bool_)) or not isinstance(r, Integral):
-            raise UsageError(f"adjacent r must be one whole number of tokens >= 0; got {r!r}")
-        if r < 0:
-            raise UsageError(f"adjacent r must be >= 0; got {r}")
-        return {"r": int(r)}
+    family = "similarity merging"
+    parameters = (Param("r", int, "neighbouring pairs merged per block", default=REQUIRED, low=0, example=8),)
 
     @property
     def r(self) -> int:

@@ -22,6 +22,8 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.methods.params import Param, check_declaration, check_declared
+from tcexport.methods.plugin import PluginSpec
 
 
 class TokenState(NamedTuple):
@@ -33,13 +35,22 @@ class TokenState(NamedTuple):
 
 
 class Method(abc.ABC):
-    """A token-compression method. Subclasses set `name` and implement the four members below.
+    """A token-compression method. Subclasses set `name`, declare their parameters and implement the members below.
 
-    Construct with keyword parameters (`ToMe(r=8)`); they are checked at once and a bad value raises
-    UsageError with a one-line message. The checked parameters are in `self.params`.
+    Construct with keyword parameters (`ToMe(r=8)`); they are checked at once against the declaration (type,
+    range, exclusive groups, defaults) and a bad value raises UsageError with a one-line message. The checked
+    parameters are in `self.params`. Everything that takes method parameters (the `compress` options, --stage
+    text, recipes, the README's method table) reads `parameters`, so a new method is one file.
     """
 
     name: ClassVar[str]
+    family: ClassVar[str] = ""  # the README's family column: "similarity merging", "attention pruning", ...
+    parameters: ClassVar[tuple[Param, ...]] = ()
+    # Groups of parameters of which exactly one is given (keep / keep_count).
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    # The TensorRT plugin that stands in for the method's --impl function/plugin node; None: op type Token<Name>
+    # and no plugin fields. Its fields come from plugin_fields().
+    plugin: ClassVar[PluginSpec | None] = None
     # What the method decides with, besides the token state. "keys": the block's attention keys averaged over
     # heads (the `metric` argument, [B, N, d]); "cls_attention": the CLS token's attention over all tokens,
     # averaged over heads ([B, N], in signals). The rewriter builds only what a method asks for.
@@ -56,9 +67,28 @@ class Method(abc.ABC):
         return f"{type(self).__name__}({args})"
 
     @classmethod
-    @abc.abstractmethod
+    def check_declaration(cls) -> None:
+        """TypeError when the declaration cannot work (called by @register)."""
+        check_declaration(cls.__qualname__, cls.parameters, cls.exclusive)
+
+    @classmethod
+    def summary(cls) -> str:
+        """What the method does, in one line: the first line of the class docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
     def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         """Return the validated parameters (defaults filled in); raise UsageError on bad or unknown ones."""
+        return cls.check_more(check_declared(cls.name, cls.parameters, cls.exclusive, params))
+
+    @classmethod
+    def check_more(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Rules between parameters that a declaration cannot say; the checked parameters come in."""
+        return params
+
+    def plugin_fields(self, n_in: int, n_out: int, protected: int) -> dict[str, int]:
+        """The INT fields of this block's plugin node (its spec's `fields`), from the token counts around it."""
+        return {}
 
     @abc.abstractmethod
     def tokens_out(self, n_in: int, protected: int) -> int:

@@ -37,7 +37,9 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
-from tcexport.methods import register
+from tcexport.methods.keep import KEEP_EXCLUSIVE, keep_parameters
+from tcexport.methods.params import Param
+from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
@@ -46,44 +48,13 @@ from tcexport.methods.emit import typed_state
 RATE_EPS = 1e-9
 
 
-def _is_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
 class _FixedSubset(Method):
     """Keep a static subset of the unprotected tokens, chosen by `kept` (subclasses)."""
 
     needs = frozenset()
-    extra: tuple[str, ...] = ()  # parameters besides keep / keep_count
-
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        accepted = ("keep", "keep_count", *cls.extra)
-        unknown = sorted(set(params) - set(accepted))
-        if unknown:
-            raise UsageError(f"unknown {cls.name} parameter(s) {', '.join(unknown)}; {cls.name} takes "
-                             f"{', '.join(accepted)}")
-        keep, count = params.get("keep"), params.get("keep_count")
-        if keep is not None and count is not None:
-            raise UsageError(f"{cls.name} takes keep (a fraction) or keep_count (a number of tokens), not both")
-        if keep is None and count is None:
-            raise UsageError(f"{cls.name} needs keep (fraction of tokens kept, e.g. --keep 0.6) or keep_count "
-                             "(tokens kept, e.g. --keep-count 100)")
-        checked: dict[str, Any] = {}
-        if keep is not None:
-            if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)) \
-                    or not 0 < float(keep) <= 1:
-                raise UsageError(f"{cls.name} parameter keep must be a fraction in (0, 1], got {keep!r}")
-            checked["keep"] = float(keep)
-        else:
-            if not _is_int(count) or count < 1:
-                raise UsageError(f"{cls.name} parameter keep_count must be a whole number >= 1, got {count!r}")
-            checked["keep_count"] = int(count)
-        return {**checked, **cls.check_extra(params)}
-
-    @classmethod
-    def check_extra(cls, params: dict[str, Any]) -> dict[str, Any]:
-        return {}
+    family = "baselines"
+    parameters = keep_parameters(0.6)
+    exclusive = KEEP_EXCLUSIVE
 
     def n_keep(self, n_in: int, protected: int) -> int:
         """Unprotected tokens kept for n_in tokens in (spec: parameters)."""
@@ -151,14 +122,7 @@ class RandomSubset(_FixedSubset):
     """Keep a seeded random subset of the unprotected tokens, fixed at build time (same for every input)."""
 
     name = "random"
-    extra = ("seed",)
-
-    @classmethod
-    def check_extra(cls, params: dict[str, Any]) -> dict[str, Any]:
-        seed = params.get("seed", 0)
-        if not _is_int(seed) or seed < 0:
-            raise UsageError(f"random parameter seed must be a whole number >= 0, got {seed!r}")
-        return {"seed": int(seed)}
+    parameters = (*keep_parameters(0.6), Param("seed", int, "seed of the fixed subset", default=0, low=0))
 
     def kept(self, m: int, n_keep: int) -> np.ndarray:
         return np.sort(np.random.default_rng(self.params["seed"]).permutation(m)[:n_keep])

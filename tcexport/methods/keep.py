@@ -9,12 +9,12 @@ where M = n_in - protected. The slack keeps a product within 1e-9 of a whole num
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 
 from tcexport.core.errors import UsageError
+from tcexport.methods.params import Param
 
 CEIL_SLACK = 1e-9
 
@@ -33,20 +33,14 @@ def kept_count(n_in: int, protected: int, keep: float | None = None, keep_count:
     return min(m, max(1, math.ceil(float(keep) * m - CEIL_SLACK)))
 
 
-def check_keep(method: str, params: dict[str, Any], example: float) -> dict[str, Any]:
-    """{"keep": rate} or {"keep_count": n} from params; UsageError unless exactly one valid value is given."""
-    keep, keep_count = params.get("keep"), params.get("keep_count")
-    if keep is None and keep_count is None:
-        raise UsageError(f"{method} needs --keep (share of tokens kept, e.g. {example}) or --keep-count (tokens kept)")
-    if keep is not None and keep_count is not None:
-        raise UsageError(f"{method} takes --keep or --keep-count, not both")
-    if keep is not None:
-        if is_bool(keep) or not isinstance(keep, Real) or not 0.0 < float(keep) <= 1.0:
-            raise UsageError(f"{method} keep must be a rate in (0, 1], e.g. {example}; got {keep!r}")
-        return {"keep": float(keep)}
-    if is_bool(keep_count) or not isinstance(keep_count, Integral) or keep_count < 1:
-        raise UsageError(f"{method} keep_count must be a whole number of tokens >= 1; got {keep_count!r}")
-    return {"keep_count": int(keep_count)}
+def keep_parameters(example: float) -> tuple[Param, Param]:
+    """keep (a rate) and keep_count (a number), exactly one of which a pruning method takes."""
+    return (Param("keep", float, "share of the unprotected tokens kept", low=0, high=1, low_open=True,
+                  example=example),
+            Param("keep_count", int, "number of unprotected tokens kept", low=1, example=100))
+
+
+KEEP_EXCLUSIVE = (("keep", "keep_count"),)
 
 
 def check_keep_fits(method: str, params: dict[str, Any], n_in: int, protected: int) -> None:

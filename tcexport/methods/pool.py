@@ -40,17 +40,15 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
-from tcexport.methods import register
+from tcexport.methods.params import REQUIRED, Param
+from tcexport.methods.plugin import PluginSpec
+from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import typed_state
 
 GRIDS = ("auto", "2d", "1d")
-
-
-def _is_int(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
 @register
@@ -60,20 +58,18 @@ class Pool(Method):
     name = "pool"
     needs = frozenset()
 
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - {"kernel", "grid"})
-        if unknown:
-            raise UsageError(f"unknown pool parameter(s) {', '.join(unknown)}; pool takes kernel and grid")
-        if "kernel" not in params:
-            raise UsageError("pool needs parameter kernel (window size, k x k on the patch grid), e.g. --kernel 2")
-        kernel = params["kernel"]
-        if not _is_int(kernel) or kernel < 1:
-            raise UsageError(f"pool parameter kernel must be a whole number >= 1, got {kernel!r}")
-        grid = params.get("grid", "auto")
-        if grid not in GRIDS:
-            raise UsageError(f"pool parameter grid must be one of {', '.join(GRIDS)}, got {grid!r}")
-        return {"kernel": int(kernel), "grid": grid}
+    family = "transformation"
+    parameters = (Param("kernel", int, "pooling kernel (k x k on the patch grid, k on sequences)", default=REQUIRED,
+                        low=1, example=2),
+                  Param("grid", str, "token layout: 2d (a square patch grid), 1d (a sequence) or auto (2d when the "
+                        "unprotected tokens form a square)", default="auto", choices=GRIDS))
+    plugin = PluginSpec("TokenPool", description="average-pool the token grid (no plugin implementation yet)",
+                        fields=("kernel", "protected", "grid_side"))
+
+    def plugin_fields(self, n_in: int, n_out: int, protected: int) -> dict[str, int]:
+        """kernel, protected, and grid_side = G of a 2-D G x G grid (0 for 1-D pooling), resolved from grid=auto."""
+        mode, _, side = self.layout(n_in, protected)
+        return {"kernel": self.kernel, "protected": protected, "grid_side": side if mode == "2d" else 0}
 
     @property
     def kernel(self) -> int:

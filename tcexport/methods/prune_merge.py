@@ -51,7 +51,6 @@ copies rows; the merge is a one-hot [B, M, R-M] @ [B, R-M, C] MatMul. TensorRT n
 
 from __future__ import annotations
 
-from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -60,7 +59,8 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
-from tcexport.methods import register
+from tcexport.methods.params import REQUIRED, Param
+from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.tome import NORM_EPS, PAD_BONUS, PROTECTED_SCORE, _first_argmax
 from tcexport.methods.emit import Emitter as _Emitter
@@ -68,7 +68,6 @@ from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import rows as _rows
 from tcexport.methods.emit import typed_state
 
-PARAMS = ("dominant", "contextual")
 
 
 def target_positions(remaining: int, contextual: int) -> np.ndarray:
@@ -79,15 +78,6 @@ def target_positions(remaining: int, contextual: int) -> np.ndarray:
     return (j * (remaining - 1) * 2 + (contextual - 1)) // (2 * (contextual - 1))
 
 
-def _check_count(label: str, value: Any) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, Integral):
-        raise UsageError(f"prune-merge {label} must be a whole number of tokens >= 1; got {value!r}")
-    if value < 1:
-        hint = " (pruning without merging is --method topk)" if label == "contextual" else ""
-        raise UsageError(f"prune-merge {label} must be >= 1; got {value}{hint}")
-    return int(value)
-
-
 @register
 class PruneMerge(Method):
     """Keep K tokens by CLS attention, merge the rest into M evenly spread contextual tokens."""
@@ -95,17 +85,10 @@ class PruneMerge(Method):
     name = "prune-merge"
     needs = frozenset({"cls_attention", "keys"})
 
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - set(PARAMS))
-        if unknown:
-            raise UsageError(f"unknown prune-merge parameter(s) {', '.join(unknown)}; prune-merge takes "
-                             "dominant and contextual")
-        missing = [p for p in PARAMS if params.get(p) is None]
-        if missing:
-            raise UsageError(f"prune-merge needs {' and '.join('--' + m for m in missing)} (tokens kept by CLS "
-                             "attention, tokens the rest are merged into), e.g. --dominant 54 --contextual 10")
-        return {label: _check_count(label, params[label]) for label in PARAMS}
+    family = "hybrid"
+    parameters = (Param("dominant", int, "tokens kept by CLS attention", default=REQUIRED, low=1, example=54),
+                  Param("contextual", int, "tokens the rest are merged into", default=REQUIRED, low=1, example=10,
+                        hint=" (pruning without merging is --method topk)"))
 
     @property
     def dominant(self) -> int:

@@ -53,15 +53,14 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
-from tcexport.methods import register
+from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
-from tcexport.methods.keep import check_keep, check_keep_fits, kept_count
+from tcexport.methods.keep import KEEP_EXCLUSIVE, check_keep_fits, keep_parameters, kept_count
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import typed_state
 
 QUERY = "query"  # the signal and the graph input it comes from
-PARAMS = ("keep", "keep_count")
 NORM_EPS = 1e-6
 PAD_PENALTY = 4.0
 
@@ -76,12 +75,9 @@ class QueryPrune(Method):
     needs = frozenset({QUERY})
     decides_from_x = True  # cosine of each token's hidden state with the query
 
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - set(PARAMS))
-        if unknown:
-            raise UsageError(f"unknown query parameter(s) {', '.join(unknown)}; query takes keep or keep_count")
-        return check_keep("query", params, 0.5)
+    family = "query-based"
+    parameters = keep_parameters(0.5)
+    exclusive = KEEP_EXCLUSIVE
 
     def kept(self, n_in: int, protected: int) -> int:
         return kept_count(n_in, protected, self.params.get("keep"), self.params.get("keep_count"))

@@ -55,7 +55,9 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
-from tcexport.methods import register
+from tcexport.methods.params import REQUIRED, Param
+from tcexport.methods.plugin import PluginSpec
+from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import numpy_dtype as _numpy_dtype
@@ -122,15 +124,15 @@ class ToMe(Method):
 
     name = "tome"
 
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - {"r"})
-        if unknown:
-            raise UsageError(f"unknown ToMe parameter(s) {', '.join(unknown)}; ToMe takes r")
-        if "r" not in params:
-            raise UsageError("ToMe needs parameter r (tokens to remove per block), e.g. r=8")
-        _check_count("r", params["r"])
-        return {"r": int(params["r"])}
+    family = "similarity merging"
+    parameters = (Param("r", int, "tokens removed per chosen layer: one int, or one per layer", default=REQUIRED,
+                        low=0, per_layer=True, example=8),)
+    plugin = PluginSpec("ToMeMerge", description="ToMe bipartite soft matching: merge r token pairs (size-weighted)",
+                        python_aot=True, fields=("r", "protected"), cpp=True)
+
+    def plugin_fields(self, n_in: int, n_out: int, protected: int) -> dict[str, int]:
+        """r = tokens this block removes (ToMe's per-block cap applied); protected as the stage was built."""
+        return {"r": n_in - n_out, "protected": protected}
 
     @property
     def r(self) -> int:

@@ -66,14 +66,15 @@ import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
-from tcexport.methods import register
+from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
-from tcexport.methods.keep import check_keep, check_keep_fits, is_bool, kept_count
+from tcexport.methods.keep import KEEP_EXCLUSIVE, check_keep_fits, keep_parameters, kept_count
+from tcexport.methods.params import Param
+from tcexport.methods.plugin import PluginSpec
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import typed_state
 
-PARAMS = ("keep", "keep_count", "fuse", "keep_order")
 
 
 
@@ -85,21 +86,19 @@ class TopK(Method):
     name = "topk"
     needs = frozenset({"cls_attention"})
 
-    @classmethod
-    def check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(params) - set(PARAMS))
-        if unknown:
-            raise UsageError(f"unknown topk parameter(s) {', '.join(unknown)}; topk takes keep or keep_count, "
-                             "fuse, keep_order")
-        checked = check_keep("topk", params, 0.7)
-        for flag in ("fuse", "keep_order"):
-            value = params.get(flag, False)
-            if value is None:
-                value = False
-            if not is_bool(value):
-                raise UsageError(f"topk {flag} must be true or false; got {value!r}")
-            checked[flag] = bool(value)
-        return checked
+    family = "attention pruning"
+    parameters = (*keep_parameters(0.7),
+                  Param("fuse", bool, "add one token, the attention-weighted sum of the dropped ones (EViT)",
+                        default=False),
+                  Param("keep_order", bool, "keep surviving tokens in their original order", default=False))
+    exclusive = KEEP_EXCLUSIVE
+    plugin = PluginSpec("TokenPrune", description="keep the K tokens with the highest CLS attention (EViT)",
+                        python_aot=True, fields=("k", "protected", "fuse", "keep_order"), cpp=True)
+
+    def plugin_fields(self, n_in: int, n_out: int, protected: int) -> dict[str, int]:
+        """k = kept unprotected tokens (the per-block cap applied), protected, fuse and keep_order as 0/1."""
+        return {"k": self.kept(n_in, protected), "protected": protected, "fuse": int(self.fuse),
+                "keep_order": int(self.keep_order)}
 
     @property
     def fuse(self) -> bool:

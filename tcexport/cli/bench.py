@@ -1,0 +1,71 @@
+"""`tcexport bench`: time artifacts side by side (.onnx files or build directories, ONNX Runtime or TensorRT)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tcexport.cli.options import positive_int_list
+from tcexport.core.errors import UsageError
+
+
+@click.command()
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batch", "batch_text", default=None, help="Batch sizes, e.g. 1,8 (default 1).")
+@click.option("--shapes", default=None, metavar="NAME:DIMS[,...]",
+              help="Input shapes as trtexec takes them, e.g. pixel_values:4x3x224x224 (sets the batch size).")
+@click.option("--load-inputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Time on your own inputs: an .npz with one array per input, named as the inputs (sets the batch).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (default: ORT's choice).")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warm-up runs per artifact (default 10).")
+@click.option("--warmup-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Warm up each artifact for this many milliseconds instead (trtexec's --warmUp).")
+@click.option("--iters", type=click.IntRange(min=1), default=None, help="Timed runs per artifact (default 50).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Time budget in seconds per batch size instead of --iters.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a latency plot (.png).")
+@click.option("--include-copies", is_flag=True,
+              help="TensorRT engines: copy inputs in and outputs out every run and time them (h2d/d2h).")
+@click.option("--cuda-graph", is_flag=True,
+              help="TensorRT engines: replay a CUDA graph of each run where the engine allows capture.")
+def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms, iters, duration, json_path, plot_path,
+          include_copies, cuda_graph):
+    """Time artifacts side by side (.onnx files or build directories, ONNX Runtime or TensorRT).
+
+    Runs are interleaved (one run of each artifact in turn) so machine drift hits all of them equally.
+    Reports latency min/mean/median/p90/p95/p99 (ms, host wall time), throughput, and speedup against the
+    first artifact. TensorRT engines also report CUDA-event device times as trtexec does: GPU compute time,
+    and H2D/D2H copy times with --include-copies (without it, inputs stay on the GPU between runs).
+
+    \b
+    Example:
+      tcexport bench base.onnx build/vit-ort --batch 1,8 --iters 100 --plot bench.png
+      tcexport bench build/vit-ort build/vit-trt --include-copies --cuda-graph
+      tcexport bench vit.onnx --shapes pixel_values:4x3x224x224 --warmup-ms 500
+    """
+    from tcexport.bench import report as bench_report
+    from tcexport.bench import session as bench_session
+
+    if iters is not None and duration is not None:
+        raise UsageError("give --iters or --duration, not both")
+    if warmup is not None and warmup_ms is not None:
+        raise UsageError("give --warmup (runs) or --warmup-ms (milliseconds), not both")
+    if plot_path and plot_path.suffix != ".png":
+        raise UsageError(f"--plot {plot_path}: the plot is written as PNG; give a .png path")
+    batches = positive_int_list(batch_text, "--batch")
+    results = bench_session.run(list(artifacts), batches=batches, threads=threads,
+                                warmup=10 if warmup is None else warmup, warmup_ms=warmup_ms, iters=iters,
+                                duration=duration, include_copies=include_copies, cuda_graph=cuda_graph,
+                                shapes=shapes, load_inputs=load_inputs)
+    bench_report.print_table(results)
+    for line in bench_report.summary_lines(results):
+        click.echo(line)
+    bench_report.print_warnings(results)
+    if json_path:
+        bench_report.write_json(results, json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        bench_report.write_plot(results, plot_path)
+        click.echo(f"wrote {plot_path}")
