@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import click
 
-PLAN_OPTIONS = ("model", "output", "method", "stages", "layers", "schedule", "prop_attn", "impl", "protected")
-
 
 def _methods():
     from tcexport import methods
@@ -36,7 +34,9 @@ def _help(entries: list) -> str:
 
 
 def option_for(name: str, entries: list) -> click.Option:
-    if name in PLAN_OPTIONS:
+    from tcexport.methods.params import PLAN_NAMES
+
+    if name in PLAN_NAMES:  # refused at registration too; a stale table would clash here
         owners = ", ".join(method for method, _ in entries)
         raise TypeError(f"method parameter '{name}' ({owners}) has the name of a compress option; rename it")
     kinds = {param.kind for _, param in entries}

@@ -18,6 +18,9 @@ from tcexport.core.errors import UsageError
 
 REQUIRED = "required"  # default of a parameter that must be given
 KINDS = (int, float, bool, str)
+# What a compression plan says besides the method's own parameters (compress options, recipe fields): a method
+# parameter cannot take one of these names.
+PLAN_NAMES = ("model", "output", "method", "stages", "layers", "schedule", "prop_attn", "impl", "protected")
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ def check_declaration(owner: str, declared: tuple[Param, ...], exclusive: tuple[
             raise TypeError(f"{owner} parameter {p.name}: kind must be one of int, float, bool, str")
         if not p.name.isidentifier():
             raise TypeError(f"{owner} parameter {p.name!r} must be a Python identifier")
+        if p.name in PLAN_NAMES:
+            raise TypeError(f"{owner} parameter '{p.name}' is a compress plan option; rename it")
+        if p.per_layer and p.kind is not int:
+            raise TypeError(f"{owner} parameter {p.name}: per-layer values are whole numbers (kind int)")
     for group in exclusive:
         if not set(group) <= set(names):
             raise TypeError(f"{owner}: exclusive group {group} names undeclared parameters")

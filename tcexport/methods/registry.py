@@ -22,6 +22,13 @@ def register(cls: type[Method]) -> type[Method]:
     if name in METHODS and METHODS[name] is not cls:
         raise TypeError(f"method name '{name}' is already taken by {METHODS[name].__qualname__}")
     cls.check_declaration()
+    # One parameter name has one type across methods: the compress CLI has one option for it.
+    for param in cls.parameters:
+        for other in METHODS.values():
+            theirs = next((p for p in other.parameters if p.name == param.name), None)
+            if other is not cls and theirs is not None and theirs.kind is not param.kind:
+                raise TypeError(f"{cls.__qualname__} parameter {param.name} is {param.kind.__name__}, but method "
+                                f"'{other.name}' declares it {theirs.kind.__name__}; use its type or another name")
     METHODS[name] = cls
     return cls
 

@@ -120,7 +120,7 @@ def _first_argmax(scores: torch.Tensor) -> torch.Tensor:
 
 @register
 class ToMe(Method):
-    """Bipartite soft matching: remove r tokens per block by merging the r most similar A->B pairs."""
+    """ToMe bipartite soft matching: merge the r most similar A->B token pairs per block, size-weighted."""
 
     name = "tome"
 
