@@ -10,6 +10,7 @@ import onnx_ir as ir
 from tcexport import methods
 from tcexport.compress.plan import IMPLS, Plan, default_protected, plan_method, plan_stages
 from tcexport.core import metadata, onnxfile
+from tcexport.core.atomic import check_writable
 from tcexport.core.errors import UsageError
 from tcexport.graph import attention, functions, opset, probe
 from tcexport.graph import blocks as blocks_mod
@@ -96,6 +97,7 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     output = Path(output)
     if output.suffix != ".onnx":
         raise UsageError(f"output {output} must end with .onnx")
+    check_writable(output, "-o")
     if impl not in IMPLS:
         raise UsageError(f"--impl must be one of {', '.join(IMPLS)}; got '{impl}'")
     if not stages:

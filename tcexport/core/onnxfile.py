@@ -113,7 +113,9 @@ def write(model: onnx.ModelProto, path: str | Path, external_data: bool = False)
 
     Nothing appears under the final names until everything is written (a staging directory beside `path`,
     then renames: the data file first, the .onnx last). Returns the files written."""
-    path = Path(path)
+    from tcexport.core.atomic import check_writable
+
+    path = check_writable(path)
     external = external_data or needs_external_data(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

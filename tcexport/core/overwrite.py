@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from tcexport.core.artifacts import SIDECAR
+from tcexport.core.atomic import check_writable
 from tcexport.core.errors import UsageError
 
 SUMMARY = "summary.json"  # what a recipe run writes last (tcexport.recipes.runner uses this name)
@@ -51,19 +52,21 @@ def produced_by_tcexport(path: Path) -> bool:
 
 
 def check_file(path: str | Path, force: bool) -> None:
-    """An output .onnx file: refuse to replace a file tcexport did not write."""
+    """An output .onnx file: refuse a path that cannot be written, and replacing a file tcexport did not write."""
     path = Path(path)
+    if path.is_dir():  # with --force too: a directory is never replaced by a file
+        raise UsageError(f"{path}: is a directory; give a file name ending in .onnx")
+    check_writable(path, "-o")
     if not path.exists() or force:
         return
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory; give a file name ending in .onnx")
     if not is_empty(path) and not produced_by_tcexport(path):
         raise _refuse(path, "was not written by tcexport")
 
 
 def check_build_dir(path: str | Path, force: bool) -> None:
-    """A build's OUT_DIR: replace an earlier build, refuse anything else that holds files."""
-    path = Path(path)
+    """A build's OUT_DIR: refuse a path that cannot be written; replace an earlier build, refuse anything else
+    that holds files."""
+    path = check_writable(path, "-o", directory=True)
     if not path.exists() or force:
         return
     if not path.is_dir():
@@ -73,8 +76,9 @@ def check_build_dir(path: str | Path, force: bool) -> None:
 
 
 def check_recipe_dir(path: str | Path, recipe_source: Path | None, force: bool) -> str | None:
-    """A recipe's OUT_DIR. Returns a note to show when an earlier output is being replaced, None otherwise."""
-    path = Path(path)
+    """A recipe's OUT_DIR. Refuses a path that cannot be written. Returns a note to show when an earlier output is
+    being replaced, None otherwise."""
+    path = check_writable(path, "-o", directory=True)
     if not path.exists() or is_empty(path):
         return None
     if not path.is_dir():

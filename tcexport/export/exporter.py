@@ -22,7 +22,7 @@ from tcexport import __version__
 from tcexport.core import metadata
 from tcexport.core import onnxfile
 from tcexport.core import progress
-from tcexport.core.atomic import atomic_file
+from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.core.errors import UsageError, ValidationFailed
 from tcexport.models.sources import Source
 from tcexport.models.spec_check import parse_batch  # noqa: F401 - checked up front, kept importable here
@@ -171,6 +171,7 @@ def export_to_file(source: Source, output: Path, opset: int = 18, batch: int | N
     output = Path(output)
     if output.suffix != ".onnx":
         raise UsageError(f"output {output} must end with .onnx")
+    check_writable(output, "-o")  # before the export, which takes seconds to minutes
     with progress.step(f"export {source.spec} ({exporter}, opset {opset}, batch {batch or 'dynamic'})"):
         model = export_model(source, opset=opset, batch=batch, exporter=exporter)
     with atomic_file(output) as tmp:

@@ -11,13 +11,14 @@ import importlib.util
 import time
 from pathlib import Path
 
+from tcexport.core.atomic import check_writable
 from tcexport.core.errors import UsageError, ValidationFailed
 from tcexport.tune import budget as budget_mod
 from tcexport.tune import calibration, outputs
 
 
 def check_out_dir(path: Path, force: bool) -> None:
-    path = Path(path)
+    path = check_writable(path, "-o", directory=True)
     if path.exists() and not path.is_dir():
         raise UsageError(f"-o {path}: exists and is not a directory; choose another -o")
     if path.is_dir() and any(path.iterdir()) and not (path / outputs.SUMMARY).exists() and not force:

@@ -37,7 +37,7 @@ from tcexport.core import metadata
 from tcexport.core import onnxfile
 from tcexport.core import progress
 from tcexport.reference import coverage
-from tcexport.core.atomic import atomic_file
+from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.core.errors import UsageError, ValidationFailed
 from tcexport.models.inputs import ATTENTION_MASK, TOKEN_IDS, InputSpec, load_npz_feeds, random_feeds
 
@@ -406,6 +406,8 @@ def write_json(report: ValidationReport, path: Path) -> None:
 
 
 def run(path: Path, json_path: Path | None = None, **options) -> ValidationReport:
+    if json_path:
+        check_writable(json_path, "--json")  # before the run, not after it
     report = validate(path, **options)
     if json_path:
         write_json(report, json_path)

@@ -22,7 +22,7 @@ import numpy as np
 
 from tcexport.core import artifacts
 from tcexport.core import onnxfile
-from tcexport.core.atomic import atomic_file
+from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.core.errors import UsageError, ValidationFailed
 from tcexport.models.inputs import InputSpec, specs_from_graph
 
@@ -221,6 +221,8 @@ def _describe(o: dict) -> str:
 
 
 def run(path: Path, reference_onnx: Path, json_path: Path | None = None, **options) -> FidelityReport:
+    if json_path:
+        check_writable(json_path, "--json")  # before the run, not after it
     report = compare_with_reference(path, reference_onnx, **options)
     if json_path:
         with atomic_file(json_path) as tmp:
