@@ -35,6 +35,7 @@ from onnx import TensorProto, numpy_helper
 from tcexport.core import metadata
 from tcexport.core import onnxfile
 from tcexport.core.errors import UsageError
+from tcexport.graph import hygiene
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PRECISION_RECORD = "tcexport.precision"
@@ -129,6 +130,7 @@ def convert(model: onnx.ModelProto, precision: str, *, keep_io_types: bool = Tru
     if precision == "bf16":
         _retag_float16_as_bfloat16(model, originals)
     report.casts_added = len(model.graph.node) - nodes_before
+    model = hygiene.remove_unused_proto(model)  # what the conversion left unused (tcexport.graph.hygiene)
     low = _LOW_TYPES[precision]
     report.tensors_low = sum(1 for t in model.graph.initializer if t.data_type == low)
     report.tensors_fp32 = sum(1 for t in model.graph.initializer if t.data_type == TensorProto.FLOAT)

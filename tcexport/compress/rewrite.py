@@ -12,7 +12,7 @@ from tcexport.compress.plan import IMPLS, Plan, default_protected, plan_method, 
 from tcexport.core import metadata, onnxfile
 from tcexport.core.atomic import check_writable
 from tcexport.core.errors import UsageError
-from tcexport.graph import attention, functions, opset, probe
+from tcexport.graph import attention, functions, hygiene, opset, probe
 from tcexport.graph import blocks as blocks_mod
 from tcexport.graph.insert import insert_stages
 from tcexport.models import inputs as inputs_mod
@@ -48,6 +48,7 @@ def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True,
     opset.legalize(ir_model)
     if plan.impl in ("function", "plugin"):
         functions.package_methods(ir_model, with_body=plan.impl == "function")
+    hygiene.remove_unused(ir_model)  # leftovers of the rewrite (ONNX Runtime warns about unused initializers)
     proto = ir.to_proto(ir_model)
     proto = _infer_and_check(proto)
     record = plan.record()
