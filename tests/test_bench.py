@@ -414,7 +414,7 @@ def make_engine_dir(tmp_path: Path, onnx_path: Path, name: str = "engine", batch
 @pytest.fixture()
 def fake_engines(monkeypatch):
     """bench opens engine directories with FakeDeviceRunner; returns the options each was opened with."""
-    from tcexport.backends import trt
+    from tcexport.backends import trt_engine
 
     opened = []
 
@@ -425,7 +425,7 @@ def fake_engines(monkeypatch):
         runner.cuda_graph_used, runner.cuda_graph_note = cuda_graph, "on" if cuda_graph else "off"
         return runner
 
-    monkeypatch.setattr(trt, "open_engine_runner", open_engine_runner)
+    monkeypatch.setattr(trt_engine, "open_engine_runner", open_engine_runner)
     return opened
 
 

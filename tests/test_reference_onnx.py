@@ -112,12 +112,12 @@ def test_text_model_bounds_ids_and_skips_outputs_whose_tokens_changed(vit_pair, 
 
 
 def _engine_skip_reason() -> str | None:
-    from tcexport.backends import trt
+    from tcexport.backends import trt_device
     from tcexport.core.errors import UsageError
 
     try:
-        trt.require_tensorrt()
-        trt.require_gpu()
+        trt_device.require_tensorrt()
+        trt_device.require_gpu()
     except UsageError as exc:
         return f"needs TensorRT and an NVIDIA GPU ({exc})"
     return None

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tcexport.core import artifacts
 from tcexport.models import inputs
-from tcexport.backends import trt
+from tcexport.backends import trt_build, trt_device, trt_engine, trt_profiles, trt_versions
 from tcexport.core.errors import UsageError
 from tests.conftest import assert_usage_error, run_cli
 
@@ -48,7 +48,7 @@ def tiny_onnx(tmp_path) -> Path:
 
 def tensorrt_importable() -> bool:
     try:
-        trt.require_tensorrt()
+        trt_device.require_tensorrt()
         return True
     except UsageError:
         return False
@@ -56,7 +56,7 @@ def tensorrt_importable() -> bool:
 
 def gpu_present() -> bool:
     try:
-        trt.require_gpu()
+        trt_device.require_gpu()
         return True
     except UsageError:
         return False
@@ -70,20 +70,20 @@ def gpu_present() -> bool:
     (" 10.14.1.48 ", (10, 14, 1)), ("10.3.0.post1", (10, 3, 0)),
 ])
 def test_parse_version(text, expected):
-    version = trt.parse_version(text)
+    version = trt_versions.parse_version(text)
     assert (version.major, version.minor, version.patch) == expected
-    assert trt.parse_version(version) is version
+    assert trt_versions.parse_version(version) is version
 
 
 @pytest.mark.parametrize("bad", ["", "10", "ten", "9.0", "8.6.1", "12.0", "10.x"])
 def test_parse_version_rejects(bad):
     with pytest.raises(UsageError):
-        trt.parse_version(bad)
+        trt_versions.parse_version(bad)
 
 
 @pytest.mark.parametrize("version, strong", [("10.3", False), ("10.13", False), ("11.0", True)])
 def test_strong_typing_per_version(version, strong):
-    assert trt.uses_strong_typing(version) is strong
+    assert trt_versions.uses_strong_typing(version) is strong
 
 
 @pytest.mark.parametrize("version, precision, strong, network_flags", [
@@ -95,22 +95,22 @@ def test_strong_typing_per_version(version, strong):
 def test_reduced_precision_is_built_from_the_converted_graph_on_every_version(version, precision, strong,
                                                                               network_flags):
     """10.x fp16/bf16 as 11.x: converted graph, strongly typed, no FP16/BF16 builder flag ("fp16 where faster")."""
-    assert trt.builder_flags(version, precision) == ()
-    assert trt.converts_graph(version, precision) is (precision != "fp32")
-    assert trt.builds_strongly_typed(version, precision) is strong
-    assert trt.network_creation_flags(version, precision) == network_flags
+    assert trt_versions.builder_flags(version, precision) == ()
+    assert trt_versions.converts_graph(version, precision) is (precision != "fp32")
+    assert trt_versions.builds_strongly_typed(version, precision) is strong
+    assert trt_versions.network_creation_flags(version, precision) == network_flags
 
 
 def test_unknown_precision_is_a_usage_error():
     with pytest.raises(UsageError):
-        trt.builder_flags("10.3", "int8")
+        trt_versions.builder_flags("10.3", "int8")
 
 
 def test_plugin_feature_switches():
-    assert not trt.supports_python_plugins("10.3") and trt.supports_python_plugins("10.6")
-    assert not trt.supports_aot_plugins("10.8") and trt.supports_aot_plugins("10.9")
-    assert not trt.prefers_plugin_over_local_function("10.6") and trt.prefers_plugin_over_local_function("10.7")
-    assert not trt.reads_plugin_namespace_from_domain("10.9") and trt.reads_plugin_namespace_from_domain("10.13")
+    assert not trt_versions.supports_python_plugins("10.3") and trt_versions.supports_python_plugins("10.6")
+    assert not trt_versions.supports_aot_plugins("10.8") and trt_versions.supports_aot_plugins("10.9")
+    assert not trt_versions.prefers_plugin_over_local_function("10.6") and trt_versions.prefers_plugin_over_local_function("10.7")
+    assert not trt_versions.reads_plugin_namespace_from_domain("10.9") and trt_versions.reads_plugin_namespace_from_domain("10.13")
     from tcexport.methods import registry
     from tcexport.methods.plugin import plugin_node_attributes
 
@@ -123,41 +123,41 @@ def test_plugin_feature_switches():
 
 def test_profile_only_the_batch_axis_varies():
     specs = [inputs.InputSpec("input_ids", ["batch", 128], "int64"), inputs.InputSpec("mask", ["batch", 128], "int64")]
-    shapes = trt.profile_shapes(specs, (1, 4, 8))
+    shapes = trt_profiles.profile_shapes(specs, (1, 4, 8))
     for name in ("input_ids", "mask"):
-        assert shapes[name] == trt.ProfileShape((1, 128), (4, 128), (8, 128))
-    assert trt.profile_shapes(specs)["mask"] == trt.ProfileShape((1, 128), (1, 128), (8, 128))  # default 1,1,8
+        assert shapes[name] == trt_profiles.ProfileShape((1, 128), (4, 128), (8, 128))
+    assert trt_profiles.profile_shapes(specs)["mask"] == trt_profiles.ProfileShape((1, 128), (1, 128), (8, 128))  # default 1,1,8
 
 
 def test_profile_fixed_batch():
     specs = [inputs.InputSpec("x", [2, 3, 224, 224])]
-    assert trt.profile_shapes(specs)["x"] == trt.ProfileShape((2, 3, 224, 224), (2, 3, 224, 224), (2, 3, 224, 224))
-    assert trt.profile_shapes(specs, (2, 2, 2))["x"].max == (2, 3, 224, 224)
+    assert trt_profiles.profile_shapes(specs)["x"] == trt_profiles.ProfileShape((2, 3, 224, 224), (2, 3, 224, 224), (2, 3, 224, 224))
+    assert trt_profiles.profile_shapes(specs, (2, 2, 2))["x"].max == (2, 3, 224, 224)
     with pytest.raises(UsageError, match="fixed batch of 2"):
-        trt.profile_shapes(specs, (1, 1, 8))
+        trt_profiles.profile_shapes(specs, (1, 1, 8))
 
 
 def test_profile_rejects_other_dynamic_axes():
     with pytest.raises(UsageError):
-        trt.profile_shapes([inputs.InputSpec("ids", ["batch", "seq"], "int64")], (1, 1, 8))
+        trt_profiles.profile_shapes([inputs.InputSpec("ids", ["batch", "seq"], "int64")], (1, 1, 8))
 
 
 @pytest.mark.parametrize("text, expected", [("1,1,8", (1, 1, 8)), ("4", (4, 4, 4)), ("1,8,8", (1, 8, 8))])
 def test_parse_batch_range(text, expected):
-    assert trt.parse_batch_range(text) == expected
+    assert trt_profiles.parse_batch_range(text) == expected
 
 
 @pytest.mark.parametrize("bad", ["8,1,1", "0,1,2", "1,2", "a,b,c", "1,2,3,4"])
 def test_parse_batch_range_rejects(bad):
     with pytest.raises(UsageError):
-        trt.parse_batch_range(bad)
+        trt_profiles.parse_batch_range(bad)
 
 
 def test_workspace_bytes():
-    assert trt.workspace_bytes(None) is None
-    assert trt.workspace_bytes(1024) == 1 << 30
+    assert trt_profiles.workspace_bytes(None) is None
+    assert trt_profiles.workspace_bytes(1024) == 1 << 30
     with pytest.raises(UsageError):
-        trt.workspace_bytes(0)
+        trt_profiles.workspace_bytes(0)
 
 
 # --- plan and sidecar --------------------------------------------------------------------------------------------
@@ -165,11 +165,11 @@ def test_workspace_bytes():
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_plan_per_version(tiny_onnx, version):
-    plan = trt.make_plan(tiny_onnx, version, "fp16", "1,2,8", workspace_mb=256, timing_cache="cache.bin")
+    plan = trt_build.make_plan(tiny_onnx, version, "fp16", "1,2,8", workspace_mb=256, timing_cache="cache.bin")
     assert plan.strongly_typed and plan.convert_graph and plan.builder_flags == ()
     assert plan.network_flags == (() if version == "11.0" else ("STRONGLY_TYPED",))
     assert plan.plugins.kind == "none" and plan.parser_flags == ()  # no plugin nodes: nothing to load
-    assert plan.profile == {"x": trt.ProfileShape((1, 4, 16), (2, 4, 16), (8, 4, 16))}
+    assert plan.profile == {"x": trt_profiles.ProfileShape((1, 4, 16), (2, 4, 16), (8, 4, 16))}
     assert plan.workspace_bytes == 256 << 20 and plan.timing_cache == Path("cache.bin")
     data = json.loads(json.dumps(plan.to_json()))
     assert data["tensorrt_version"] == version and data["profile"]["x"]["max"] == [8, 4, 16]
@@ -177,17 +177,17 @@ def test_plan_per_version(tiny_onnx, version):
 
 
 def make_sidecar(tiny_onnx, version="10.3", precision="fp16") -> dict:
-    plan = trt.make_plan(tiny_onnx, version, precision, "1,1,8")
-    device = trt.DeviceInfo("Orin (nvgpu)", (8, 7), 8 << 30)
-    return trt.sidecar(plan, device=device, tensorrt_version=f"{version}.0.30",
-                       engine_inputs=[trt.TensorInfo("x", [-1, 4, 16], "float")],
-                       engine_outputs=[trt.TensorInfo("y", [-1, 4, 16], "float")],
+    plan = trt_build.make_plan(tiny_onnx, version, precision, "1,1,8")
+    device = trt_device.DeviceInfo("Orin (nvgpu)", (8, 7), 8 << 30)
+    return trt_build.sidecar(plan, device=device, tensorrt_version=f"{version}.0.30",
+                       engine_inputs=[trt_build.TensorInfo("x", [-1, 4, 16], "float")],
+                       engine_outputs=[trt_build.TensorInfo("y", [-1, 4, 16], "float")],
                        source_model=tiny_onnx, source_sha256="ab" * 32, records={}, engine_bytes=1234)
 
 
 def test_sidecar_contents(tiny_onnx):
     data = json.loads(json.dumps(make_sidecar(tiny_onnx)))
-    assert data["backend"] == "trt" and data["model_file"] == "model.engine" == trt.ENGINE_FILE
+    assert data["backend"] == "trt" and data["model_file"] == "model.engine" == trt_build.ENGINE_FILE
     assert data["tensorrt_version"] == "10.3.0.30"
     assert data["gpu_name"] == "Orin (nvgpu)" and data["compute_capability"] == "8.7"
     assert data["precision"] == "fp16" and data["plan"]["builder_flags"] == []
@@ -202,31 +202,31 @@ def test_sidecar_contents(tiny_onnx):
 def test_sidecar_makes_a_build_dir_bench_can_resolve(tiny_onnx, tmp_path):
     build_dir = tmp_path / "engine"
     build_dir.mkdir()
-    (build_dir / trt.ENGINE_FILE).write_bytes(b"engine")
+    (build_dir / trt_build.ENGINE_FILE).write_bytes(b"engine")
     (build_dir / artifacts.SIDECAR).write_text(json.dumps(make_sidecar(tiny_onnx)))
     artifact = artifacts.resolve(build_dir)
     assert artifact.backend == "trt" and artifact.model_path == build_dir / "model.engine"
 
 
 def test_bf16_needs_ampere():
-    trt.check_device_precision(trt.DeviceInfo("Orin", (8, 7)), "bf16")
-    trt.check_device_precision(trt.DeviceInfo("T4", (7, 5)), "fp16")
+    trt_device.check_device_precision(trt_device.DeviceInfo("Orin", (8, 7)), "bf16")
+    trt_device.check_device_precision(trt_device.DeviceInfo("T4", (7, 5)), "fp16")
     with pytest.raises(UsageError, match="bf16"):
-        trt.check_device_precision(trt.DeviceInfo("T4", (7, 5)), "bf16")
+        trt_device.check_device_precision(trt_device.DeviceInfo("T4", (7, 5)), "bf16")
 
 
 def test_only_the_trt_backend_imports_tensorrt():
-    """backends/trt.py (lazily) and the Python plugin registrations, which only --plugins python imports."""
+    """backends/trt_device.py (lazily) and the Python plugin registrations, which only --plugins python imports."""
     offenders = []
     for path in (ROOT / "tcexport").rglob("*.py"):
-        if path.name == "trt.py" and path.parent.name == "backends":
+        if path.name == "trt_device.py" and path.parent.name == "backends":
             continue
         if path.relative_to(ROOT).as_posix() == "tcexport/plugins/python.py":
             continue
         if re.search(r"^\s*(import tensorrt|from tensorrt)", path.read_text(), re.MULTILINE):
             offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
-    source = (ROOT / "tcexport" / "backends" / "trt.py").read_text()
+    source = (ROOT / "tcexport" / "backends" / "trt_device.py").read_text()
     assert not re.search(r"^(import tensorrt|from tensorrt)", source, re.MULTILINE)  # never at module level
 
 
@@ -286,11 +286,11 @@ def _ort_reference(path: Path, x: np.ndarray) -> np.ndarray:
 def test_engine_matches_onnx_runtime(tiny_onnx, tmp_path, precision, atol):
     out = tmp_path / f"engine-{precision}"
     cache = tmp_path / "timing.cache"
-    sidecar = trt.build(tiny_onnx, out, precision=precision, batch="1,2,8", workspace_mb=256, timing_cache=cache)
-    assert sorted(p.name for p in out.iterdir()) == [artifacts.SIDECAR, trt.ENGINE_FILE]
+    sidecar = trt_build.build(tiny_onnx, out, precision=precision, batch="1,2,8", workspace_mb=256, timing_cache=cache)
+    assert sorted(p.name for p in out.iterdir()) == [artifacts.SIDECAR, trt_build.ENGINE_FILE]
     assert sidecar["backend"] == "trt" and sidecar["precision"] == precision and cache.stat().st_size > 0
     assert sidecar["profile"]["x"] == {"min": [1, 4, 16], "opt": [2, 4, 16], "max": [8, 4, 16]}
-    runner = trt.TrtRunner(out / trt.ENGINE_FILE)
+    runner = trt_engine.TrtRunner(out / trt_build.ENGINE_FILE)
     for batch in (1, 8):
         x = np.random.default_rng(batch).standard_normal((batch, 4, 16)).astype(np.float32)
         got = runner.infer({"x": x})["y"].astype(np.float32)
@@ -356,15 +356,15 @@ def test_compare_with_a_cosine_floor():
 
 def test_engine_mismatch():
     sidecar = {"tensorrt_version": "10.13.0.35", "compute_capability": "8.7", "gpu_name": "Orin (nvgpu)"}
-    orin = trt.DeviceInfo("Orin (nvgpu)", (8, 7))
-    assert trt.engine_mismatch(sidecar, "10.13.0.35", orin) is None
-    assert trt.engine_mismatch(sidecar, "10.13.0.post1", orin) is None  # same release, other packaging
-    assert trt.engine_mismatch({}, "10.3", orin) is None  # nothing recorded: let TensorRT decide
-    version = trt.engine_mismatch(sidecar, "10.3.0.26", orin)
+    orin = trt_device.DeviceInfo("Orin (nvgpu)", (8, 7))
+    assert trt_engine.engine_mismatch(sidecar, "10.13.0.35", orin) is None
+    assert trt_engine.engine_mismatch(sidecar, "10.13.0.post1", orin) is None  # same release, other packaging
+    assert trt_engine.engine_mismatch({}, "10.3", orin) is None  # nothing recorded: let TensorRT decide
+    version = trt_engine.engine_mismatch(sidecar, "10.3.0.26", orin)
     assert "TensorRT 10.13.0.35" in version and "10.3.0.26" in version and "tcexport build --backend trt" in version
-    gpu = trt.engine_mismatch(sidecar, "10.13.0.35", trt.DeviceInfo("Tesla T4", (7, 5)))
+    gpu = trt_engine.engine_mismatch(sidecar, "10.13.0.35", trt_device.DeviceInfo("Tesla T4", (7, 5)))
     assert "compute capability 8.7" in gpu and "Tesla T4 is 7.5" in gpu and "TensorRT" not in gpu.split(";")[0]
-    both = trt.engine_mismatch(sidecar, "10.3", trt.DeviceInfo("Tesla T4", (7, 5)))
+    both = trt_engine.engine_mismatch(sidecar, "10.3", trt_device.DeviceInfo("Tesla T4", (7, 5)))
     assert "TensorRT 10.13.0.35" in both and "compute capability" in both and "\n" not in both
 
 
@@ -372,22 +372,22 @@ def test_check_batch_in_profile():
     profile = {"x": {"min": [1, 4, 16], "opt": [2, 4, 16], "max": [8, 4, 16]},
                "scalar": {"min": [], "opt": [], "max": []}}
     for batch in (1, 2, 8):
-        trt.check_batch_in_profile(profile, batch, "engine")
+        trt_engine.check_batch_in_profile(profile, batch, "engine")
     with pytest.raises(UsageError, match=r"engine: batch 9 is outside .* batches 1 to 8"):
-        trt.check_batch_in_profile(profile, 9, "engine")
+        trt_engine.check_batch_in_profile(profile, 9, "engine")
     with pytest.raises(UsageError, match=r"takes batch 4\)"):
-        trt.check_batch_in_profile({"x": {"min": [4, 3], "max": [4, 3]}}, 1, "engine")
-    trt.check_batch_in_profile(None, 100, "no profile recorded")
+        trt_engine.check_batch_in_profile({"x": {"min": [4, 3], "max": [4, 3]}}, 1, "engine")
+    trt_engine.check_batch_in_profile(None, 100, "no profile recorded")
 
 
 def test_device_fields_and_graph_note():
-    assert trt.device_fields(False) == ("gpu_compute_ms",)
-    assert trt.device_fields(True) == ("h2d_ms", "gpu_compute_ms", "d2h_ms")
-    assert set(trt.TRTEXEC_FIELDS) == set(trt.device_fields(True))
-    assert trt.TRTEXEC_FIELDS["gpu_compute_ms"] == "GPU Compute Time"
-    assert trt.cuda_graph_note(False, False) == "off"
-    assert trt.cuda_graph_note(True, True).startswith("on")
-    note = trt.cuda_graph_note(True, False, "operation not permitted\nwhen stream is capturing")
+    assert trt_engine.device_fields(False) == ("gpu_compute_ms",)
+    assert trt_engine.device_fields(True) == ("h2d_ms", "gpu_compute_ms", "d2h_ms")
+    assert set(trt_engine.TRTEXEC_FIELDS) == set(trt_engine.device_fields(True))
+    assert trt_engine.TRTEXEC_FIELDS["gpu_compute_ms"] == "GPU Compute Time"
+    assert trt_engine.cuda_graph_note(False, False) == "off"
+    assert trt_engine.cuda_graph_note(True, True).startswith("on")
+    note = trt_engine.cuda_graph_note(True, False, "operation not permitted\nwhen stream is capturing")
     assert note.startswith("unsupported") and "operation not permitted when stream" in note and "\n" not in note
 
 
@@ -573,11 +573,11 @@ def fake_gpu(monkeypatch):
     from types import SimpleNamespace
 
     state = SimpleNamespace(cuda=FakeCuda(), batch_range=(1, 8), relative_error=0.0, tensorrt_version="10.13.0.35",
-                            device=trt.DeviceInfo("Fake GPU", (8, 7), 8 << 30))
+                            device=trt_device.DeviceInfo("Fake GPU", (8, 7), 8 << 30))
     fake = make_fake_tensorrt(state)
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: fake)
-    monkeypatch.setattr(trt, "require_gpu", lambda index=0, purpose="build": state.device)
-    monkeypatch.setattr(trt, "TorchCuda", lambda device_index=0: state.cuda)
+    monkeypatch.setattr(trt_device, "require_tensorrt", lambda: fake)
+    monkeypatch.setattr(trt_device, "require_gpu", lambda index=0, purpose="build": state.device)
+    monkeypatch.setattr(trt_engine, "TorchCuda", lambda device_index=0: state.cuda)
     return state
 
 
@@ -587,21 +587,21 @@ def make_engine_dir(directory: Path, onnx_path: Path, precision="fp16", version=
     from tcexport.core import metadata
 
     model = onnx.load(str(onnx_path))
-    plan = trt.make_plan(model, version, precision, batch)
+    plan = trt_build.make_plan(model, version, precision, batch)
     specs = inputs.specs_from_graph(model)
-    data = trt.sidecar(plan, device=trt.DeviceInfo("Fake GPU", compute_capability), tensorrt_version=f"{version}.0.35",
-                       engine_inputs=[trt.TensorInfo(s.name, [-1, *s.shape[1:]], "float") for s in specs],
-                       engine_outputs=[trt.TensorInfo(o.name, [], "float") for o in model.graph.output],
+    data = trt_build.sidecar(plan, device=trt_device.DeviceInfo("Fake GPU", compute_capability), tensorrt_version=f"{version}.0.35",
+                       engine_inputs=[trt_build.TensorInfo(s.name, [-1, *s.shape[1:]], "float") for s in specs],
+                       engine_outputs=[trt_build.TensorInfo(o.name, [], "float") for o in model.graph.output],
                        source_model=onnx_path, source_sha256="ab" * 32, records=metadata.all_records(model))
     directory.mkdir(parents=True)
-    (directory / trt.ENGINE_FILE).write_bytes(onnx_path.read_bytes())
+    (directory / trt_build.ENGINE_FILE).write_bytes(onnx_path.read_bytes())
     (directory / artifacts.SIDECAR).write_text(json.dumps(data))
     return directory
 
 
 def test_fake_runner_times_compute_only(fake_gpu, tiny_onnx, tmp_path):
     engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
-    runner = trt.open_engine_runner(artifacts.resolve(engine_dir), "tiny-trt")
+    runner = trt_engine.open_engine_runner(artifacts.resolve(engine_dir), "tiny-trt")
     assert runner.name == "tiny-trt" and runner.device_fields == ("gpu_compute_ms",)
     x = np.random.default_rng(0).standard_normal((2, 4, 16)).astype(np.float32)
     feeds = {"x": x}
@@ -619,7 +619,7 @@ def test_fake_runner_times_compute_only(fake_gpu, tiny_onnx, tmp_path):
 
 def test_fake_runner_with_copies_and_cuda_graph(fake_gpu, tiny_onnx, tmp_path):
     engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
-    runner = trt.open_engine_runner(artifacts.resolve(engine_dir), include_copies=True, cuda_graph=True)
+    runner = trt_engine.open_engine_runner(artifacts.resolve(engine_dir), include_copies=True, cuda_graph=True)
     assert runner.device_fields == ("h2d_ms", "gpu_compute_ms", "d2h_ms")
     x = np.random.default_rng(1).standard_normal((3, 4, 16)).astype(np.float32)
     feeds = {"x": x}
@@ -641,7 +641,7 @@ def test_fake_runner_with_copies_and_cuda_graph(fake_gpu, tiny_onnx, tmp_path):
 def test_fake_runner_falls_back_when_capture_fails(fake_gpu, tiny_onnx, tmp_path):
     fake_gpu.cuda.capturable = False
     engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
-    runner = trt.open_engine_runner(artifacts.resolve(engine_dir), cuda_graph=True)
+    runner = trt_engine.open_engine_runner(artifacts.resolve(engine_dir), cuda_graph=True)
     runner.run({"x": np.zeros((1, 4, 16), np.float32)})
     assert runner.cuda_graph_used is False
     assert runner.cuda_graph_note.startswith("unsupported") and "operation not permitted" in runner.cuda_graph_note
@@ -650,20 +650,20 @@ def test_fake_runner_falls_back_when_capture_fails(fake_gpu, tiny_onnx, tmp_path
 
 def test_fake_runner_refusals(fake_gpu, tiny_onnx, tmp_path):
     engine_dir = make_engine_dir(tmp_path / "engine", tiny_onnx)
-    runner = trt.open_engine_runner(artifacts.resolve(engine_dir))
+    runner = trt_engine.open_engine_runner(artifacts.resolve(engine_dir))
     with pytest.raises(UsageError, match="outside the engine's profile"):
         runner.run({"x": np.zeros((9, 4, 16), np.float32)})
     with pytest.raises(UsageError, match="missing inputs for the engine: x"):
         runner.run({"other": np.zeros((1, 4, 16), np.float32)})
-    (engine_dir / trt.ENGINE_FILE).write_bytes(b"not an engine")
+    (engine_dir / trt_build.ENGINE_FILE).write_bytes(b"not an engine")
     with pytest.raises(UsageError, match="could not deserialize"):
-        trt.open_engine_runner(artifacts.resolve(engine_dir))
+        trt_engine.open_engine_runner(artifacts.resolve(engine_dir))
     elsewhere = make_engine_dir(tmp_path / "t4-engine", tiny_onnx, compute_capability=(7, 5))
     with pytest.raises(UsageError, match=r"compute capability 7\.5 .*rebuild it here"):
-        trt.open_engine_runner(artifacts.resolve(elsewhere))
+        trt_engine.open_engine_runner(artifacts.resolve(elsewhere))
     older = make_engine_dir(tmp_path / "old-engine", tiny_onnx, version="10.3")
     with pytest.raises(UsageError, match=r"TensorRT 10\.3\.0\.35 \(this machine has 10\.13\.0\.35\)"):
-        trt.open_engine_runner(artifacts.resolve(older))
+        trt_engine.open_engine_runner(artifacts.resolve(older))
 
 
 @pytest.fixture(scope="module")
@@ -767,9 +767,9 @@ def test_validate_and_bench_engine_without_tensorrt_fail_cleanly(tiny_onnx, tmp_
 def test_cli_validate_engine(convnet_onnx, tmp_path, precision):
     from tcexport.validate import equality as validate
 
-    plan = trt.make_plan(convnet_onnx, trt.require_tensorrt().__version__, precision, "1,1,8")
+    plan = trt_build.make_plan(convnet_onnx, trt_device.require_tensorrt().__version__, precision, "1,1,8")
     engine_dir = tmp_path / f"engine-{precision}"
-    sidecar = trt.build_engine(convnet_onnx, engine_dir, plan)
+    sidecar = trt_build.build_engine(convnet_onnx, engine_dir, plan)
     assert sidecar["records"]  # the provenance validate rebuilds the reference from travels with the engine
     report_path = tmp_path / "validate.json"
     result = run_cli("validate", engine_dir, "--samples", "2", "--json", report_path)
@@ -792,8 +792,8 @@ def ort_and_engine_builds(tmp_path_factory):
     onnx_path = root / "tiny.onnx"
     onnx.save(tiny_model(), onnx_path)
     ort_backend.build(onnx_path, root / "tiny-ort")
-    plan = trt.make_plan(onnx_path, trt.require_tensorrt().__version__, "fp16", "1,2,2")
-    trt.build_engine(onnx_path, root / "tiny-trt", plan)
+    plan = trt_build.make_plan(onnx_path, trt_device.require_tensorrt().__version__, "fp16", "1,2,2")
+    trt_build.build_engine(onnx_path, root / "tiny-trt", plan)
     return root / "tiny-ort", root / "tiny-trt"
 
 
@@ -907,7 +907,7 @@ def test_numpy_24_field_parsing_bug_is_guarded(version, numpy_version, broken):
     if broken:
         with pytest.raises(UsageError, match="numpy<2.4"):
             trt_plugins.choose("python", _plugin_graph(), version, numpy_version=numpy_version)
-    elif trt.supports_python_plugins(version):
+    elif trt_versions.supports_python_plugins(version):
         assert trt_plugins.choose("python", _plugin_graph(), version, numpy_version=numpy_version).kind == "python"
 
 
@@ -1066,10 +1066,10 @@ def tome_onnx(tmp_path_factory) -> Path:
 
 def _build_on_fake(monkeypatch, tmp_path, onnx_path: Path, version: str, precision: str, plugins: str = "auto"):
     fake = FakeBuild(version)
-    monkeypatch.setattr(trt, "require_tensorrt", lambda: fake)
-    device = trt.DeviceInfo("Fake GPU", (8, 7), 8 << 30)
-    plan = trt.make_plan(onnx_path, version, precision, "1,1,4", plugins=plugins, numpy_version="2.3.0")
-    data = trt.build_engine(onnx_path, tmp_path / f"engine-{version}-{precision}", plan, device=device)
+    monkeypatch.setattr(trt_device, "require_tensorrt", lambda: fake)
+    device = trt_device.DeviceInfo("Fake GPU", (8, 7), 8 << 30)
+    plan = trt_build.make_plan(onnx_path, version, precision, "1,1,4", plugins=plugins, numpy_version="2.3.0")
+    data = trt_build.build_engine(onnx_path, tmp_path / f"engine-{version}-{precision}", plan, device=device)
     return fake, data
 
 
@@ -1139,7 +1139,7 @@ def test_runner_loads_the_build_plugins_before_deserializing(fake_gpu, tiny_onnx
     data["plugins"] = trt_plugins.choose(str(library), _plugin_graph(), "10.13").to_json()
     sidecar_path.write_text(json.dumps(data))
     events = []
-    fake = trt.require_tensorrt()
+    fake = trt_device.require_tensorrt()
     fake.get_plugin_registry = staticmethod(lambda: type("R", (), {
         "load_library": staticmethod(lambda path: events.append(("load", Path(path).name)) or object())})())
     runtime = fake.Runtime
@@ -1150,7 +1150,7 @@ def test_runner_loads_the_build_plugins_before_deserializing(fake_gpu, tiny_onnx
             return super().deserialize_cuda_engine(blob)
 
     fake.Runtime = RecordingRuntime
-    trt.open_engine_runner(artifacts.resolve(engine_dir), "with-plugins")
+    trt_engine.open_engine_runner(artifacts.resolve(engine_dir), "with-plugins")
     assert [e[0] for e in events] == ["load", "deserialize"] and events[0][1] == library.name
 
 
@@ -1226,12 +1226,12 @@ def test_plugin_engine_matches_the_subgraph_model(tome_onnx, tmp_path, plugins):
     import onnxruntime as ort
 
     plugin_graph = tome_onnx.parent / "tome_plugin.onnx"
-    if plugins == "python" and not trt.supports_aot_plugins(trt.require_tensorrt().__version__):
+    if plugins == "python" and not trt_versions.supports_aot_plugins(trt_device.require_tensorrt().__version__):
         pytest.skip("this TensorRT has no ahead-of-time Python plugins (10.9+)")
     out = tmp_path / f"engine-{plugins}"
-    sidecar = trt.build(plugin_graph, out, precision="fp32", batch="1,2,4", plugins=plugins)
+    sidecar = trt_build.build(plugin_graph, out, precision="fp32", batch="1,2,4", plugins=plugins)
     assert sidecar["plugins"]["kind"] in ("python", "library")
-    runner = trt.open_engine_runner(artifacts.resolve(out))
+    runner = trt_engine.open_engine_runner(artifacts.resolve(out))
     x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
     expected = ort.InferenceSession(str(tome_onnx), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     got = runner.infer({"input": x})

@@ -32,8 +32,8 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from tcexport.core import onnxfile
-from tcexport.backends import trt as trt_backend
-from tcexport.backends.trt import TrtVersion
+from tcexport.backends import trt_versions
+from tcexport.backends.trt_versions import TrtVersion
 from tcexport.core.errors import ValidationFailed
 from tcexport.methods import registry
 
@@ -444,30 +444,30 @@ class Linter:
                      "TensorRT would need a plugin registered under that name", scope.name)
             return
         self.check_plugin_fields(scope, node, spec)
-        kinds = trt_backend.plugin_kinds(self.version, spec, with_mask=len(node.input) > 3)
+        kinds = trt_versions.plugin_kinds(self.version, spec, with_mask=len(node.input) > 3)
         if not kinds:
             self.add(ERROR, "custom-op", node,
                      f"no tcexport plugin that TensorRT {self.report.trt_version} can run implements {node.op_type}"
                      f"{' with a mask' if len(node.input) > 3 else ''} (C++ IPluginV3: 10.0+; Python plugins: 10.6+, "
                      "ahead of time 10.9+, without a mask): use plain-ONNX mode (--impl subgraph or function)",
                      scope.name)
-        elif not trt_backend.reads_plugin_namespace_from_domain(self.version) and _attr(
+        elif not trt_versions.reads_plugin_namespace_from_domain(self.version) and _attr(
                 node, "plugin_namespace", None) is None:
             self.add(ERROR, "custom-op", node,
                      f"before TensorRT 10.10 the parser ignores the node domain: add plugin_namespace="
                      f"'{spec.namespace}' (and plugin_version='{spec.version}') to {node.op_type}", scope.name)
         else:
-            python = [k for k in kinds if k != trt_backend.CPP_PLUGIN]
+            python = [k for k in kinds if k != trt_versions.CPP_PLUGIN]
             note = ""
             if not python:
                 note = (" (tcexport's Python plugins take no mask)" if len(node.input) > 3 and
-                        trt_backend.supports_python_plugins(self.version) else
+                        trt_versions.supports_python_plugins(self.version) else
                         " (no Python plugins here: they need 10.6, ahead of time 10.9)")
             self.add(WARNING, "custom-op", node,
                      f"{node.op_type} runs as tcexport's plugin {spec.namespace}::{spec.name} v{spec.version}, which "
                      f"must be loaded when building and running the engine (tcexport build --plugins); TensorRT "
                      f"{self.report.trt_version} can run it as: {', '.join(kinds)}{note}", scope.name)
-            if trt_backend.PYTHON_AOT_PLUGIN in kinds and spec.python_aot and _attr(node, "aot", None) is None:
+            if trt_versions.PYTHON_AOT_PLUGIN in kinds and spec.python_aot and _attr(node, "aot", None) is None:
                 self.add(WARNING, "custom-op", node,
                          f"{node.op_type} has no 'aot' attribute: with tcexport's Python plugins (JIT and AOT) "
                          "loaded, the parser needs it (or a PREFER_AOT/PREFER_JIT network flag) to pick one",
@@ -519,7 +519,7 @@ class Linter:
         if spec is None:
             return  # inlined by the parser; its body is checked as a scope of its own
         name = f"{spec.namespace}::{spec.name} v{spec.version}"
-        if not trt_backend.prefers_plugin_over_local_function(self.version):
+        if not trt_versions.prefers_plugin_over_local_function(self.version):
             message = (f"{node.op_type} is a model-local function: TensorRT {self.report.trt_version} inlines its "
                        "body, so the op runs as the standard ONNX ops --impl subgraph would emit (plain-ONNX mode); "
                        f"tcexport's plugin {name} can replace local functions only from TensorRT 10.7")
@@ -572,11 +572,11 @@ class Linter:
 
 
 def lint_model(model: onnx.ModelProto, trt_version: str | TrtVersion, model_name: str = "model") -> LintReport:
-    return Linter(model, trt_backend.parse_version(trt_version), model_name).run()
+    return Linter(model, trt_versions.parse_version(trt_version), model_name).run()
 
 
 def lint_file(path: str | Path, trt_version: str | TrtVersion) -> LintReport:
-    version = trt_backend.parse_version(trt_version)  # a bad version is a usage error before the file is read
+    version = trt_versions.parse_version(trt_version)  # a bad version is a usage error before the file is read
     model = onnxfile.load(path, load_external_data=False)
     return lint_model(model, version, str(path))
 

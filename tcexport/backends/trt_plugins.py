@@ -1,7 +1,8 @@
 """Which TensorRT plugins a build loads (--plugins auto|none|python|PATH.so), loading them, and the sidecar record.
 
 Decisions are plain functions (tested without TensorRT); load() is the only part that touches tensorrt, and
-backends/trt.py calls it before parsing (build) and before deserializing (validate, bench).
+trt_build.py calls it before parsing (build), trt_engine.py before deserializing (validate, bench). Version
+switches come from trt_versions.py.
 
 - `none`: load nothing. A graph with plugin-only nodes (--impl plugin) then cannot parse: refused up front.
 - `auto`: plugins only when the graph has plugin-only nodes; --impl function graphs (their bodies inline) and
@@ -25,6 +26,7 @@ from pathlib import Path
 import onnx
 
 from tcexport import __version__
+from tcexport.backends.trt_versions import parse_version, supports_aot_plugins, supports_python_plugins
 from tcexport.core.errors import UsageError
 
 NONE, AUTO, PYTHON = "none", "auto", "python"
@@ -65,8 +67,6 @@ def masked_plugin_nodes(model: onnx.ModelProto) -> list[str]:
 def numpy_breaks_python_plugins(trt_version, numpy_version: str) -> bool:
     """TensorRT 10.13 up to 11.3 parse Python plugin fields with int() on a 1-element array, which NumPy >= 2.4
     refuses (TypeError: only 0-dimensional arrays can be converted); fixed in TensorRT 11.4."""
-    from tcexport.backends.trt import parse_version
-
     version = parse_version(trt_version)
     parts = (numpy_version.split(".") + ["0"])[:2]
     numpy_major_minor = (int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0))
@@ -83,9 +83,7 @@ def find_library() -> Path | None:
 def choose(choice: str, model: onnx.ModelProto, trt_version, numpy_version: str | None = None,
            library: Path | None = None) -> PluginLoad:
     """The plugins a build of `model` on TensorRT `trt_version` loads for --plugins `choice`."""
-    from tcexport.backends import trt as trt_backend
-
-    version = trt_backend.parse_version(trt_version)
+    version = parse_version(trt_version)
     ops = plugin_only_ops(model)
     choice = str(choice or AUTO)
     if choice == NONE:
@@ -99,7 +97,7 @@ def choose(choice: str, model: onnx.ModelProto, trt_version, numpy_version: str 
         found = library if library is not None else find_library()
         if found is not None:
             return _library(found, version, "auto: the graph has plugin nodes; C++ plugin library found")
-        if trt_backend.supports_python_plugins(version):
+        if supports_python_plugins(version):
             return _python(model, version, numpy_version, "auto: the graph has plugin nodes; no C++ library found "
                                                           f"(set {LIBRARY_ENV}), using the Python plugins")
         raise UsageError(f"the graph holds TensorRT plugin nodes ({', '.join(ops)}) and TensorRT {version} has no "
@@ -120,9 +118,7 @@ def _library(path: Path, version, reason: str) -> PluginLoad:
 
 
 def _python(model: onnx.ModelProto, version, numpy_version: str | None, reason: str) -> PluginLoad:
-    from tcexport.backends import trt as trt_backend
-
-    if not trt_backend.supports_python_plugins(version):
+    if not supports_python_plugins(version):
         raise UsageError(f"TensorRT {version} has no Python plugins (10.6+; ahead-of-time 10.9+): use the C++ "
                          "plugin library (--plugins PATH.so), which runs from TensorRT 10.0")
     if numpy_version is None:
@@ -143,7 +139,7 @@ def _python(model: onnx.ModelProto, version, numpy_version: str | None, reason: 
         from tcexport.plugins import aot
 
         versions |= {"triton": triton.__version__, "ptx_isa": f"{aot.PTX_VERSION // 10}.{aot.PTX_VERSION % 10}",
-                     "aot": trt_backend.supports_aot_plugins(version)}
+                     "aot": supports_aot_plugins(version)}
     except ImportError:
         pass
     return PluginLoad(PYTHON, "tcexport.plugins.python", reason, versions)
@@ -151,8 +147,6 @@ def _python(model: onnx.ModelProto, version, numpy_version: str | None, reason: 
 
 def parser_flags(trt_version, load: PluginLoad) -> tuple[str, ...]:
     """tensorrt.OnnxParserFlag members to set: ENABLE_PLUGIN_OVERRIDE (10.15+) when plugins are loaded."""
-    from tcexport.backends.trt import parse_version
-
     if load.kind != NONE and parse_version(trt_version).at_least(10, 15):
         return ("ENABLE_PLUGIN_OVERRIDE",)
     return ()

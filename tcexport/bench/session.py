@@ -20,7 +20,7 @@ the same batch size divided by this one's median, and throughput is timed runs o
 from each run's start to the next run's start, so loop overhead counts, as in trtexec's host walltime; not
 1 / mean latency).
 
-TensorRT engine directories (sidecar backend "trt") run through tcexport.backends.trt.TrtRunner, which also
+TensorRT engine directories (sidecar backend "trt") run through tcexport.backends.trt_engine.TrtRunner, which also
 reports device times measured with CUDA events on its stream, per run, so they sit next to latency_ms:
 gpu_compute_ms is trtexec's "GPU Compute Time" (execute_async_v3 or the CUDA graph replaying it), and with
 include_copies h2d_ms / d2h_ms are its "H2D Latency" / "D2H Latency" (trtexec's "Host Latency" is their sum with
@@ -137,9 +137,9 @@ def check_engine_options(artifacts: Sequence[Artifact], include_copies: bool, cu
 def prepare(artifact: Artifact, label: str, threads: int | None, include_copies: bool = False,
             cuda_graph: bool = False) -> Prepared:
     if artifact.backend == "trt":
-        from tcexport.backends import trt as trt_backend
+        from tcexport.backends import trt_engine
 
-        runner = trt_backend.open_engine_runner(artifact, label, include_copies=include_copies, cuda_graph=cuda_graph)
+        runner = trt_engine.open_engine_runner(artifact, label, include_copies=include_copies, cuda_graph=cuda_graph)
         sidecar = artifact.sidecar
         info = {"precision": sidecar.get("precision"), "tensorrt_version": sidecar.get("tensorrt_version"),
                 "gpu_name": sidecar.get("gpu_name"), "include_copies": include_copies}
@@ -162,9 +162,9 @@ def feeds_for_batch(prepared: Prepared, batch: int) -> dict[str, np.ndarray]:
         raise UsageError(f"{prepared.label}: the model has a fixed batch size of {fixed}, cannot bench it at batch "
                          f"{batch}; use --batch {fixed} or re-export with '--batch dynamic'")
     if prepared.artifact.backend == "trt":
-        from tcexport.backends import trt as trt_backend
+        from tcexport.backends import trt_engine
 
-        trt_backend.check_batch_in_profile(prepared.artifact.sidecar.get("profile"), batch, prepared.label)
+        trt_engine.check_batch_in_profile(prepared.artifact.sidecar.get("profile"), batch, prepared.label)
     return inputs.random_feeds(prepared.specs, batch, seed=0)
 
 

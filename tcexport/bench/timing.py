@@ -1,6 +1,6 @@
 """Runners and the interleaved timing loop: warm-up, then rounds of one run per runner in a rotating order.
 
-A Runner is one loaded artifact that runs a feed (OrtRunner here; tcexport.backends.trt.TrtRunner for engines,
+A Runner is one loaded artifact that runs a feed (OrtRunner here; tcexport.backends.trt_engine.TrtRunner for engines,
 which also records device times). time_interleaved warms each runner up (a run count or a time budget), then
 times them in rounds: one run of each per round, in an order that rotates every round, so machine drift (thermal
 throttling, a noisy neighbour) lands on all runners alike and none always runs first. It stops after a number of

@@ -65,10 +65,10 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
     if backend == "trt":
         import tempfile
 
-        from tcexport.backends import trt as trt_backend
+        from tcexport.backends import trt_build, trt_device
 
-        trt_backend.require_tensorrt()  # fail before exporting or writing anything
-        trt_backend.require_gpu()
+        trt_device.require_tensorrt()  # fail before exporting or writing anything
+        trt_device.require_gpu()
         if source_arg.endswith(".onnx"):
             pipeline.check_onnx_input(source_arg)
         else:
@@ -78,7 +78,7 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
         options = dict(precision=precision, batch=batch_range, workspace_mb=workspace_mb, timing_cache=timing_cache,
                        plugins=plugins)
         if source_arg.endswith(".onnx"):
-            sidecar = trt_backend.build(source_arg, output, **options)
+            sidecar = trt_build.build(source_arg, output, **options)
         else:
             from tcexport.export import exporter as export_mod
             from tcexport.models import sources
@@ -88,7 +88,7 @@ def build(source_arg, output, backend, provider, opt_level, threads, opset, prec
             with tempfile.TemporaryDirectory(prefix="tcexport-") as tmp:
                 exported = Path(tmp) / "model.onnx"
                 export_mod.export_to_file(source, exported, opset=opset)
-                sidecar = trt_backend.build(exported, output, **options)
+                sidecar = trt_build.build(exported, output, **options)
         click.echo(f"wrote {output} (trt {sidecar['tensorrt_version']}, {sidecar['precision']}, "
                    f"{sidecar['gpu_name']}, {sidecar['engine_bytes'] / 1e6:.1f} MB)")
         return

@@ -50,9 +50,9 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
     if user_inputs is not None and not user_inputs.is_file():
         raise UsageError(f"--inputs {user_inputs}: no such file; save one with numpy.savez(path, input_name=array)")
     if artifacts.resolve(model).backend == "trt":  # say what is missing before the slow PyTorch import
-        from tcexport.backends import trt as trt_backend
+        from tcexport.backends import trt_engine
 
-        trt_backend.require_engine_runtime(model)
+        trt_engine.require_engine_runtime(model)
     if reference_onnx is not None:
         if atol is not None or rtol is not None:
             raise UsageError("--atol/--rtol check equality with the eager PyTorch reference; --reference-onnx "

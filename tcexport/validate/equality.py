@@ -12,7 +12,7 @@ detected (each stage's token sizes, exposed from the ONNX graph, differ from the
 discrete divergence, apart from numeric error. The check fails (exit 1) when a sample without divergence
 exceeds the tolerance, or when every sample diverged.
 
-A TensorRT build directory (sidecar backend "trt") runs through tcexport.backends.trt.TrtRunner instead of ONNX
+A TensorRT build directory (sidecar backend "trt") runs through tcexport.backends.trt_engine.TrtRunner instead of ONNX
 Runtime, which needs tensorrt and a GPU (else one UsageError line naming what is missing). Its tolerances follow
 its precision (tolerances_for) unless --atol/--rtol/--min-cosine are given, and the report says which were used
 and why. Divergence detection needs the per-stage size tensors that only an ONNX Runtime session can expose, so
@@ -238,11 +238,11 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
     atol, rtol, min_cosine = tolerances_for(precision, atol, rtol, min_cosine)
     runner = None
     if engine:
-        from tcexport.backends import trt as trt_backend
+        from tcexport.backends import trt_engine
 
-        trt_backend.require_engine_runtime(path)  # before anything slow: the one line saying what is missing
+        trt_engine.require_engine_runtime(path)  # before anything slow: the one line saying what is missing
         for batch in dict.fromkeys(batches[:samples]):
-            trt_backend.check_batch_in_profile(artifact.sidecar.get("profile"), batch, str(path))
+            trt_engine.check_batch_in_profile(artifact.sidecar.get("profile"), batch, str(path))
     source_record, compression_record = _records(artifact)
     if not source_record:
         raise UsageError(f"{path} has no tcexport.source record, so there is no PyTorch reference to rebuild; for a "
@@ -265,7 +265,7 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
         else:
             reference = source.model
     if engine:
-        runner = trt_backend.open_engine_runner(artifact)
+        runner = trt_engine.open_engine_runner(artifact)
         session, size_names = None, []
     else:
         session, size_names = _session_with_sizes(artifact, threads)

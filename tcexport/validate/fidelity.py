@@ -120,10 +120,10 @@ class _OrtRunner:
 
 def _runner(artifact: artifacts.Artifact, threads: int | None):
     if artifact.backend == "trt":
-        from tcexport.backends import trt as trt_backend
+        from tcexport.backends import trt_engine
 
-        trt_backend.require_engine_runtime(artifact.path)
-        return trt_backend.open_engine_runner(artifact)
+        trt_engine.require_engine_runtime(artifact.path)
+        return trt_engine.open_engine_runner(artifact)
     if artifact.backend != "ort":
         raise UsageError(f"{artifact.path}: unknown backend '{artifact.backend}' in the sidecar; rebuild with "
                          "'tcexport build'")
@@ -154,11 +154,11 @@ def compare_with_reference(path: Path, reference_onnx: Path, samples: int = 4, s
     # Inputs only the compressed model takes (the query method's "query") are fed to it alone.
     specs = reference_specs + [s for s in compressed_specs if s.name not in known]
     if compressed.backend == "trt":  # say so before any run: an engine takes the batches of its profile only
-        from tcexport.backends import trt as trt_backend
+        from tcexport.backends import trt_engine
 
-        trt_backend.require_engine_runtime(path)
+        trt_engine.require_engine_runtime(path)
         for batch in dict.fromkeys(batches[:samples]):
-            trt_backend.check_batch_in_profile(compressed.sidecar.get("profile"), batch, str(path))
+            trt_engine.check_batch_in_profile(compressed.sidecar.get("profile"), batch, str(path))
     reference_runner, compressed_runner = _runner(reference, threads), _runner(compressed, threads)
     report = FidelityReport(str(path), str(reference_onnx), min_cosine)
     cases = [(seed + i, sample_feeds(specs, batches[i % len(batches)], seed + i)) for i in range(samples)]
