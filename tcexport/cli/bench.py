@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from tcexport.cli.options import positive_int_list
+from tcexport.core.atomic import check_writable
 from tcexport.core.errors import UsageError
 
 
@@ -54,6 +55,9 @@ def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms
         raise UsageError("give --warmup (runs) or --warmup-ms (milliseconds), not both")
     if plot_path and plot_path.suffix != ".png":
         raise UsageError(f"--plot {plot_path}: the plot is written as PNG; give a .png path")
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None:
+            check_writable(path, option)  # before the runs, not after them
     batches = positive_int_list(batch_text, "--batch")
     results = bench_session.run(list(artifacts), batches=batches, threads=threads,
                                 warmup=10 if warmup is None else warmup, warmup_ms=warmup_ms, iters=iters,

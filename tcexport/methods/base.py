@@ -18,12 +18,14 @@ import abc
 from typing import Any, ClassVar, NamedTuple
 
 import onnx_ir as ir
-import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.core.lazy import lazy_import
 from tcexport.methods.params import Param, check_declaration, check_declared
 from tcexport.methods.plugin import PluginSpec
+
+torch = lazy_import("torch")  # the references need it; the declarations do not
 
 
 class TokenState(NamedTuple):

@@ -29,14 +29,13 @@ ONNX form: one Gather on the token axis (axis=1) per tensor with constant indice
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.core.lazy import lazy_import
 from tcexport.methods.keep import KEEP_EXCLUSIVE, keep_parameters
 from tcexport.methods.params import Param
 from tcexport.methods.registry import register
@@ -44,6 +43,8 @@ from tcexport.methods.base import Method, TokenState
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import typed_state
+
+torch = lazy_import("torch")  # the references need it; the declarations do not
 
 RATE_EPS = 1e-9
 

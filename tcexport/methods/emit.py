@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import torch
 from onnx_ir import tape
 
 from tcexport.methods.base import TokenState
+from tcexport.core.lazy import lazy_import
+
+torch = lazy_import("torch")  # the references need it; the declarations do not
 
 
 class Emitter:

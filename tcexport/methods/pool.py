@@ -32,14 +32,13 @@ dimension (shape entry 0), so no Shape ops are needed and no constant grows with
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.core.lazy import lazy_import
 from tcexport.methods.params import REQUIRED, Param
 from tcexport.methods.plugin import PluginSpec
 from tcexport.methods.registry import register
@@ -47,6 +46,8 @@ from tcexport.methods.base import Method, TokenState
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import typed_state
+
+torch = lazy_import("torch")  # the references need it; the declarations do not
 
 GRIDS = ("auto", "2d", "1d")
 

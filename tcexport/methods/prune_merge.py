@@ -55,10 +55,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.core.lazy import lazy_import
 from tcexport.methods.params import REQUIRED, Param
 from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
@@ -67,6 +67,8 @@ from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import rows as _rows
 from tcexport.methods.emit import typed_state
+
+torch = lazy_import("torch")  # the references need it; the declarations do not
 
 
 

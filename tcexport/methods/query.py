@@ -49,16 +49,18 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.core.lazy import lazy_import
 from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.keep import KEEP_EXCLUSIVE, check_keep_fits, keep_parameters, kept_count
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import ir_dtype as _ir_dtype
 from tcexport.methods.emit import typed_state
+
+torch = lazy_import("torch")  # the references need it; the declarations do not
 
 QUERY = "query"  # the signal and the graph input it comes from
 NORM_EPS = 1e-6

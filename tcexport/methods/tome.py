@@ -51,10 +51,10 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import torch
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.core.lazy import lazy_import
 from tcexport.methods.params import REQUIRED, Param
 from tcexport.methods.plugin import PluginSpec
 from tcexport.methods.registry import register
@@ -62,6 +62,8 @@ from tcexport.methods.base import Method, TokenState
 from tcexport.methods.emit import Emitter as _Emitter
 from tcexport.methods.emit import numpy_dtype as _numpy_dtype
 from tcexport.methods.emit import rows, typed_state
+
+torch = lazy_import("torch")  # the references need it; the declarations do not
 
 PAD_BONUS = 4.0
 PROTECTED_SCORE = -1.0e4
