@@ -46,6 +46,7 @@ def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True,
     extra_inputs = [_input_spec(v).to_json() for v in graph.inputs if v.name not in original_inputs]
     # The methods emit opset-18 forms; write them as the model's opset defines (function bodies copy them).
     opset.legalize(ir_model)
+    _annotate_shapes(ir_model)
     if plan.impl in ("function", "plugin"):
         functions.package_methods(ir_model, with_body=plan.impl == "function")
     hygiene.remove_unused(ir_model)  # leftovers of the rewrite (ONNX Runtime warns about unused initializers)
@@ -77,6 +78,26 @@ def _check_caps(plan: Plan, found, shapes) -> None:
             stage.method.check_fits(count, plan.protected)
         except UsageError as exc:
             raise UsageError(f"layer {stage.block}: {exc}") from None
+
+
+def _annotate_shapes(ir_model: ir.Model) -> None:
+    """Give every value the rewrite left without a shape its dtype and dims from two runs of the rewritten graph.
+
+    The rewrite drops the exporter's shapes (they hold the old token counts) for shape inference to redo, but
+    inference cannot follow every value: Range(0, Shape(input_ids)[0]) in a transformers attention mask gets a
+    fresh symbol (unk__0) for what was the batch, and that symbol reaches every block's logits through the mask
+    bias, so no MatMul behind it has a shape at any batch. From the runs, a dim is static, the batch symbol, or
+    left open (batch x heads); graph outputs keep their declared shapes."""
+    graph = ir_model.graph
+    types = probe.static_types(ir.to_proto(ir_model))
+    outputs = set(graph.outputs)
+    for node in graph:
+        for value in node.outputs:
+            if value in outputs or value.name not in types:
+                continue
+            elem_type, dims = types[value.name]
+            value.dtype = ir.DataType(elem_type)
+            value.shape = ir.Shape(dims)
 
 
 def _infer_and_check(model: onnx.ModelProto) -> onnx.ModelProto:
