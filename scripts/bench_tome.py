@@ -147,8 +147,11 @@ def eager_reference_ms(source, blocks: int, r: int, batches: list[int], iters: i
 
 
 def model_flops(path: Path, batch: int) -> tuple[float, float]:
-    """(FLOPs of the model's own ops, FLOPs of the inserted ops) at this batch."""
-    result = flops.estimate(path, batch=batch)
+    """(FLOPs of the model's own ops, FLOPs of the inserted ops) at this batch, counted as every tcexport command
+    counts them (tcexport.graph.flops.measure: shapes from one run of the graph)."""
+    result = flops.measure(path, batch=batch)
+    if result.total is None:  # a ratio over a partial count would flatter the compressed model
+        raise RuntimeError(f"{path.name}: FLOPs not derived ({result.not_derived})")
     inserted = sum(n.flops for n in result.nodes if n.name.startswith(INSERTED_PREFIX))
     return result.total_flops - inserted, inserted
 

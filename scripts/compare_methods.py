@@ -25,7 +25,7 @@ removes about 3/4 of the tokens in one step, so only its layer can be chosen and
 others within 1.
 
 Measurements, per method and target:
-  * GFLOPs at batch 1 (tcexport.graph.flops.estimate, MatMul/Gemm/Conv), the model's own ops and the inserted ops
+  * GFLOPs at batch 1 (tcexport.graph.flops.measure, MatMul/Gemm/Conv), the model's own ops and the inserted ops
     (node names starting with "tc_") apart, for both models;
   * ONNX Runtime CPU latency of the vision model (seeded random weights: timing does not depend on them), every
     artifact built with backends.ort.build and timed in ONE interleaved bench.session.run (baseline and all methods,

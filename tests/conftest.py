@@ -180,6 +180,9 @@ HEAVY = (
     "tests/test_compress.py::test_deit_distilled_keeps_both_prefix_tokens",
     "tests/test_compress.py::test_tome_graph_lints_clean_for_tensorrt_10_3",
     "tests/test_compress.py::test_metric_leaves_the_logits_chain_to_the_logits[minilm_onnx]",
+    # every method on vit_tiny and MiniLM, each count against a run (the default run does it on tiny models)
+    "tests/test_flops_accounting.py::test_vit_and_minilm_every_method_inspect_matches_a_run",
+    "tests/test_flops_accounting.py::test_the_issue_case_on_the_command_line",
 )
 KEPT_FAMILIES = ("beit_base", "eva02", "vit_medium_patch16_gap", "siglip_224", "reg4_dinov2", "[mpnet-tome]",
                  "[albert-topk]", "[dinov2_registers-topk]", "[clip_vision-tome]", "test_whisper_encoder[adjacent]",

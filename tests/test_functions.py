@@ -141,7 +141,10 @@ def test_inspect_function_model(vit_pair):
     fn, sub = function["token_schedule"]["flops"], subgraph["token_schedule"]["flops"]
     assert fn["uncompressed_gflops"] == pytest.approx(sub["uncompressed_gflops"])
     assert fn["ideal_speedup"] == pytest.approx(sub["ideal_speedup"])
-    assert fn["method_gflops"] is None and "function call" in fn["note"]  # bodies are not estimated
+    # The function bodies are inlined for counting: the same FLOPs as the subgraph, the method's own included.
+    assert fn["method_gflops"] == pytest.approx(sub["method_gflops"]) and fn["method_gflops"] > 0
+    assert fn["gflops"] == pytest.approx(sub["gflops"]) and "note" not in fn
+    assert function["flops"]["total_gflops"] == pytest.approx(subgraph["flops"]["total_gflops"])
 
 
 def test_lint_reports_the_function_per_tensorrt_version(vit_pair):

@@ -1,4 +1,11 @@
-"""Estimate the FLOPs of an ONNX model at a given batch size, from the shapes ONNX shape inference works out.
+"""The FLOPs of an ONNX model at a given batch size: one accounting for the whole tool.
+
+measure() is what every command reports (inspect, tune's flops budget, the model matrix, the benchmark scripts):
+every value's shape comes from one ONNX Runtime run of the graph at the batch asked, so no two commands can
+disagree on a model's FLOPs. Where the graph cannot run (an op ONNX Runtime lacks, such as a TensorRT plugin
+node), the shapes come from shape inference instead, as estimate() works them out, and `shapes` says so.
+When a node that may hold MatMul/Gemm/Conv compute is not counted, `total` is None and `not_derived` says why:
+a partial sum is never reported as the total.
 
 What is counted:
     total_flops   MatMul, Gemm, Conv, ConvTranspose at 2 FLOPs per multiply-accumulate (bias additions are not
@@ -10,10 +17,14 @@ What is counted:
                   resolve, calls to model-local functions, control flow (If/Loop/Scan), ops outside the default
                   domain (com.microsoft ...), and default-domain ops this module does not model (Einsum, RNNs...).
 
-How: a light copy of the graph (nodes, inputs, outputs, value_info; large initializers keep their dims but not
-their data) gets the symbolic batch dimension replaced by the concrete batch, then goes through
+How estimate() works: a light copy of the graph (nodes, inputs, outputs, value_info; large initializers keep
+their dims but not their data) gets the symbolic batch dimension replaced by the concrete batch, then goes through
 onnx.shape_inference.infer_shapes(strict_mode=False, data_prop=True). The weights themselves are never copied or
 serialised, so a several-hundred-MB model costs little more than its node list.
+
+Before counting, measure() decomposes fused opset-23 Attention nodes (graph.attention) and inlines calls to
+model-local functions, each body's nodes named "<call node>/<body node>", so a compressed model written with
+--impl function counts as its --impl subgraph twin does.
 
 Per-node records (MatMul/Gemm/Conv/ConvTranspose) carry the node's module scope from its
 "pkg.torch.onnx.name_scopes" metadata, so callers can aggregate per transformer block.
@@ -62,6 +73,8 @@ _NOT_MODELLED = {"Einsum", "Attention", "LSTM", "GRU", "RNN", "MatMulInteger", "
 # constants); larger ones keep only dims and type.
 _KEEP_DATA_MAX_ELEMENTS = 1024
 
+SHAPES_NOT_INFERRED = "shapes not inferred"
+
 
 @dataclass
 class NodeFlops:
@@ -88,10 +101,31 @@ class FlopsResult:
     nodes: list[NodeFlops] = field(default_factory=list)  # one record per counted MatMul/Gemm/Conv/ConvTranspose
     unknown: list[UnknownNode] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. "input 'x' has a static batch of 4"
+    shapes: str = "inference"  # where the shapes came from: "run" (measure) or "inference"
 
     @property
     def unknown_nodes(self) -> int:
         return len(self.unknown)
+
+    @property
+    def uncounted(self) -> list[UnknownNode]:
+        """Unknown nodes that may hold MatMul/Gemm/Conv compute (a cheap op without shapes only misses other_flops)."""
+        return [u for u in self.unknown if u.op_type in MAJOR_OPS or u.reason != SHAPES_NOT_INFERRED]
+
+    @property
+    def not_derived(self) -> str | None:
+        """Why total_flops is not the model's total (None when it is)."""
+        missed = self.uncounted
+        if not missed:
+            return None
+        first = missed[0]
+        return (f"{len(missed)} node(s) that may hold MatMul/Gemm/Conv compute are not counted (shapes from "
+                f"{self.shapes}), e.g. {first.name} ({first.op_type}): {first.reason}")
+
+    @property
+    def total(self) -> int | None:
+        """total_flops when every node that may hold MatMul/Gemm/Conv compute is counted, else None."""
+        return None if self.uncounted else self.total_flops
 
     @property
     def gflops(self) -> float:
@@ -112,8 +146,70 @@ def node_scope(node: onnx.NodeProto) -> list[str] | None:
     return None
 
 
+def measure(model: onnx.ModelProto | str | Path, batch: int = 1) -> FlopsResult:
+    """FLOPs of one run at `batch`, every value's shape from one ONNX Runtime run of the graph (see the module doc).
+
+    A path is loaded with its external weights (the run needs them). The model passed in is not modified.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if not isinstance(model, onnx.ModelProto):
+        from tcexport.core import onnxfile
+
+        model = onnxfile.load(model)
+    notes: list[str] = []
+    model = _countable(model, notes)
+    try:
+        from tcexport.graph import probe
+
+        shapes = {name: list(shape) for name, shape in probe.concrete_shapes(model, batch=batch).items()}
+    except Exception as exc:  # noqa: BLE001 - any failure to run (unknown op, missing weights, > 2 GB) falls back
+        result = estimate(model, batch=batch)
+        why = " ".join(str(exc).split())[:200] or type(exc).__name__
+        result.notes[:0] = [*notes, f"the graph did not run on ONNX Runtime ({why}); shapes from shape inference"]
+        return result
+    result = FlopsResult(batch=batch, notes=notes, shapes="run")
+    _count(model, shapes, result)
+    return result
+
+
+def _countable(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """The model with fused Attention decomposed and local function calls inlined (the same object if neither)."""
+    from tcexport.core.errors import UsageError
+    from tcexport.graph import attention
+
+    try:
+        model = attention.decompose_attention(model)
+    except UsageError as exc:  # a form it refuses: the Attention nodes stay, uncounted, and the result says so
+        notes.append(str(exc))
+    if not model.functions:
+        return model
+    local = {(f.domain, f.name): f for f in model.functions}
+    calls = [n for n in model.graph.node if (n.domain, n.op_type) in local]
+    if not calls:
+        return model
+    import onnx.inliner
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for index, node in enumerate(n for n in copy.graph.node if (n.domain, n.op_type) in local):
+        body = copy.functions.add()
+        body.CopyFrom(local[(node.domain, node.op_type)])
+        body.name = node.op_type = f"{body.name}__call{index}"  # one body per call, its nodes named after the call
+        call = node.name or f"{body.name}"
+        for position, inner in enumerate(body.node):
+            inner.name = f"{call}/{inner.name or f'{inner.op_type}_{position}'}"
+    try:
+        return onnx.inliner.inline_local_functions(copy)
+    except Exception as exc:  # noqa: BLE001 - the calls stay uncounted, and the result says so
+        notes.append(f"model-local functions could not be inlined ({type(exc).__name__}); their calls are not counted")
+        return model
+
+
 def estimate(model: onnx.ModelProto | str | Path, batch: int = 1, dims: Mapping[str, int] | None = None) -> FlopsResult:
-    """FLOPs of one run at `batch`. `dims` gives values for other symbolic dimensions (e.g. {"sequence": 128}).
+    """FLOPs at `batch` from the shapes shape inference works out, without running the graph (measure() is the
+    tool's accounting; this is its fallback). `dims` gives values for other symbolic dimensions (e.g.
+    {"sequence": 128}).
 
     A path is loaded without external data (only dims are needed). The model passed in is not modified.
     """
@@ -264,7 +360,7 @@ def _count(model: onnx.ModelProto, shapes: dict[str, Shape], result: FlopsResult
         if op in MAJOR_OPS:
             flops = _major_flops(node, shape_of)
             if flops is None:
-                unknown("shapes not inferred")
+                unknown(SHAPES_NOT_INFERRED)
                 continue
             result.total_flops += flops
             result.by_op_type[op] = result.by_op_type.get(op, 0) + flops
@@ -274,7 +370,7 @@ def _count(model: onnx.ModelProto, shapes: dict[str, Shape], result: FlopsResult
         if flops is _FREE:
             continue
         if flops is None:
-            unknown("shapes not inferred")
+            unknown(SHAPES_NOT_INFERRED)
             continue
         result.other_flops += flops
         result.other_by_op_type[op] = result.other_by_op_type.get(op, 0) + flops

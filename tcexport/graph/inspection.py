@@ -4,7 +4,9 @@ The report is a flat dict built from SECTIONS, an ordered list of Section(name, 
     collect(ctx) -> a dict of JSON-serialisable top-level keys merged into the report (None: nothing added)
     render(report) -> a rich renderable printed by print_report (None: nothing printed)
 Other modules can add their own sections with register_section(); the InspectContext they receive gives the
-loaded model, the FLOPs estimate and the transformer blocks (each computed once, on first use).
+loaded model, the FLOP count and the transformer blocks (each computed once, on first use). The FLOPs are
+tcexport.graph.flops.measure's, the accounting every command uses: shapes from one run of the graph at --batch;
+where a count cannot be derived, "total_gflops" is null and "not_derived" says why.
 "blocks found" lists the blocks tcexport.graph.blocks finds (the ones compress can rewrite); "token schedule"
 shows what compress recorded (tokens per block, method and parameters) and the FLOPs saved.
 """
@@ -34,7 +36,10 @@ class InspectContext:
 
     @cached_property
     def flops(self) -> flops_mod.FlopsResult:
-        return flops_mod.estimate(self.model, batch=self.batch)
+        try:
+            return flops_mod.measure(self.path, batch=self.batch)  # with its external weights: the run needs them
+        except UsageError:  # weights that cannot be read: no run, shapes from inference (the result says so)
+            return flops_mod.measure(self.model, batch=self.batch)
 
     @cached_property
     def blocks(self) -> tuple[list, str | None]:
@@ -183,9 +188,12 @@ def _collect_metadata(ctx: InspectContext) -> dict:
 
 def _collect_flops(ctx: InspectContext) -> dict:
     result = ctx.flops
+    total = result.total
     return {"flops": {
         "batch": result.batch,
-        "total_gflops": result.total_flops / 1e9,
+        "shapes": result.shapes,  # "run" (one ONNX Runtime run at the batch) or "inference" (it could not run)
+        "total_gflops": None if total is None else total / 1e9,
+        "not_derived": result.not_derived,  # why total_gflops is null; null when it is the model's total
         "by_op_type_gflops": {op: v / 1e9 for op, v in sorted(result.by_op_type.items(), key=lambda kv: -kv[1])},
         "other_gflops": result.other_flops / 1e9,
         "other_by_op_type_gflops": {op: v / 1e9
@@ -232,18 +240,21 @@ def _schedule_flops(ctx: InspectContext, steps: list[dict]) -> dict:
     the block, (N0 / N_in)^2; layers with weights are linear: N0 / N_in before the block's hidden state (where
     the method sits), N0 / N_out after it. The method's own nodes (tc_*) are dropped. Everything else runs on a
     token count no method changes. "ideal_speedup" = uncompressed / compressed FLOPs without the method's own.
+    "gflops" is null when some node is not counted (the flops section says why); when those are only the method's
+    own nodes (a TensorRT plugin node has no body to count), the comparison without them still holds.
     """
     result = ctx.flops
-    out: dict[str, Any] = {"batch": result.batch, "gflops": result.total_flops / 1e9}
+    total = result.total
+    out: dict[str, Any] = {"batch": result.batch, "gflops": None if total is None else total / 1e9}
     found, reason = ctx.blocks
     graph = ctx.model.graph
     nodes = {node.name: node for node in graph.node if node.name}
     order = {node.name: i for i, node in enumerate(graph.node) if node.name}
-    blind = [u for u in result.unknown if u.op_type in flops_mod.MAJOR_OPS]
-    calls = [u for u in result.unknown if u.name.startswith("tc_") and u.reason.startswith("call")]
+    own = [u for u in result.uncounted if u.name.startswith("tc_")]  # the method's own nodes
+    blind = [u for u in result.uncounted if not u.name.startswith("tc_")]
     if blind:
-        return {**out, "note": f"not derived: {len(blind)} MatMul/Gemm/Conv node(s) without inferred shapes, "
-                               f"e.g. {blind[0].name}"}
+        return {**out, "note": f"not derived: {len(blind)} node(s) that may hold MatMul/Gemm/Conv compute are not "
+                               f"counted, e.g. {blind[0].name} ({blind[0].op_type}): {blind[0].reason}"}
     if len(found) != len(steps):
         return {**out, "note": f"not derived: the token schedule lists {len(steps)} blocks, the graph shows "
                                f"{len(found)}" + (f" ({reason})" if reason else "")}
@@ -272,13 +283,12 @@ def _schedule_flops(ctx: InspectContext, steps: list[dict]) -> dict:
     without_method = result.total_flops - method
     estimate = without_method - compressed + uncompressed
     out.update({
-        "method_gflops": None if calls else method / 1e9,
+        "method_gflops": None if own else method / 1e9,
         "uncompressed_gflops": estimate / 1e9,
         "ideal_speedup": estimate / without_method if without_method else None,
     })
-    if calls:
-        out["note"] = (f"the method's {len(calls)} function call(s) are not counted "
-                       "(model-local function bodies are not estimated)")
+    if own:
+        out["note"] = f"the method's {len(own)} node(s) are not counted, e.g. {own[0].name}: {own[0].reason}"
     return out
 
 
@@ -375,15 +385,17 @@ def _render_flops(report: dict):
     from rich.table import Table
 
     f = report["flops"]
-    table = Table(title=f"Compute at batch {f['batch']} (estimated)", title_justify="left")
+    source = "one run of the graph" if f.get("shapes") == "run" else "shape inference"
+    table = Table(title=f"Compute at batch {f['batch']} (shapes from {source})", title_justify="left")
     table.add_column("op")
     table.add_column("GFLOPs", justify="right")
     for op, value in f["by_op_type_gflops"].items():
         table.add_row(escape(op), _fmt_gflops(value))
-    table.add_row("[bold]total[/bold]", f"[bold]{_fmt_gflops(f['total_gflops'])}[/bold]")
+    total = "not derived" if f["total_gflops"] is None else _fmt_gflops(f["total_gflops"])
+    table.add_row("[bold]total[/bold]", f"[bold]{total}[/bold]")
     table.add_row("other (elementwise, norm, softmax; rough)", _fmt_gflops(f["other_gflops"]))
-    caption = []
-    if f["unknown_nodes"]:
+    caption = [f"total not derived: {f['not_derived']}"] if f.get("not_derived") else []
+    if f["unknown_nodes"] and not caption:
         caption.append(f"{f['unknown_nodes']} node(s) not estimated, e.g. {f['unknown_examples'][0]}")
     caption.extend(f["notes"])
     if caption:
@@ -448,9 +460,12 @@ def _render_token_schedule(report: dict):
                       f"[bold]{step['out']}[/bold]" if changed else str(step["out"]))
     f = t["flops"]
     if f.get("ideal_speedup"):
-        line = (f"GFLOPs at batch {f['batch']}: {_fmt_gflops(f['gflops'])} compressed vs "
-                f"{_fmt_gflops(f['uncompressed_gflops'])} uncompressed (estimated); FLOP-ideal speedup "
-                f"{f['ideal_speedup']:.2f}x")
+        if f["gflops"] is None:  # the method's own nodes are not counted: compare without them
+            line = (f"GFLOPs at batch {f['batch']} without the method's own ops: "
+                    f"{_fmt_gflops(f['uncompressed_gflops'] / f['ideal_speedup'])} compressed vs ")
+        else:
+            line = f"GFLOPs at batch {f['batch']}: {_fmt_gflops(f['gflops'])} compressed vs "
+        line += f"{_fmt_gflops(f['uncompressed_gflops'])} uncompressed; FLOP-ideal speedup {f['ideal_speedup']:.2f}x"
         if f.get("method_gflops"):
             line += f"; the method itself adds {_fmt_gflops(f['method_gflops'])}"
         if f.get("note"):

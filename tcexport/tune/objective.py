@@ -124,26 +124,13 @@ class Evaluator:
 
 
 def measured_flops(model: onnx.ModelProto) -> int:
-    """flops.estimate at batch 1, with every value's shape taken from one run of the graph: shape inference alone
-    loses the dims after the inserted methods (their token counts flow through data), and a node with unknown
-    shapes would be left out of the count."""
-    shapes = probe.concrete_shapes(model, batch=1)
-    annotated = onnx.ModelProto()
-    annotated.CopyFrom(model)
-    for value in [*annotated.graph.value_info, *annotated.graph.input, *annotated.graph.output]:
-        shape = shapes.get(value.name)
-        if shape is None or not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape
-        dims.Clear()
-        for size in shape:
-            dims.dim.add().dim_value = int(size)
-    result = flops.estimate(annotated, batch=1)
-    missing = [u for u in result.unknown if u.op_type in flops.MAJOR_OPS]
-    if missing:
-        raise UsageError(f"cannot count the FLOPs of {len(missing)} MatMul/Conv node(s) ({missing[0].reason}); "
+    """The model's FLOPs at batch 1 as every command counts them (flops.measure: every value's shape from one run
+    of the graph); a model whose count cannot be derived cannot take a flops budget."""
+    result = flops.measure(model, batch=1)
+    if result.total is None:
+        raise UsageError(f"cannot count the FLOPs of this model ({result.not_derived}); "
                          "use --budget tokens or latency for this model")
-    return result.total_flops
+    return result.total
 
 
 def token_ratio(schedule: list[dict], tokens: int) -> float:
