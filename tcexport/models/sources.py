@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from tcexport.models import hf as hf_models
+from tcexport.models import pooling
 from tcexport.core.errors import UsageError
 # LastHiddenState stays importable from here: the reference unwraps hf: sources by this type.
 from tcexport.models.hf import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401
@@ -386,7 +387,7 @@ def load_st(path: str, options: LoadOptions) -> Source:
     info = {"family": "st", "model_type": transformer.config.model_type, "modality": "text", "num_prefix_tokens": 1,
             "depth": transformer.config.num_hidden_layers, "tokens": seq_len,
             "tokenizer": str(directory.resolve()),
-            "pooling": "mean"}
+            **pooling.describe(model)}  # the modes its Pooling module really uses, and include_prompt
     return Source(f"st:{path}", SentenceEmbedding(model), hf_models.text_inputs(transformer.config.vocab_size, seq_len),
                   ["sentence_embedding"], weights, info)
 

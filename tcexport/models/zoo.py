@@ -167,12 +167,14 @@ def minilm_tokenizer_dir() -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128, full: bool = False) -> Path:
-    """Save (once) a sentence-transformers directory: a `kind` encoder (tiny, or base size with `full`) + mean
-    Pooling + Normalize.
+def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128, full: bool = False,
+           pooling: str | tuple[str, ...] = "mean", include_prompt: bool = True) -> Path:
+    """Save (once) a sentence-transformers directory: a `kind` encoder (tiny, or base size with `full`) + Pooling
+    (`pooling`: one sentence-transformers pooling mode, or several, concatenated) + Normalize.
 
     The tokenizer is MiniLM's (copied), so the encoder's vocabulary is sized to fit it.
     """
+    modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
     if kind not in ST_KINDS:
         raise KeyError(f"unknown st kind '{kind}'; choose one of {', '.join(ST_KINDS)}")
     from tcexport.models.sources import _quiet_transformers
@@ -192,11 +194,14 @@ def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128, f
             shutil.copy(tokenizer / name, encoder / name)
         transformer = Transformer(str(encoder), max_seq_length=max_seq_length)
         width = config.hidden_size
-        pipeline = SentenceTransformer(modules=[transformer, Pooling(width, "mean"), Normalize()], device="cpu")
+        pooler = Pooling(width, modes[0] if len(modes) == 1 else modes, include_prompt=include_prompt)
+        pipeline = SentenceTransformer(modules=[transformer, pooler, Normalize()], device="cpu")
         pipeline.save(str(tmp / "st"))
         for item in (tmp / "st").iterdir():
             item.rename(tmp / item.name)
         (tmp / "st").rmdir()
         shutil.rmtree(encoder)
 
-    return _save_once(Path(root) / f"st-{kind}{'-full' if full else ''}-seed{seed}", write)
+    pooled = "" if modes == ("mean",) else "-" + "+".join(modes)
+    pooled += "" if include_prompt else "-no-prompt"
+    return _save_once(Path(root) / f"st-{kind}{'-full' if full else ''}-seed{seed}{pooled}", write)
