@@ -247,7 +247,42 @@ class TokenTracker:
                     fixed[j] = self.count(stage)
             if not np.array_equal(fixed, target):
                 self._replace_constant(node, 1, fixed)
+        else:
+            self._fix_concat_shape(node, 1, axes, self.count(stage))
         return [axes]
+
+    def _fix_concat_shape(self, node, index: int, axes: set[int], count: int) -> None:
+        """A shape input computed as Concat([batch from Shape(...)], [16], [32]) (expand_as with a dynamic batch):
+        the constant pieces where the token axes land get the current count, in a copy of the Concat for this node
+        alone. Pieces computed at run time (read off a tensor's shape) adapt by themselves."""
+        concat = node.inputs[index].producer()
+        if concat is None or concat.op_type != "Concat" or concat.attributes["axis"].as_int() != 0:
+            return
+        pieces, offset, changed = [], 0, False
+        for piece in concat.inputs:
+            array = const_array(piece)
+            shape = self.shape(piece) if array is None else array.shape
+            if shape is None or len(shape) != 1:
+                return  # cannot tell where the token axis lands; leave the shape as it was
+            if array is not None:
+                fixed = array.copy()
+                for j in axes:
+                    if offset <= j < offset + len(fixed) and fixed[j - offset] > 1:
+                        fixed[j - offset] = count
+                if not np.array_equal(fixed, array):
+                    constant = ir.node("Constant", [], attributes={"value": ir.tensor(fixed)},
+                                       name=f"{node.name}/tokens_shape{len(pieces)}")
+                    constant.outputs[0].name = f"{node.name}_tokens_shape{len(pieces)}"
+                    self.graph.insert_before(node, constant)
+                    piece, changed = constant.outputs[0], True
+            pieces.append(piece)
+            offset += int(shape[0])
+        if changed:
+            copy = ir.node("Concat", pieces, attributes={"axis": 0}, name=f"{node.name}/tokens_shape")
+            copy.outputs[0].name = f"{node.name}_tokens_shape"
+            self.graph.insert_before(node, copy)
+            node.replace_input_with(index, copy.outputs[0])
+            self.fixed_constants += 1
 
     def _axes_input(self, node, position: int, attribute: str = "axes") -> list[int] | None:
         if len(node.inputs) > position and node.inputs[position] is not None:
