@@ -183,6 +183,19 @@ HEAVY = (
     # every method on vit_tiny and MiniLM, each count against a run (the default run does it on tiny models)
     "tests/test_flops_accounting.py::test_vit_and_minilm_every_method_inspect_matches_a_run",
     "tests/test_flops_accounting.py::test_the_issue_case_on_the_command_line",
+    # every sentence-transformers pooling mode end to end: the default run keeps cls and max (the two that were
+    # broken) with tome, and all six modes concatenated, which takes every mode's path in one pipeline
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[cls-topk]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[max-topk]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[mean-tome]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[mean-topk]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[mean_sqrt_len_tokens-tome]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[mean_sqrt_len_tokens-topk]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[weightedmean-tome]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[weightedmean-topk]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[lasttoken-tome]",
+    "tests/test_pooling_modes.py::test_each_mode_compresses_and_validates[lasttoken-topk]",
+    "tests/test_pooling_modes.py::test_all_modes_concatenated_compress_and_validate[topk]",
 )
 KEPT_FAMILIES = ("beit_base", "eva02", "vit_medium_patch16_gap", "siglip_224", "reg4_dinov2", "[mpnet-tome]",
                  "[albert-topk]", "[dinov2_registers-topk]", "[clip_vision-tome]", "test_whisper_encoder[adjacent]",

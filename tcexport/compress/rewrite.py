@@ -17,6 +17,7 @@ from tcexport.graph import blocks as blocks_mod
 from tcexport.graph.insert import insert_stages
 from tcexport.models import inputs as inputs_mod
 from tcexport.reference import coverage
+from tcexport.reference import pooling as st_pooling
 
 
 def mask_input(graph: ir.Graph, model: onnx.ModelProto) -> ir.Value | None:
@@ -140,6 +141,9 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
         protected = default_protected(model)
     names = list(dict.fromkeys(s.method.name for s in planned))
     plan = Plan("+".join(names), planned, protected, prop_attn, impl, schedule, request)
+    source = metadata.read(model, metadata.SOURCE) or {}  # a pipeline's pooling it cannot keep: refused here
+    st_pooling.refuse_unsupported(source.get("info") or {}, source.get("spec", str(input_path)),
+                                  [s.method for s in planned])
     compressed, schedule_out = compress_model(model, plan, shapes=shapes)
     coverage.check(metadata.read(model, metadata.SOURCE), {s.block: s.method for s in planned}, prop_attn,
                    protected, schedule_out, metadata.read(compressed, metadata.COMPRESSION).get("extra_inputs", []))

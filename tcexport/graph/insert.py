@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from tcexport.core.errors import UsageError
+from tcexport.graph import pooling as pooling_mod
 from tcexport.graph import positions as positions_mod
 from tcexport.graph.blocks import LOGIT_PATH_OPS, Block
 from tcexport.graph.probe import PROBE_BATCH
@@ -395,7 +396,7 @@ class _SideInputs:
     def __call__(self, node: ir.Node, index: int, stage: int, axes: list[int], delta: int) -> ir.Value:
         """Mask terms are rebuilt from the current mask; anything else is a position term, gathered."""
         operand = node.inputs[index]
-        if self.mask_input is None or not _descends_from(operand, self.mask_input):
+        if self.mask_input is None or not self._mask_data(node, operand, delta):
             out_rank = len(self.shapes_of(node.outputs[0]))
             key = ("position", operand, stage, tuple(axes), delta, out_rank)
             if key not in self.cache:
@@ -405,14 +406,41 @@ class _SideInputs:
         with_log_size = node in self.folded_bias
         if with_log_size:
             self.served_log_size.add(node)
-        key = ("bias", stage, with_log_size) if in_logits else ("mask", operand, stage)
+        rank = len(self.shapes_of(operand))
+        shift = len(self.shapes_of(node.outputs[0])) - rank
+        picked = not in_logits and pooling_mod.picks_tokens(node, [a + shift for a in axes], rank + shift)
+        key = ("bias", stage, with_log_size) if in_logits else ("mask", operand, stage, picked)
         if key not in self.cache:
             if in_logits:
                 self.cache[key] = self._attention_bias(stage, with_log_size)
-            else:
-                self.cache[key] = self._rebuild(operand, self._weights(stage))
+            else:  # tokens picked one by one see the current mask; tokens summed, how many they hold
+                self.cache[key] = self._rebuild(operand, self._real(stage) if picked else self._weights(stage))
+                for user, i in pooling_mod.reductions_of(operand, node, axes, rank, self._upstream()):
+                    user.replace_input_with(i, self.cache[key])  # a mean's denominator sums what it weighted
             self._visit_new(self.cache[key])
         return self.cache[key]
+
+    def _mask_data(self, node: ir.Node, operand: ir.Value, delta: int) -> bool:
+        """Whether `operand` is mask data, rebuilt from the current tokens, rather than a position term. Outside the
+        attention logits only what is computed from the mask token by token is (graph/pooling.py); a per-row
+        statistic of it combined with the original positions (weightedmean's arange - padding) is a position term."""
+        if not _descends_from(operand, self.mask_input):
+            return False
+        return node in self.logit_nodes or pooling_mod.mask_along_tokens(
+            operand, self.mask_input, lambda v: self.shapes.get(v.name), self.tracker.n0 + delta)
+
+    def _upstream(self) -> set[ir.Node]:
+        """The nodes the first compression is computed from (their uses of the mask stay as they are)."""
+        if "upstream" not in self.cache:
+            self.cache["upstream"] = pooling_mod.ancestors(self.states[0].inputs.x)
+        return self.cache["upstream"]
+
+    def token_index(self, node: ir.Node, stage: int) -> ir.Value:
+        """Indices for a GatherElements that picks tokens where the mask says (cls, lasttoken): graph/pooling.py."""
+        from_mask = self.mask_input is not None and _descends_from(node.inputs[1], self.mask_input)
+        positions = self.positions.of_stage(stage) if from_mask else None
+        return pooling_mod.token_index(self.build, node, self.states[stage], positions, from_mask,
+                                       self.shapes_of(node.inputs[0]))
 
     def shapes_of(self, value: ir.Value) -> tuple[int, ...]:
         shape = self.tracker.shape(value) if self.tracker is not None else self.shapes.get(value.name)
@@ -460,14 +488,25 @@ class _SideInputs:
             self.cache[key] = build.op(prefix, "Cast", [rounded], (PROBE_BATCH, n0), to=self.mask_input.dtype)
         return self.cache[key]
 
+    def _real(self, stage: int) -> ir.Value:
+        """The current mask as the attention_mask input's dtype: 1 for a real token, 0 for padding."""
+        key = ("real", stage)
+        if key not in self.cache:
+            state, build = self.states[stage], self.build
+            self.cache[key] = build.op(f"tc_stage{stage}/real", "Cast", [state.mask], build.aliases[state.mask],
+                                       to=self.mask_input.dtype)
+        return self.cache[key]
+
     def _rebuild(self, operand: ir.Value, weights: ir.Value) -> ir.Value:
-        """Clone the chain that computes `operand` from the mask input, feeding it `weights` instead."""
+        """Clone the chain that computes `operand` from the mask input token by token, feeding it `weights` instead;
+        per-row statistics of the mask (no token axis) and constants stay as they are (graph/pooling.py)."""
         if operand is self.mask_input:
             return weights
         producer = operand.producer()
         inputs = []
         for value in producer.inputs:
-            if value is not None and const_array(value) is None and _descends_from(value, self.mask_input):
+            if value is not None and const_array(value) is None and pooling_mod.mask_along_tokens(
+                    value, self.mask_input, lambda v: self.shapes.get(v.name), self.tracker.n0):
                 inputs.append(self._rebuild(value, weights))
             else:
                 inputs.append(value)

@@ -55,6 +55,9 @@ class SideInputs(Protocol):
     def mean(self, node: ir.Node, stage: int, axis: int, delta: int) -> ir.Value:
         """A size-weighted replacement for `node`'s output, a ReduceMean over token `axis` only."""
 
+    def token_index(self, node: ir.Node, stage: int) -> ir.Value:
+        """Replacement indices for a GatherElements that picks tokens along axis 1 at run-time indices."""
+
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The value's constant data, from an initializer or a Constant node; None when it is computed."""
@@ -371,6 +374,32 @@ class TokenTracker:
             else:
                 axes.add(a - 1 + index_rank)
         return [axes]
+
+    def _rule_GatherElements(self, node, tracked, stage):
+        if 0 not in tracked:
+            self._fail(node, "token-carrying indices")
+        rank = self.rank(node.inputs[0])
+        axis = (node.attributes["axis"].as_int() if "axis" in node.attributes else 0) % rank
+        axes = set(tracked[0].axes)
+        if 1 in tracked:  # indices over the same tokens (the output is laid out as they are)
+            if axis in axes:
+                self._fail(node, "it picks tokens at indices that hold tokens themselves")
+            return [set(tracked[1].axes)]
+        index_shape = self.shape(node.inputs[1])
+        if axis not in axes:
+            if index_shape is None or any(index_shape[a] == self.original for a in axes):
+                self._fail(node, "its indices span the original tokens")
+            return [set()]
+        if len(axes) != 1 or self.delta or axis != 1:
+            self._fail(node, "it picks from a value with other token axes, a prefix left out or tokens not on axis 1")
+        if index_shape is None or index_shape[axis] == self.original:
+            self._fail(node, "it gathers as many tokens as there were originally (a reordering, not a pick)")
+        indices = const_array(node.inputs[1])
+        if indices is None:  # picks named by the mask (a pooling's first or last real token): graph/pooling.py
+            node.replace_input_with(1, self.side_input.token_index(node, stage))
+        elif (indices >= self.count(stage)).any():
+            self._fail(node, f"it picks token {int(indices.max())}, beyond the {self.count(stage)} left")
+        return [set()]
 
     def _rule_reduce(self, node, tracked, stage):
         rank = self.rank(node.inputs[0])

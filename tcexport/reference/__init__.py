@@ -28,9 +28,10 @@ Token state through the blocks: x [B,N,C]; size [B,N,1] float32, ones at block 0
   biases, rotary tables and position embeddings met after a compression are gathered at the current tokens'
   positions; a compressed token stands at the position of its largest constituent.
 - Pooling over tokens is size-weighted: a mean over the token axis becomes sum_t(x_t size_t) / sum_t(size_t);
-  sentence-transformers pooling sees the mask as round(mask * size) (so mean pooling becomes
-  sum_t(x_t mask_t size_t) / max(sum_t(mask_t size_t), 1e-9)). Token pooling (x[:,0]) is unchanged, since
-  protected tokens stay first. Models returning last_hidden_state return fewer tokens.
+  sentence-transformers Pooling computes each of its modes from the compressed tokens (reference/pooling.py:
+  mean becomes sum_t(x_t mask_t size_t) / max(sum_t(mask_t size_t), 1e-9); cls, weightedmean and lasttoken
+  follow the tokens' positions). Token pooling (x[:,0]) is unchanged, since protected tokens stay first.
+  Models returning last_hidden_state return fewer tokens.
 """
 
 from __future__ import annotations

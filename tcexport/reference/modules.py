@@ -3,9 +3,10 @@
 - transformers models: attention goes through tcexport's AttentionInterface function (registered once as
   "tcexport"), so the padding mask is known as such and every layer's attention reaches the mode, whatever
   attention implementation the model was loaded with.
-- sentence-transformers Pooling: after a compression it sees the attention mask as round(mask * size), the
-  number of real original tokens each token holds (the graph side feeds the same weights into the cloned mask
-  chain, graph/insert.py), so every pooling mode it has becomes size-aware.
+- sentence-transformers Pooling: after a compression each of its modes is computed from the compressed token
+  state (reference/pooling.py: mean and mean_sqrt_len over round(mask * size), max over the real tokens, cls,
+  weightedmean and lasttoken by the tokens' positions); graph/pooling.py and graph/insert.py give the rewritten
+  graph's pooling the same.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from tcexport.reference import pooling
 
 ATTENTION_NAME = "tcexport"
 _active: list = []  # the TokenMode of the forward in progress (innermost last)
@@ -57,20 +60,25 @@ def active(model: torch.nn.Module, mode):
     """Run one forward of `model` under `mode`, with the module patch points attached."""
     flow = mode.flow
 
-    def size_weighted_mask(module, args):
-        features = args[0]
-        if flow.compressed and "attention_mask" in features:
-            mask = features["attention_mask"]
-            features = dict(features, attention_mask=torch.round(flow.pool_weights()).to(mask.dtype))
-            return (features, *args[1:])
-        return None
+    def compressed_pooling(module):
+        own = module.forward
 
-    hooks = [m.register_forward_pre_hook(size_weighted_mask) for m in _pooling_modules(model)]
+        def forward(features, *args, **kwargs):
+            if not flow.compressed:
+                return own(features, *args, **kwargs)
+            with torch._C.DisableTorchFunction():  # tcexport's own computation, not the model's: no patch points
+                return pooling.pool(module, features, flow)
+
+        return forward
+
+    poolers = _pooling_modules(model)
+    for module in poolers:
+        module.forward = compressed_pooling(module)  # an instance attribute, removed again below
     _active.append(mode)
     try:
         with mode:
             yield
     finally:
         _active.pop()
-        for hook in hooks:
-            hook.remove()
+        for module in poolers:
+            module.__dict__.pop("forward", None)
