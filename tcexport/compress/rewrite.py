@@ -12,7 +12,7 @@ from tcexport.compress.plan import IMPLS, Plan, default_protected, plan_method, 
 from tcexport.core import metadata, onnxfile
 from tcexport.core.atomic import check_writable
 from tcexport.core.errors import UsageError
-from tcexport.graph import attention, functions, hygiene, opset, probe
+from tcexport.graph import attention, functions, hygiene, masks, opset, probe
 from tcexport.graph import blocks as blocks_mod
 from tcexport.graph.insert import insert_stages
 from tcexport.models import inputs as inputs_mod
@@ -39,10 +39,14 @@ def compress_model(model: onnx.ModelProto, plan: Plan, strict_caps: bool = True,
         raise UsageError(f"layer {max(s.block for s in plan.stages)} is beyond the model's {len(found)} blocks")
     if strict_caps and plan.schedule == "constant":
         _check_caps(plan, found, shapes)
+    # Masks that say who sees whom (causal, sliding window): refused, or kept over the tokens' original positions.
+    structures = masks.find(model, found)
+    masks.refuse_unkept(structures, [s.block for s in plan.stages])
     original_inputs = {v.name for v in graph.inputs}
     schedule = insert_stages(graph, found, plan.stages, plan.protected, shapes, prop_attn=plan.prop_attn,
                              mask_input=mask_input(graph, model),
-                             pool_attentions=blocks_mod.find_pool_attentions(graph, shapes))
+                             pool_attentions=blocks_mod.find_pool_attentions(graph, shapes),
+                             windows={i: s for i, s in structures.items() if s.kept})
     # Inputs a method added (query: [batch, C]); validate feeds them, so the record lists them.
     extra_inputs = [_input_spec(v).to_json() for v in graph.inputs if v.name not in original_inputs]
     # The methods emit opset-18 forms; write them as the model's opset defines (function bodies copy them).

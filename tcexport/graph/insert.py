@@ -98,11 +98,14 @@ class _Builder:
 
 def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], protected: int,
                   shapes: dict[str, tuple[int, ...]], prop_attn: bool = True,
-                  mask_input: ir.Value | None = None, pool_attentions: list[ir.Node] = ()) -> list[dict]:
+                  mask_input: ir.Value | None = None, pool_attentions: list[ir.Node] = (),
+                  windows: dict | None = None) -> list[dict]:
     """Rewrite `graph` in place. Returns the token schedule: [{block, in, out}] for every block.
 
     pool_attentions: Softmax nodes of attentions that pool the tokens with a probe (blocks.find_pool_attentions);
-    they get proportional attention after a compression too."""
+    they get proportional attention after a compression too. windows: {block index: graph.masks.MaskStructure}
+    of the sliding-window blocks; after a compression their rebuilt mask keeps the window over the tokens'
+    original positions."""
     stages = sorted(stages, key=lambda s: s.block)
     first_hidden = shapes.get(blocks[0].hidden.name)
     if first_hidden is None or len(first_hidden) != 3:
@@ -122,6 +125,9 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
 
     # Before any rewrite: the nodes where each block adds its attention mask to the logits.
     logit_nodes = {node for block in blocks for node in _logit_path(block)}
+    windows = windows or {}
+    window_nodes = {node: windows[block.index] for block in blocks if block.index in windows
+                    for node in _logit_path(block)}
     folded_bias: set[ir.Node] = set()  # mask Adds on the logits whose rebuilt bias also carries log(size)
     count = n0
     query: ir.Value | None = None  # the "query" graph input, created by the first stage that needs it
@@ -181,11 +187,13 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
     if states and prop_attn:
         for number, softmax in enumerate(pool_attentions):
             _add_log_size_bias(build, softmax, states[-1], shapes, n0, f"tc_pool{number}")
-    side_inputs = _SideInputs(build, states, mask_input, logit_nodes, shapes, protected, skip, folded_bias)
+    side_inputs = _SideInputs(build, states, mask_input, logit_nodes, shapes, protected, skip, folded_bias,
+                              window_nodes)
     tracker = TokenTracker(graph, shapes, n0, [s.count for s in states], side_inputs, skip)
     tracker.alias = aliases
     side_inputs.tracker = tracker
     tracker.run(starts)
+    _check_windows_kept(blocks, windows, states, mask_input, side_inputs.served_windows)
     unserved = folded_bias - side_inputs.served_log_size
     if unserved:  # a block would silently lose proportional attention: a bug in the fold's pattern match
         raise RuntimeError(f"tcexport bug: proportional attention was meant to ride on {sorted(n.name for n in unserved)}"
@@ -381,9 +389,11 @@ class _SideInputs:
 
     def __init__(self, build: _Builder, states: list[TokenState], mask_input: ir.Value | None,
                  logit_nodes: set[ir.Node], shapes, protected: int, skip: set[ir.Node],
-                 folded_bias: set[ir.Node] = frozenset()):
+                 folded_bias: set[ir.Node] = frozenset(), window_nodes: dict | None = None):
         self.build = build
         self.folded_bias = folded_bias
+        self.window_nodes = window_nodes or {}  # logit-path node -> the sliding window of its block
+        self.served_windows: set[int] = set()  # blocks whose mask was rebuilt with their window
         self.served_log_size: set[ir.Node] = set()  # folded mask Adds whose operand was rebuilt with log(size)
         self.states = states
         self.mask_input = mask_input
@@ -409,10 +419,14 @@ class _SideInputs:
         rank = len(self.shapes_of(operand))
         shift = len(self.shapes_of(node.outputs[0])) - rank
         picked = not in_logits and pooling_mod.picks_tokens(node, [a + shift for a in axes], rank + shift)
-        key = ("bias", stage, with_log_size) if in_logits else ("mask", operand, stage, picked)
+        window = self.window_nodes.get(node) if in_logits else None
+        if window is not None:
+            self.served_windows.add(window.block)
+        band = (window.before, window.after) if window is not None else None
+        key = ("bias", stage, with_log_size, band) if in_logits else ("mask", operand, stage, picked)
         if key not in self.cache:
             if in_logits:
-                self.cache[key] = self._attention_bias(stage, with_log_size)
+                self.cache[key] = self._attention_bias(stage, with_log_size, band)
             else:  # tokens picked one by one see the current mask; tokens summed, how many they hold
                 self.cache[key] = self._rebuild(operand, self._real(stage) if picked else self._weights(stage))
                 for user, i in pooling_mod.reductions_of(operand, node, axes, rank, self._upstream()):
@@ -453,16 +467,24 @@ class _SideInputs:
         return positions_mod.weighted_mean(self.build, node, self.states[stage], axis, delta,
                                            self.shapes_of(node.inputs[0]))
 
-    def _attention_bias(self, stage: int, with_log_size: bool = False) -> ir.Value:
+    def _attention_bias(self, stage: int, with_log_size: bool = False,
+                        window: tuple[int, int] | None = None) -> ir.Value:
         """Additive key mask from the current mask: 0 for real tokens, float32 min for padding; with_log_size,
-        log(size) for real tokens instead of 0 (proportional attention folded into the mask's Add)."""
+        log(size) for real tokens instead of 0 (proportional attention folded into the mask's Add). With a
+        sliding `window` (before, after), [B, 1, N, N]: key j is also hidden from query i unless
+        -before <= position_j - position_i <= after, at the tokens' original positions."""
         state, build = self.states[stage], self.build
         n0 = build.aliases[state.mask][1]
         prefix = f"tc_stage{stage}/attention_mask" + ("_log_size" if with_log_size else "")
+        if window is not None:
+            prefix += f"_window{window[0]}_{window[1]}"
         real = build.op(f"{prefix}/is_real", "Greater", [state.mask, build.const(f"{prefix}/half", np.float32(0.5))],
                         (PROBE_BATCH, n0))
         row = build.op(f"{prefix}/row", "Unsqueeze", [real, build.const(f"{prefix}/axes", np.array([1, 2]))],
                        (PROBE_BATCH, 1, 1, n0))
+        if window is not None:
+            row = build.op(f"{prefix}/in_window", "And", [self._window(stage, window, prefix), row],
+                           (PROBE_BATCH, 1, n0, n0))
         if with_log_size:
             log = build.op(f"{prefix}/log_size", "Log", [state.size], (PROBE_BATCH, n0, 1))
             # [0, 1, 1, -1]: batch copied, tokens inferred, so the shape holds no token count to keep up to date.
@@ -472,7 +494,27 @@ class _SideInputs:
         else:
             keep = build.const(f"{prefix}/zero", np.float32(0.0))
         low = build.const(f"{prefix}/min", np.float32(MASK_MIN))
-        return build.op(prefix, "Where", [row, keep, low], (PROBE_BATCH, 1, 1, n0))
+        return build.op(prefix, "Where", [row, keep, low], (PROBE_BATCH, 1, n0 if window else 1, n0))
+
+    def _window(self, stage: int, window: tuple[int, int], prefix: str) -> ir.Value:
+        """[B, 1, N, N] bool: -before <= position_j - position_i <= after, positions being the original index each
+        current token stands at (graph/positions.py). Built from the positions alone, so the tracker, which
+        follows the token axis from the methods' outputs, never needs to change it."""
+        build = self.build
+        before, after = window
+        positions = self.positions.of_stage(stage)
+        queries = build.op(f"{prefix}/query_positions", "Unsqueeze", [positions, build.const(
+            f"{prefix}/query_axis", np.array([2]))], None)
+        keys = build.op(f"{prefix}/key_positions", "Unsqueeze", [positions, build.const(f"{prefix}/key_axis",
+                                                                                         np.array([1]))], None)
+        offset = build.op(f"{prefix}/offset", "Sub", [keys, queries], None)  # [B, N, N]: j - i
+        inside = build.op(f"{prefix}/inside", "And", [
+            build.op(f"{prefix}/not_too_early", "GreaterOrEqual", [offset, build.const(
+                f"{prefix}/before", np.array(-before, dtype=np.int64))], None),
+            build.op(f"{prefix}/not_too_late", "LessOrEqual", [offset, build.const(
+                f"{prefix}/after", np.array(after, dtype=np.int64))], None)], None)
+        return build.op(f"{prefix}/window", "Unsqueeze", [inside, build.const(f"{prefix}/head_axis",
+                                                                               np.array([1]))], None)
 
     def _weights(self, stage: int) -> ir.Value:
         """mask * size as the attention_mask input's dtype: how many real original tokens each token holds."""
@@ -537,6 +579,22 @@ class _SideInputs:
         walk(value)
         for node in order:
             self.tracker.visit(node)
+
+
+def _check_windows_kept(blocks: list[Block], windows: dict, states: list[TokenState], mask_input: ir.Value | None,
+                        served: set[int]) -> None:
+    """Every sliding-window block after the first compression must have had its mask rebuilt with its window.
+
+    Without an attention-mask input a window is a constant [N, N] term, gathered at the tokens' positions as any
+    position term is; with one, the rebuilt attention bias must carry it."""
+    if not states or mask_input is None:
+        return
+    first = states[0].inputs.block
+    lost = [b.index for b in blocks if b.index in windows and b.index > first and b.index not in served]
+    if lost:
+        raise UsageError(f"block {lost[0]} applies {windows[lost[0]].describe()}, but the mask does not reach its "
+                         "logits as the rebuilt attention mask does; tcexport cannot keep the window after "
+                         "compression, so it does not compress this model")
 
 
 def _descends_from(value: ir.Value, root: ir.Value) -> bool:

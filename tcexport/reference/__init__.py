@@ -32,6 +32,9 @@ Token state through the blocks: x [B,N,C]; size [B,N,1] float32, ones at block 0
   mean becomes sum_t(x_t mask_t size_t) / max(sum_t(mask_t size_t), 1e-9); cls, weightedmean and lasttoken
   follow the tokens' positions). Token pooling (x[:,0]) is unchanged, since protected tokens stay first.
   Models returning last_hidden_state return fewer tokens.
+- Masks that say who sees whom (found on each block's logits in the uncompressed pass, graph/masks.py): a sliding
+  window stays a window over the tokens' original positions; a causal or other structured mask at or after the
+  first compressed block is refused (UsageError), since no encoder compression keeps its meaning.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from collections.abc import Mapping
 import torch
 
 from tcexport.core.errors import UsageError
+from tcexport.graph import masks
 from tcexport.models.inputs import ATTENTION_MASK, TOKEN_IDS
 from tcexport.methods.base import Method, TokenState
 from tcexport.reference.flow import EXTRA_INPUTS, TokenFlow
@@ -133,6 +137,7 @@ def compressed_reference(source, plan: Plan, prop_attn: bool = True, protected: 
                          "transformers with global self-attention")
     flow.plan = check_plan(plan, reference.layout.blocks)
     reference.plan = flow.plan
+    masks.refuse_unkept(reference.layout.masks, flow.plan)  # causal and other structure: see reference/mode.py
     return reference
 
 

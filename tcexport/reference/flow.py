@@ -100,11 +100,21 @@ class TokenFlow:
             return None
         return log_size_bias(self.size).to(dtype)
 
-    def rebuilt_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive key mask from the current token mask: 0 for real tokens, finfo.min for padding, [B,1,1,N]."""
+    def rebuilt_mask(self, dtype: torch.dtype, window: tuple[int, int] | None = None) -> torch.Tensor:
+        """Additive key mask from the current token mask: 0 for real tokens, finfo.min for padding, [B,1,1,N].
+
+        With a sliding `window` (before, after), [B,1,N,N]: key j is hidden from query i also unless
+        -before <= positions[j] - positions[i] <= after (the original index each token stands at)."""
         if self.mask is None:
-            return torch.zeros(self.size.shape[0], 1, 1, self.size.shape[1], dtype=dtype, device=self.size.device)
-        return (1.0 - self.mask.to(dtype))[:, None, None, :] * torch.finfo(dtype).min
+            keys = torch.zeros(self.size.shape[0], 1, 1, self.size.shape[1], dtype=dtype, device=self.size.device)
+        else:
+            keys = (1.0 - self.mask.to(dtype))[:, None, None, :] * torch.finfo(dtype).min
+        if window is None:
+            return keys
+        positions = self.positions()
+        offset = positions[:, None, :] - positions[:, :, None]  # [B, i, j]: positions[j] - positions[i]
+        inside = ((offset >= -window[0]) & (offset <= window[1]))[:, None]
+        return keys.masked_fill(~inside, torch.finfo(dtype).min)
 
     def pool_weights(self) -> torch.Tensor:
         """How many real original tokens each token holds, [B,N]: what an attention mask means after merging."""

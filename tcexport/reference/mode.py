@@ -10,6 +10,10 @@ graph rewriter does (graph/blocks.py, graph/insert.py, graph/tokens.py), found b
                  operand of the newest matmul the logits descend from; their mean over heads is the metric.
                  After a compression: logits + log(size) (proportional attention), and the model's own padding mask
                  is replaced by one rebuilt from the current mask.
+  mask structure what a block's mask allows beyond padding, seen on its logits in the uncompressed pass (the rule of
+                 graph/masks.py): causal and other structured masks are refused at or after a compressed block; a
+                 sliding window is kept over the tokens' original positions when the mask is rebuilt. SDPA's
+                 is_causal becomes the explicit triangular mask it stands for, so it is found the same way.
   block boundary the first add after block i's attention that joins something computed from that attention with
                  something that is not (the residual). Its output is the hidden state the MLP consumes (pre-LN),
                  or, when a LayerNorm is its only consumer, that LayerNorm's output (post-LN). Which of the two is
@@ -32,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from tcexport.core.errors import UsageError
+from tcexport.graph import masks as masks_mod
 from tcexport.reference import positions as positions_mod
 from tcexport.reference.flow import TokenFlow
 
@@ -87,10 +92,12 @@ def merge_tags(values) -> tuple:
 
 @dataclass
 class Layout:
-    """What an uncompressed pass learned about each block: is its hidden state after a LayerNorm (post-LN)?"""
+    """What an uncompressed pass learned about each block: is its hidden state after a LayerNorm (post-LN)? Does its
+    mask allow more than padding (causal, sliding window: graph/masks.py)?"""
 
     post_norm: dict[int, bool] = field(default_factory=dict)
     blocks: int = 0
+    masks: dict[int, masks_mod.MaskStructure] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,13 +179,14 @@ class TokenMode(TorchFunctionMode):
         return self.attend(logits, metric, lambda biased: func(biased, *args[1:], **kwargs))
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if is_causal:
-            raise UsageError("the model uses causal attention; tcexport compresses bidirectional encoders")
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             repeat = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
         scale = query.shape[-1] ** -0.5 if scale is None else scale
         logits = (query @ key.transpose(-2, -1)) * scale
+        if is_causal:  # what SDPA means by it (top-left aligned): structure, found as such by attend()
+            allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril()
+            logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # True = attend, as an additive mask
                 keep = attn_mask
@@ -223,6 +231,11 @@ class TokenMode(TorchFunctionMode):
             if index == 0:
                 flow.start(logits.shape[0], keys, logits.device)
             self.block = _Block(index, metric)
+            if self.discover:
+                allowed = masks_mod.allowed_from_logits(logits[0].detach().float().cpu().numpy())
+                structure = masks_mod.classify(allowed, index)
+                if structure is not None:
+                    self.layout.masks[index] = structure
         elif flow.count is not None and keys == flow.count:
             self.block = None  # a pooling attention (a probe over the tokens): no block, but the size bias
         else:
@@ -305,11 +318,14 @@ class TokenMode(TorchFunctionMode):
         if len(tensors) < 2:
             return args
         args = list(args)
+        structure = self.layout.masks.get(self.blocks)  # masks are added before the softmax that counts the block
+        window = (structure.before, structure.after) if structure is not None and structure.kept else None
         for i in tensors:
             for j in tensors:
                 if i == j:
                     continue
-                fixed = positions_mod.follow_tokens(self.flow, args[i], args[j], from_mask=tags(args[i])[0])
+                fixed = positions_mod.follow_tokens(self.flow, args[i], args[j], from_mask=tags(args[i])[0],
+                                                    window=window)
                 if fixed is not args[i]:
                     set_tags(fixed, tags(args[i]))
                     args[i] = fixed

@@ -3,7 +3,8 @@
 An elementwise op that meets the current tokens with such a tensor (right-aligned broadcasting, the axes where the
 two differ by exactly the tokens removed so far) needs it to follow the tokens:
 
-- a padding-mask term added to attention logits becomes the mask rebuilt from the current token mask;
+- a padding-mask term added to attention logits becomes the mask rebuilt from the current token mask (with the
+  block's sliding window over the tokens' original positions, when its mask has one);
 - anything else is a position term (relative position bias [1,H,N,N], rotary cos/sin [N,d], a position
   embedding): it is gathered at each current token's position (TokenFlow.positions), per batch row. An axis that
   holds the tokens after a fixed prefix (x[:, 1:] in EVA's rotary embedding: delta = -1) takes the positions of
@@ -17,8 +18,10 @@ import torch
 from tcexport.core.errors import UsageError
 
 
-def follow_tokens(flow, value: torch.Tensor, other: torch.Tensor, from_mask: bool) -> torch.Tensor:
-    """`value` as it must be to meet `other` (which holds the current tokens); `value` itself if nothing is off."""
+def follow_tokens(flow, value: torch.Tensor, other: torch.Tensor, from_mask: bool,
+                  window: tuple[int, int] | None = None) -> torch.Tensor:
+    """`value` as it must be to meet `other` (which holds the current tokens); `value` itself if nothing is off.
+    `window` (before, after): the sliding window of the block whose logits a mask term meets."""
     shift = flow.n0 - flow.count
     rank = max(value.dim(), other.dim())
     value_shape = [1] * (rank - value.dim()) + list(value.shape)
@@ -29,7 +32,7 @@ def follow_tokens(flow, value: torch.Tensor, other: torch.Tensor, from_mask: boo
         return value
     if from_mask:
         if rank == 4 and axes[-1] == 3:  # a key mask on [B,H,Nq,Nk] logits
-            return flow.rebuilt_mask(other.dtype)
+            return flow.rebuilt_mask(other.dtype, window)
         raise UsageError("the model uses its attention mask after a compressed block outside attention and "
                          "outside sentence-transformers pooling; tcexport cannot rebuild that use of the mask")
     return gather_positions(flow, value.reshape(value_shape), {a: other_shape[a] for a in axes})
