@@ -6,6 +6,11 @@ PyTorch (tcexport.reference). Both run on the same random inputs (text models ge
 report gives, per output, max abs/rel error and cosine against the reference, plus fidelity against the
 uncompressed model (cosine; top-1 agreement for classifiers).
 
+Values agreeing is not enough when both sides could share a mistake, so every validate also checks dependence
+(validate/dependence.py): perturbing late input tokens at batch 1, no output row of the compressed model may
+start (or stop) depending on tokens its uncompressed counterpart did not (did). A dependence that appeared or
+vanished fails the check (exit 1) whatever the values say.
+
 Token choices are discrete: when a near-tie between two candidate merges falls the other way in fp32, the two
 sides legitimately pick different tokens and their outputs differ by more than rounding. Such samples are
 detected (each stage's token sizes, exposed from the ONNX graph, differ from the reference's) and reported as
@@ -40,6 +45,7 @@ from tcexport.reference import coverage
 from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.core.errors import UsageError, ValidationFailed
 from tcexport.models.inputs import ATTENTION_MASK, TOKEN_IDS, InputSpec, load_npz_feeds, random_feeds
+from tcexport.validate import dependence as dependence_mod
 
 SIZE_OUTPUT = re.compile(r"^tc_blk(\d+)_[a-z_-]+_size_out$")
 # What each stage decided on, as named in the graph: the keys metric, or the CLS attention (graph/insert.py).
@@ -100,6 +106,7 @@ class ValidationReport:
     backend: str = "ort"
     precision: str = "fp32"
     tolerance_reason: str = ""
+    dependence: dependence_mod.DependenceReport | None = None  # which inputs each output depends on
 
     @property
     def diverged(self) -> list[dict]:
@@ -111,7 +118,8 @@ class ValidationReport:
 
     @property
     def passed(self) -> bool:
-        return not self.numeric_failures and len(self.diverged) < len(self.samples)
+        dependence_failed = self.dependence is not None and self.dependence.failed
+        return not self.numeric_failures and len(self.diverged) < len(self.samples) and not dependence_failed
 
     def worst(self, key: str) -> float:
         values = [o[key] for s in self.samples if not s["discrete_divergence"] for o in s["outputs"].values()]
@@ -129,7 +137,8 @@ class ValidationReport:
                 "backend": self.backend, "precision": self.precision, "min_cosine": self.min_cosine,
                 "tolerances": {"atol": self.atol, "rtol": self.rtol, "min_cosine": self.min_cosine,
                                "reason": self.tolerance_reason},
-                "divergence_check": self.divergence_check}
+                "divergence_check": self.divergence_check,
+                "dependence": self.dependence.to_json() if self.dependence is not None else None}
 
 
 def compare(reference: np.ndarray, actual: np.ndarray, atol: float, rtol: float,
@@ -282,7 +291,44 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
             report.samples.append(_sample(index, sample_seed, feeds, source, reference, plan, extra_specs, runner,
                                           session, size_names, user_inputs, path, atol, rtol, min_cosine))
             progress.advance(step, 1)
+    protected = int((compression_record or {}).get("protected") or source.info.get("num_prefix_tokens", 1))
+    with progress.step("check which input tokens each output depends on"):
+        report.dependence = _dependence(source, reference, plan, extra_specs, runner, session, protected,
+                                        batch=batches[0] if engine else 1, seed=seed)
     return report
+
+
+def _dependence(source, reference, plan, extra_specs, runner, session, protected: int, batch: int,
+                seed: int) -> dependence_mod.DependenceReport:
+    """validate/dependence.py on this artifact: the source model is the uncompressed side, the artifact the
+    compressed one, and the reference says where each compressed token stands (its original position)."""
+
+    def tensors(feeds):
+        return [torch.from_numpy(feeds[spec.name]) for spec in source.inputs]
+
+    def uncompressed(feeds):
+        with torch.no_grad():
+            return {name: out.numpy() for name, out in zip(source.outputs, _as_tuple(source.model(*tensors(feeds))))}
+
+    def compressed(feeds):
+        if runner is not None:
+            return runner.infer(feeds)
+        return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+    def positions(feeds):
+        if not plan:
+            return None
+        extra = {spec.name: torch.from_numpy(feeds[spec.name]) for spec in extra_specs}
+        with torch.no_grad():
+            reference(*tensors(feeds), **extra)
+        try:
+            return reference.flow.positions()[0].numpy()
+        except UsageError:  # a method whose choices cannot be probed (query): only the protected rows match
+            return None
+
+    extra = random_feeds(extra_specs, batch, seed)
+    return dependence_mod.check(source.inputs, source.outputs, uncompressed, compressed, positions, protected,
+                                extra, batch=batch, seed=seed)
 
 
 def _sample(index, sample_seed, feeds, source, reference, plan, extra_specs, runner, session, size_names,
@@ -393,10 +439,13 @@ def format_report(report: ValidationReport) -> str:
                          f"cosine {o['cosine']:.6f}{info}")
         # The verdict first: at the end of the line it would read as the verdict on the fidelity figures.
         lines.append(f"  sample {sample['index']} (batch {sample['batch']}) [{flag}]: {'; '.join(parts)}")
+    if report.dependence is not None:
+        lines.extend(dependence_mod.format_lines(report.dependence))
     verdict = "PASSED" if report.passed else "FAILED"
     divergences = ("discrete divergence not checked" if report.backend == "trt"
                    else f"{len(report.diverged)} discrete divergence(s)")
-    lines.append(f"{verdict}: {len(report.numeric_failures)} numeric failure(s), {divergences}")
+    dependence = f", dependence {report.dependence.status}" if report.dependence is not None else ""
+    lines.append(f"{verdict}: {len(report.numeric_failures)} numeric failure(s), {divergences}{dependence}")
     return "\n".join(lines)
 
 
