@@ -88,8 +88,9 @@ def entries(full: bool) -> list[Entry]:
         found.append(Entry(name, f"timm {TIMM_FAMILIES.get(name, '')}".strip(), lambda work, n=name: f"timm:{n}",
                            options))
     for kind in zoo.HF_KINDS:
-        modality = ("text" if kind in zoo.TEXT_KINDS else "vision" if kind in zoo.VISION_KINDS else "speech")
-        options = {"seq_len": text_len} if kind in zoo.TEXT_KINDS else {}
+        text = kind in zoo.TEXT_KINDS + zoo.MASKED_TEXT_KINDS
+        modality = ("text" if text else "vision" if kind in zoo.VISION_KINDS else "speech")
+        options = {"seq_len": text_len} if text else {}
         if kind in ("wav2vec2", "hubert") and not full:
             options = {"input_shape": str(zoo.AUDIO_SAMPLES)}
         found.append(Entry(f"hf-{kind}", f"transformers {kind} ({modality})",

@@ -47,7 +47,10 @@ TIMM_REFUSED = ("swin_tiny_patch4_window7_224", "convnext_atto")
 TEXT_KINDS = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "mpnet")
 VISION_KINDS = ("vit", "deit", "clip_vision", "siglip_vision", "dinov2", "dinov2_registers")
 SPEECH_KINDS = ("whisper", "wav2vec2", "hubert")
-HF_KINDS = TEXT_KINDS + VISION_KINDS + SPEECH_KINDS
+# Text encoders whose attention masks are structure, not padding: CLIP's text tower is causal (compress refuses
+# it), ModernBERT alternates global and sliding-window layers (the window follows the tokens' original positions).
+MASKED_TEXT_KINDS = ("clip_text", "modernbert")
+HF_KINDS = TEXT_KINDS + VISION_KINDS + SPEECH_KINDS + MASKED_TEXT_KINDS
 ST_KINDS = ("bert", "roberta", "distilbert", "albert", "mpnet")
 
 TEXT_MAX_POSITIONS = 160  # room for the default --seq-len 128 plus RoBERTa's padding offset
@@ -100,6 +103,14 @@ HF_CONFIGS: dict[str, tuple[str, dict]] = {
                                       pad_token_id=1, bos_token_id=2, eos_token_id=2, decoder_start_token_id=3)),
     "wav2vec2": ("Wav2Vec2Config", _AUDIO),
     "hubert": ("HubertConfig", _AUDIO),
+    # eos 3, not 2: CLIP then pools the first EOS token (index 0 when random ids hold none), not the largest id's,
+    # so its pooled output (not exported) never indexes past the tokens left in a compressed reference.
+    "clip_text": ("CLIPTextConfig", dict(_TEXT, vocab_size=SMALL_VOCAB, pad_token_id=1, bos_token_id=0,
+                                         eos_token_id=3)),
+    # Layer 0 global, layer 1 local: each token sees the 4 tokens on either side (local_attention // 2).
+    "modernbert": ("ModernBertConfig", dict(_TEXT, vocab_size=SMALL_VOCAB, global_attn_every_n_layers=2,
+                                            local_attention=8, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                            cls_token_id=2, sep_token_id=1)),
 }
 # Full size: the config class's defaults, except where those are not the common base model.
 HF_FULL_OVERRIDES = {
