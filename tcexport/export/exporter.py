@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,10 +74,26 @@ def _imported(name: str):
     return sys.modules.get(name)
 
 
+class _MutedInThisThread:
+    """sys.stderr that drops what this thread writes and passes on other threads' writes (the live progress line
+    keeps ticking from its own thread)."""
+
+    def __init__(self, stream):
+        self._stream, self._owner = stream, threading.get_ident()
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.get_ident() == self._owner else self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress and warnings meant for their developers; keep our output readable."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    """The exporters print progress and warnings meant for their developers (and torch.export prints the whole
+    partial graph to stderr when it fails); keep our output readable: the failure becomes one line."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(_MutedInThisThread(sys.stderr)):
         warnings.simplefilter("ignore")
         previous = logging.root.manager.disable
         logging.disable(logging.WARNING)
@@ -100,9 +118,7 @@ def export_model(source: Source, opset: int = 18, batch: int | None = None, expo
     except UsageError:
         raise
     except Exception as exc:  # exporter failures come in many types; the user needs the first line
-        text = str(exc).strip().splitlines()
-        raise UsageError(f"export of {source.spec} failed ({type(exc).__name__}: {text[0][:200] if text else ''}); "
-                         "try another --opset or --exporter") from None
+        raise UsageError(f"export of {source.spec} failed ({_reason(exc)}); try another --opset or --exporter") from None
     written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
     if written != opset:  # the dynamo exporter writes opset 18 at least when it cannot convert down
         raise UsageError(f"the {exporter} exporter wrote opset {written} for {source.spec}, not the {opset} asked "
@@ -117,6 +133,17 @@ def export_model(source: Source, opset: int = 18, batch: int | None = None, expo
     model.producer_name = "tcexport"
     model.producer_version = __version__
     return model
+
+
+def _reason(exc: BaseException) -> str:
+    """`Type: first line` of what went wrong. torch.onnx wraps the real failure (a torch.export guard, a missing
+    decomposition) in an error whose first line only names the exporter's step: name the failure itself."""
+    seen = {id(exc)}
+    while exc.__cause__ is not None and id(exc.__cause__) not in seen and type(exc).__module__.startswith("torch.onnx"):
+        exc = exc.__cause__
+        seen.add(id(exc))
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
 def _export_dynamo(source, example, input_names, opset, batch) -> onnx.ModelProto:
@@ -159,10 +186,24 @@ def check_against_torch(source: Source, model_path: Path, batches: list[int], at
             expected = source.model(*example)
         expected = expected if isinstance(expected, (tuple, list)) else (expected,)
         feeds = {spec.name: tensor.numpy() for spec, tensor in zip(source.inputs, example)}
-        actual = ort_backend.run(session, feeds)
+        try:
+            actual = ort_backend.run(session, feeds)
+        except Exception as exc:  # onnxruntime's errors: the exported graph does not run at this batch
+            raise UsageError(f"the exported graph of {source.spec} fails in ONNX Runtime at batch {batch} "
+                             f"({_reason(exc)}){_fixed_shapes_hint(model_path)}; nothing written") from None
         for name, reference in zip(source.outputs, expected):
             rows.append({"batch": batch, "output": name, **compare_outputs(reference.numpy(), actual[name])})
     return CheckReport(rows, atol)
+
+
+def _fixed_shapes_hint(model_path: Path) -> str:
+    """What to try when a graph fails at a batch it was not traced at: TorchScript traces keep the example's shapes
+    wherever the model computes with them."""
+    record = metadata.read(onnxfile.load(model_path, load_external_data=False), metadata.SOURCE) or {}
+    if record.get("exporter") == "torchscript" and record.get("batch") == "dynamic":
+        return (f": the TorchScript trace keeps shapes of its example batch ({EXAMPLE_BATCH}) where the model "
+                "computes with them; export with a fixed --batch N")
+    return ""
 
 
 def export_to_file(source: Source, output: Path, opset: int = 18, batch: int | None = None, check: bool = True,
