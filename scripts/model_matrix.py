@@ -67,6 +67,12 @@ TIMM_FAMILIES = {
     "vit_base_patch16_dinov3": "DINOv3 ViT: rotary embedding, 4 registers + CLS",
     "swin_tiny_patch4_window7_224": "Swin: windowed attention (refused)",
     "convnext_atto": "ConvNeXt: no attention (refused)",
+    "vit_small_patch16_18x2_224": "ViT: parallel blocks (two attentions per residual)",
+    "levit_128s": "LeViT: attention subsampling (refused)",
+    "cait_xxs24_224": "CaiT: talking-heads attention (refused)",
+    "xcit_nano_12_p16_224": "XCiT: attention over channels (refused)",
+    "mvitv2_tiny": "MViTv2: pooled keys and queries (refused)",
+    "pit_ti_224": "PiT: token pooling between stages (refused)",
 }
 
 
@@ -88,10 +94,10 @@ def entries(full: bool) -> list[Entry]:
         found.append(Entry(name, f"timm {TIMM_FAMILIES.get(name, '')}".strip(), lambda work, n=name: f"timm:{n}",
                            options))
     for kind in zoo.HF_KINDS:
-        text = kind in zoo.TEXT_KINDS + zoo.MASKED_TEXT_KINDS
+        text = kind in zoo.TEXT_KINDS + zoo.MASKED_TEXT_KINDS + zoo.STRUCTURE_TEXT_KINDS
         modality = ("text" if text else "vision" if kind in zoo.VISION_KINDS else "speech")
         options = {"seq_len": text_len} if text else {}
-        if kind in ("wav2vec2", "hubert") and not full:
+        if kind in zoo.RAW_AUDIO_KINDS and not full:
             options = {"input_shape": str(zoo.AUDIO_SAMPLES)}
         found.append(Entry(f"hf-{kind}", f"transformers {kind} ({modality})",
                            lambda work, k=kind: f"hf:{zoo.hf_dir(k, work / 'zoo', full=full)}", options))

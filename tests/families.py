@@ -27,8 +27,8 @@ def spec_of(tmp_path_factory, family: str, kind: str) -> tuple[str, dict]:
     root = made_once(tmp_path_factory, f"{ZOO_ROOT}_{family}_{kind}",
                      lambda directory: (zoo.hf_dir if family == "hf" else zoo.st_dir)(kind, directory))
     directory = (zoo.hf_dir if family == "hf" else zoo.st_dir)(kind, root)
-    options = {"seq_len": 16} if family == "st" or kind in zoo.TEXT_KINDS else {}
-    if kind in ("wav2vec2", "hubert"):
+    options = {"seq_len": 16} if family == "st" or kind in zoo.TEXT_KINDS + zoo.STRUCTURE_TEXT_KINDS else {}
+    if kind in zoo.RAW_AUDIO_KINDS:
         options = {"input_shape": str(zoo.AUDIO_SAMPLES)}  # raw audio: a few dozen frames
     return f"{family}:{directory}", options
 

@@ -155,7 +155,9 @@ def _export_and_count_blocks(source: sources.Source, path) -> int:
     return len(find_blocks(ir.load(path).graph, concrete_shapes(onnx.load(str(path)))))
 
 
-@pytest.mark.parametrize("kind", zoo.HF_KINDS)  # ALBERT: one shared layer, a block per Softmax all the same
+# ALBERT: one shared layer, a block per Softmax all the same. The structures compress refuses are
+# tests/test_families_structures.py's (Longformer and block-sparse BigBird do not export with dynamo at all).
+@pytest.mark.parametrize("kind", [k for k in zoo.HF_KINDS if k not in zoo.HF_REFUSED])
 def test_hf_kind_exports_and_has_one_block_per_layer(kind, zoo_root, tmp_path):
     source = sources.load(f"hf:{zoo.hf_dir(kind, zoo_root)}", **TINY_OPTIONS.get(kind, {}))
     assert source.outputs == ["last_hidden_state"]

@@ -124,7 +124,7 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
         mask = build.op("tc/mask0", "Cast", [mask_input], (PROBE_BATCH, n0), to=ir.DataType.FLOAT)
 
     # Before any rewrite: the nodes where each block adds its attention mask to the logits.
-    logit_nodes = {node for block in blocks for node in _logit_path(block)}
+    logit_nodes = {node for block in blocks for node in _logit_path(block, branches=True)}
     windows = windows or {}
     window_nodes = {node: windows[block.index] for block in blocks if block.index in windows
                     for node in _logit_path(block)}
@@ -142,6 +142,8 @@ def insert_stages(graph: ir.Graph, blocks: list[Block], stages: list[Stage], pro
                 folded_bias.add(mask_term)
             else:
                 _add_log_size_bias(build, block.softmax, states[-1], shapes, n0, f"tc_blk{block.index}")
+            for number, branch in enumerate(block.branches, 1):  # parallel attentions: each gets its own bias
+                _add_log_size_bias(build, branch, states[-1], shapes, n0, f"tc_blk{block.index}_branch{number}")
         if stage is not None:
             x = block.hidden
             needs = stage.method.needs
@@ -214,8 +216,9 @@ def _head_mean_keys(build: _Builder, block: Block, shapes) -> ir.Value:
     keys = block.keys
     shape = shapes.get(keys.name)
     if shape is None or len(shape) != 4:
-        raise UsageError(f"block {block.index}: the attention keys '{keys.name}' are not laid out "
-                         "[batch, heads, dim, tokens]; re-export with the dynamo exporter")
+        raise UsageError(f"block {block.index}: the attention keys '{keys.name}' are "
+                         f"{list(shape) if shape is not None else 'of unknown shape'}, not laid out [batch, heads, "
+                         "dim, tokens]; tcexport reads the metric from keys of that layout")
     source, tokens_last = _key_source(keys, shapes)
     batch, heads, dim, n = shape
     prefix = f"tc_blk{block.index}/metric"
@@ -306,8 +309,9 @@ def _cls_attention(build: _Builder, block: Block, shapes) -> ir.Value:
     probs = block.softmax.outputs[0]
     shape = shapes.get(probs.name)
     if shape is None or len(shape) != 4:
-        raise UsageError(f"block {block.index}: the attention probabilities '{probs.name}' are not laid out "
-                         "[batch, heads, queries, keys]; re-export with the dynamo exporter")
+        raise UsageError(f"block {block.index}: the attention probabilities '{probs.name}' are "
+                         f"{list(shape) if shape is not None else 'of unknown shape'}, not laid out [batch, heads, "
+                         "queries, keys]; tcexport reads the CLS attention from probabilities of that layout")
     prefix = f"tc_blk{block.index}/cls_attention"
     row = build.op(f"{prefix}/row", "Gather", [probs, build.const(f"{prefix}/query0", np.array(0))],
                    (shape[0], shape[1], shape[3]), axis=2)
@@ -371,9 +375,10 @@ def _mask_term_on_logits(block: Block, mask_input: ir.Value | None, shapes, n0: 
     return terms[0]
 
 
-def _logit_path(block: Block) -> set[ir.Node]:
-    """Nodes between the logits MatMul and the Softmax (where attention masks are added)."""
-    found, stack = set(), [block.softmax.inputs[0]]
+def _logit_path(block: Block, branches: bool = False) -> set[ir.Node]:
+    """Nodes between the logits MatMul and the Softmax (where attention masks are added); with `branches`, those
+    of the block's parallel attentions too."""
+    found, stack = set(), [s.inputs[0] for s in (block.softmaxes if branches else [block.softmax])]
     while stack:
         value = stack.pop()
         node = value.producer() if value is not None else None
@@ -410,6 +415,7 @@ class _SideInputs:
             out_rank = len(self.shapes_of(node.outputs[0]))
             key = ("position", operand, stage, tuple(axes), delta, out_rank)
             if key not in self.cache:
+                self._refuse_skip_connection(node, operand)
                 self.cache[key] = self.positions.gather(operand, self.shapes_of(operand), axes, delta, stage, out_rank)
             return self.cache[key]
         in_logits = node in self.logit_nodes
@@ -455,6 +461,19 @@ class _SideInputs:
         positions = self.positions.of_stage(stage) if from_mask else None
         return pooling_mod.token_index(self.build, node, self.states[stage], positions, from_mask,
                                        self.shapes_of(node.inputs[0]))
+
+    def _refuse_skip_connection(self, node: ir.Node, operand: ir.Value) -> None:
+        """A position term is computed from constants and shapes only. An operand computed from the model's input
+        data is the tokens' own state from before a compression, carried around it (MobileBERT's bottleneck adds
+        the block input back after the feed-forward stack): merging or pruning cannot be applied to it as to
+        x, so the model is refused rather than given a gathered copy."""
+        data = [v for v in self.build.graph.inputs if v is not self.mask_input and v.name != QUERY_INPUT]
+        if any(_descends_from(operand, v) for v in data):
+            raise UsageError(f"'{node.name}' ({node.op_type}) combines the compressed tokens with '{operand.name}', "
+                             "which is computed from the model input before the compression and still holds all its "
+                             "tokens: a skip connection around the compressed point (as MobileBERT's bottleneck adds "
+                             "each layer's input back after its feed-forward stack); tcexport compresses models whose "
+                             "only skip around a compressed point is the residual around attention")
 
     def shapes_of(self, value: ir.Value) -> tuple[int, ...]:
         shape = self.tracker.shape(value) if self.tracker is not None else self.shapes.get(value.name)

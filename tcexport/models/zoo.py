@@ -36,13 +36,23 @@ TIMM: dict[str, dict] = {
     "deit3_small_patch16_224": _TINY_VIT,  # layer scale
     "vit_base_patch16_siglip_224": _TINY_VIT,  # SigLIP: no CLS, attention-pool head (global_pool='map')
     "vit_base_patch16_dinov3": _TINY_VIT,  # DINOv3: rotary embedding, CLS + 4 register tokens, layer scale
+    "vit_small_patch16_18x2_224": _TINY_VIT,  # parallel blocks: two attentions summed into one residual
     # Not global-attention token models: compress must refuse them.
     "swin_tiny_patch4_window7_224": dict(img_size=IMAGE, patch_size=4, window_size=4, embed_dim=32, depths=(1, 1),
                                          num_heads=(2, 4), num_classes=10),
     "convnext_atto": dict(depths=(1, 1, 1, 1), dims=(16, 24, 32, 48), num_classes=10),
+    # attention subsampling: 16 tokens (64x64 images, stride 16) -> 4 in the second stage
+    "levit_128s": dict(img_size=64, embed_dim=(32, 48), key_dim=8, num_heads=(2, 3), depth=(1, 1), num_classes=10),
+    "cait_xxs24_224": dict(_TINY_VIT, depth_token_only=1),  # talking-heads attention, class-attention head
+    "xcit_nano_12_p16_224": dict(_TINY_VIT, cls_attn_layers=1),  # cross-covariance attention (over channels)
+    # pooled keys/values and queries; its stage layout is fixed per variant, so only the image is small (23M weights)
+    "mvitv2_tiny": dict(img_size=IMAGE, num_classes=10),
+    "pit_ti_224": dict(img_size=64, depth=(1, 1, 1), num_classes=10),  # a strided conv pools tokens between stages
 }
 # Families the rewriter must refuse (windowed attention, no attention at all).
 TIMM_REFUSED = ("swin_tiny_patch4_window7_224", "convnext_atto")
+# ... and attention structures it refuses, each with its own reason (tests/test_families_structures.py).
+TIMM_REFUSED += ("levit_128s", "cait_xxs24_224", "xcit_nano_12_p16_224", "mvitv2_tiny", "pit_ti_224")
 
 TEXT_KINDS = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "mpnet")
 VISION_KINDS = ("vit", "deit", "clip_vision", "siglip_vision", "dinov2", "dinov2_registers")
@@ -50,7 +60,16 @@ SPEECH_KINDS = ("whisper", "wav2vec2", "hubert")
 # Text encoders whose attention masks are structure, not padding: CLIP's text tower is causal (compress refuses
 # it), ModernBERT alternates global and sliding-window layers (the window follows the tokens' original positions).
 MASKED_TEXT_KINDS = ("clip_text", "modernbert")
-HF_KINDS = TEXT_KINDS + VISION_KINDS + SPEECH_KINDS + MASKED_TEXT_KINDS
+# Encoders whose attention or block structure compress refuses, each with its reason: a bottleneck block
+# (MobileBERT), sliding-window and block-sparse attention (Longformer, BigBird), heads folded into the batch with
+# disentangled position terms (DeBERTa-v2), pooled queries (Funnel), nn.MultiheadAttention-style keys (WavLM).
+# big_bird_full is BigBird with full attention (what it runs at short lengths): a supported text kind.
+STRUCTURE_TEXT_KINDS = ("mobilebert", "longformer", "big_bird", "deberta-v2", "funnel")
+STRUCTURE_SPEECH_KINDS = ("wavlm",)
+HF_REFUSED = STRUCTURE_TEXT_KINDS + STRUCTURE_SPEECH_KINDS
+TEXT_KINDS += ("big_bird_full",)
+RAW_AUDIO_KINDS = ("wav2vec2", "hubert", "wavlm")  # input_values: give them zoo.AUDIO_SAMPLES
+HF_KINDS = TEXT_KINDS + VISION_KINDS + SPEECH_KINDS + MASKED_TEXT_KINDS + HF_REFUSED
 ST_KINDS = ("bert", "roberta", "distilbert", "albert", "mpnet")
 
 TEXT_MAX_POSITIONS = 160  # room for the default --seq-len 128 plus RoBERTa's padding offset
@@ -111,6 +130,22 @@ HF_CONFIGS: dict[str, tuple[str, dict]] = {
     "modernbert": ("ModernBertConfig", dict(_TEXT, vocab_size=SMALL_VOCAB, global_attn_every_n_layers=2,
                                             local_attention=8, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                                             cls_token_id=2, sep_token_id=1)),
+    # bottleneck: attention and feed-forward at 16 wide between 32-wide layer inputs and outputs
+    "mobilebert": ("MobileBertConfig", dict(_TEXT, vocab_size=SMALL_VOCAB, embedding_size=16, intra_bottleneck_size=16,
+                                            true_hidden_size=16, num_feedforward_networks=2)),
+    "longformer": ("LongformerConfig", dict(_TEXT, **_ROBERTA_IDS, vocab_size=SMALL_VOCAB, attention_window=8)),
+    # block_sparse from (5 + 2 * num_random_blocks) * block_size = 14 tokens: the zoo's 16 and 32 are sparse
+    "big_bird": ("BigBirdConfig", dict(_TEXT, vocab_size=SMALL_VOCAB, block_size=2, num_random_blocks=1)),
+    "big_bird_full": ("BigBirdConfig", dict(_TEXT, vocab_size=SMALL_VOCAB, attention_type="original_full")),
+    # as DeBERTa-v3: content-to-position and position-to-content terms, relative positions in buckets
+    "deberta-v2": ("DebertaV2Config", dict(_TEXT, vocab_size=SMALL_VOCAB, relative_attention=True,
+                                           pos_att_type=["p2c", "c2p"], position_buckets=8, max_relative_positions=-1,
+                                           share_att_key=True, norm_rel_ebd="layer_norm")),
+    # two blocks of one layer; the second pools its queries (pool_q_only); FunnelModel (with its decoder)
+    "funnel": ("FunnelConfig", dict(architectures=["FunnelModel"], vocab_size=SMALL_VOCAB, block_sizes=[1, 1],
+                                    num_decoder_layers=1, d_model=WIDTH, n_head=HEADS, d_head=WIDTH // HEADS,
+                                    d_inner=2 * WIDTH, max_position_embeddings=TEXT_MAX_POSITIONS)),
+    "wavlm": ("WavLMConfig", dict(_AUDIO, num_buckets=32, max_bucket_distance=100)),  # gated relative position bias
 }
 # Full size: the config class's defaults, except where those are not the common base model.
 HF_FULL_OVERRIDES = {

@@ -110,6 +110,23 @@ class _Block:
     done: bool = False
 
 
+def _refuse_skip_around(block: _Block, args, out) -> None:
+    """After block i's residual add, another add that joins what block i computed with a whole [B, N, C] state from
+    before its attention: the block's input skips around its compression point (MobileBERT's bottleneck adds each
+    layer's input back after its feed-forward stack), which no method can merge as it merges x. Refused, as the
+    graph rewriter refuses it (graph/blocks.py)."""
+    if len(args) < 2 or not all(isinstance(a, torch.Tensor) for a in args[:2]) or out.dim() != 3:
+        return
+    for inside, outside in ((args[0], args[1]), (args[1], args[0])):
+        if (tags(inside)[2] == block.index and tags(outside)[2] < block.index and tuple(outside.shape) == tuple(out.shape)
+                and not isinstance(outside, torch.nn.Parameter)):
+            raise UsageError(f"after block {block.index}'s residual add, an add joins what the block computed with a "
+                             "[batch, tokens, channels] state from before its attention: a skip connection around the "
+                             "point where tcexport compresses (as MobileBERT's bottleneck adds each layer's input "
+                             "back after its feed-forward stack); tcexport compresses models whose only skip around "
+                             "a compressed point is the residual around attention")
+
+
 class TokenMode(TorchFunctionMode):
     """Runs one forward of the model with the flow's compression applied at the patch points (module doc).
 
@@ -225,7 +242,10 @@ class TokenMode(TorchFunctionMode):
         """The softmax point of every attention: blocks are counted, biases added, probabilities returned."""
         queries, keys = logits.shape[-2], logits.shape[-1]
         flow = self.flow
-        if queries == keys and (flow.count is None or keys == flow.count):
+        branch = self._parallel_branch(logits)
+        if branch:  # a second attention of the current block, beside the first (timm's parallel blocks)
+            pass
+        elif queries == keys and (flow.count is None or keys == flow.count):
             index = self.blocks
             self.blocks += 1
             if index == 0:
@@ -245,12 +265,21 @@ class TokenMode(TorchFunctionMode):
         bias = flow.attention_bias(logits.dtype)
         probs = softmax(logits if bias is None else logits + bias)
         if self.block is not None:
-            self.block.probs = probs
+            if not branch:  # a parallel block's metric and probabilities are its first branch's (graph/blocks.py)
+                self.block.probs = probs
             index = self.block.index
             set_tags(probs, (False, -1, index, False))
         else:
             set_tags(probs, (False, -1, self.blocks - 1, False))
         return probs
+
+    def _parallel_branch(self, logits: torch.Tensor) -> bool:
+        """Whether this self-attention is a parallel branch of the current block: that block has not reached its
+        residual add yet, attends over the same tokens, and these logits are not computed from its attention."""
+        block = self.block
+        return (block is not None and not block.done and block.probs is not None
+                and logits.shape[-1] == logits.shape[-2] and tuple(block.probs.shape[-2:]) == tuple(logits.shape[-2:])
+                and tags(logits)[2] < block.index)
 
     def _multi_head_attention(self, func, args, kwargs):
         """nn.MultiheadAttention (e.g. an attention-pool head) over the compressed tokens: log(size) on its keys."""
@@ -270,6 +299,8 @@ class TokenMode(TorchFunctionMode):
 
     def _maybe_block_boundary(self, args, out):
         block = self.block
+        if block is not None and block.done and self.discover:
+            _refuse_skip_around(block, args, out)
         if block is None or block.done or len(args) < 2 or not all(isinstance(a, torch.Tensor) for a in args[:2]):
             return out
         a, b = tags(args[0])[2], tags(args[1])[2]

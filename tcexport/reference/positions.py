@@ -28,6 +28,14 @@ def follow_tokens(flow, value: torch.Tensor, other: torch.Tensor, from_mask: boo
     other_shape = [1] * (rank - other.dim()) + list(other.shape)
     axes = [a for a in range(rank) if value_shape[a] != other_shape[a] and 1 not in (value_shape[a], other_shape[a])
             and value_shape[a] - other_shape[a] == shift]
+    between = [a for a in range(rank) if 1 not in (value_shape[a], other_shape[a])
+               and 0 < value_shape[a] - other_shape[a] < shift]
+    if between:  # tokens from between two compressions, not the input's: carried around a compressed block
+        a = between[0]
+        raise UsageError(f"a tensor holding {value_shape[a]} tokens meets the {other_shape[a]} current ones: the model "
+                         "carries its tokens around a compressed block (a skip connection, as MobileBERT's "
+                         "bottleneck adds each layer's input back after its feed-forward stack); tcexport cannot "
+                         "compress this model")
     if not axes:
         return value
     if from_mask:
