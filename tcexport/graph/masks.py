@@ -181,10 +181,7 @@ def _reaches_matmul(value: ir.Value, depth: int = 16) -> bool:
 
 def find(model: onnx.ModelProto, blocks: list[Block]) -> dict[int, MaskStructure]:
     """{block index: its mask structure} for the blocks whose mask is more than padding (module doc)."""
-    import onnx
-    import onnxruntime as ort
-
-    from tcexport.models import inputs as inputs_mod
+    from tcexport.graph import probe
 
     # Every attention of a block (parallel branches too, where graph/blocks.py finds them).
     chains = {block.index: [c for c in map(logit_chain, getattr(block, "softmaxes", [block.softmax])) if c]
@@ -193,16 +190,7 @@ def find(model: onnx.ModelProto, blocks: list[Block]) -> dict[int, MaskStructure
                                for node in chain))
     if not names:
         return {}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value
-    options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = inputs_mod.random_feeds(inputs_mod.specs_from_graph(model), 1)  # masks all ones: every token real
-    values = dict(zip(names, session.run(names, feeds)))
+    values = probe.values(model, names, 1)  # batch 1: the attention masks are all ones, every token real
     found = {}
     for block in blocks:
         for chain in chains[block.index]:

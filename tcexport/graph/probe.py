@@ -43,19 +43,29 @@ def static_types(model: onnx.ModelProto) -> dict[str, tuple[int, list]]:
     return types
 
 
-def _runs(model: onnx.ModelProto, batches: list[int], inputs: bool = True) -> list[dict]:
-    """One dict name -> (numpy dtype, shape) per batch: every node output (and the feeds, with `inputs`), from one
-    session."""
+def exposing(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    """A session of `model` whose outputs are the values `names`, unoptimised so every one of them exists."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.output[:]
-    names = [out for node in probe.graph.node for out in node.output if out]
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in dict.fromkeys(names))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del probe
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def values(model: onnx.ModelProto, names: list[str], batch: int) -> dict:
+    """The values `names` (name -> array) from one run on random inputs at `batch` (text: every token real at 1)."""
+    names = list(dict.fromkeys(names))
+    feeds = inputs_mod.random_feeds(inputs_mod.specs_from_graph(model), batch)
+    return dict(zip(names, exposing(model, names).run(names, feeds)))
+
+
+def _runs(model: onnx.ModelProto, batches: list[int], inputs: bool = True) -> list[dict]:
+    """One dict name -> (numpy dtype, shape) per batch: every node output (and the feeds, with `inputs`), from one
+    session."""
+    session = exposing(model, [out for node in model.graph.node for out in node.output if out])
     specs = inputs_mod.specs_from_graph(model)
     runs = []
     for batch in batches:
