@@ -114,8 +114,6 @@ def plan_method(name: str, depth: int, layers: str = "all", params: dict | None 
     for i, block in enumerate(chosen):
         block_params = {**params, **{key: values[i] for key, values in per_layer.items()}}
         stages.append(Stage(block, cls(**block_params)))  # each block's parameters checked, with a clear error
-    if not stages:
-        cls(**params)
     return stages
 
 
