@@ -16,6 +16,7 @@ LAYERS = (
     "tcexport.recipes",
     "tcexport.bench",
     "tcexport.validate | tcexport.export",
+    "tcexport.generation",
     "tcexport.backends",
     "tcexport.plugins",
     "tcexport.compress",

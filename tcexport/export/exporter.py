@@ -26,6 +26,7 @@ from tcexport.core import onnxfile
 from tcexport.core import progress
 from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.core.errors import UsageError, ValidationFailed
+from tcexport.export import decoder as decoder_export
 from tcexport.models.sources import Source
 from tcexport.models.spec_check import parse_batch  # noqa: F401 - checked up front, kept importable here
 
@@ -107,11 +108,17 @@ def export_model(source: Source, opset: int = 18, batch: int | None = None, expo
     """Export `source` to an in-memory ONNX model carrying tcexport.source provenance."""
     if exporter not in EXPORTERS:
         raise UsageError(f"unknown exporter '{exporter}'; choose one of {', '.join(EXPORTERS)}")
-    example = source.example_inputs(batch or EXAMPLE_BATCH)
+    decoder = is_decoder(source)
+    if decoder and (exporter != "dynamo" or batch is not None):
+        raise UsageError(f"{source.spec} is a causal LM: its decoder graph exports with the dynamo exporter and a "
+                         "dynamic batch (drop --exporter torchscript / --batch)")
+    example = None if decoder else source.example_inputs(batch or EXAMPLE_BATCH)
     input_names = [spec.name for spec in source.inputs]
     try:
         with _quiet(), torch.no_grad():
-            if exporter == "dynamo":
+            if decoder:
+                model = decoder_export.export_program(source.model, decoder_shape(source), opset).model_proto
+            elif exporter == "dynamo":
                 model = _export_dynamo(source, example, input_names, opset, batch)
             else:
                 model = _export_torchscript(source, example, input_names, opset, batch)
@@ -174,10 +181,48 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray) -> dict:
             "max_rel": float((diff / np.maximum(np.abs(expected), 1e-6)).max()), "cosine": float(cosine.min())}
 
 
+def is_decoder(source: Source) -> bool:
+    return source.info.get("kind") == "decoder"
+
+
+def decoder_shape(source: Source):
+    from tcexport.models.causal import DecoderShape
+
+    return DecoderShape.from_json(source.info["decoder"])
+
+
+def check_decoder(source: Source, model_path: Path, atol: float, seed: int = 0) -> CheckReport:
+    """A prefill (left padding in one row) and a decode step with a cache, ONNX Runtime vs PyTorch."""
+    from tcexport.backends import ort as ort_backend
+
+    shape = decoder_shape(source)
+    session = ort_backend.open_session(model_path)
+    rows = []
+    for case in decoder_export.CHECK_CASES:
+        example = decoder_export.example_inputs(shape, seed=seed, **case)
+        with torch.no_grad():
+            expected = source.model(*example)
+        actual = ort_backend.run(session, decoder_export.feeds_of(example, shape.layers))
+        for name, reference in zip(source.outputs, expected):
+            row = compare_outputs(reference.numpy(), actual[name])
+            rows.append({"batch": case["batch"], "output": name, "seq": case["seq"], "past": case["past"], **row})
+    # one row per output kind keeps the summary short: the worst of logits, keys and values
+    worst = {}
+    for row in rows:
+        kind = row["output"].rsplit(".", 1)[-1] if row["output"] != "logits" else "logits"
+        step = "prefill" if row["past"] == 0 else "decode"
+        key = (row["batch"], f"{step} " + ("present.*." + kind if kind != "logits" else kind))
+        if key not in worst or row["max_abs"] > worst[key]["max_abs"]:
+            worst[key] = {**row, "output": key[1]}
+    return CheckReport(list(worst.values()), atol)
+
+
 def check_against_torch(source: Source, model_path: Path, batches: list[int], atol: float, seed: int = 0) -> CheckReport:
     """Run ONNX Runtime and PyTorch on the same random inputs; report the worst disagreement per output."""
     from tcexport.backends import ort as ort_backend
 
+    if is_decoder(source):
+        return check_decoder(source, model_path, atol, seed)
     session = ort_backend.open_session(model_path)
     rows = []
     for batch in batches:

@@ -21,13 +21,14 @@ from typing import Callable
 
 import torch
 
+from tcexport.models import causal
 from tcexport.models import hf as hf_models
 from tcexport.models import pooling
 from tcexport.core.errors import UsageError
 # LastHiddenState stays importable from here: the reference unwraps hf: sources by this type.
 from tcexport.models.hf import DEFAULT_SEQ_LEN, LastHiddenState  # noqa: F401
 from tcexport.models.seeded_init import exercise
-from tcexport.models.inputs import FLOAT, TOKEN_IDS, InputSpec, random_feeds
+from tcexport.models.inputs import ATTENTION_MASK, FLOAT, TOKEN_IDS, InputSpec, random_feeds
 from tcexport.models import spec_check
 from tcexport.models.spec_check import import_from_cwd, parse_shape
 
@@ -304,6 +305,9 @@ def load_hf(path_or_id: str, options: LoadOptions) -> Source:
     except ImportError:
         raise UsageError("transformers is not installed; pip install 'tcexport[hf]'") from None
     _quiet_transformers()
+    location = causal.locate(path_or_id)
+    if location is not None:
+        return load_decoder(path_or_id, location, options)
     local = Path(path_or_id)
     # A hub id is "name" or "org/name"; anything else that is not a directory is a wrong path.
     if not local.is_dir() and (path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1):
@@ -313,7 +317,7 @@ def load_hf(path_or_id: str, options: LoadOptions) -> Source:
                          "its directory")
     torch.manual_seed(_seeded(options))
     try:
-        model = transformers.AutoModel.from_pretrained(path_or_id, attn_implementation="eager")
+        model = hf_models.model_class(path_or_id).from_pretrained(path_or_id, attn_implementation="eager")
     except Exception as exc:  # OSError, ValueError, KeyError, safetensors errors...: all mean "not loadable"
         raise UsageError(f"hf:{path_or_id}: cannot load a transformers model ({_first_line(exc)}); "
                          "pass a local model directory (offline) or a hub id with hub access") from None
@@ -334,6 +338,32 @@ def load_hf(path_or_id: str, options: LoadOptions) -> Source:
     if info["modality"] == "text":
         info["tokenizer"] = weights["path"]
     return Source(f"hf:{path_or_id}", wrapped, inputs, ["last_hidden_state"], weights, info)
+
+
+def load_decoder(name: str, location: "causal.Location", options: LoadOptions) -> Source:
+    """A causal LM as one decoder graph with a KV cache (tcexport.export.decoder says the I/O)."""
+    from tcexport.models.causal import DecoderWithCache, output_names
+
+    if options.checkpoint or options.pretrained or options.input_shape or options.seq_len:
+        raise UsageError(f"hf:{name} is a causal LM: its weights and shapes come from its directory, and the "
+                         "sequence and cache lengths stay dynamic; drop --checkpoint/--pretrained/--input-shape/"
+                         "--seq-len")
+    model = causal.load(location, f"hf:{name}")
+    shape = causal.shape_of(model)
+    wrapper = DecoderWithCache(model, shape.layers)
+    sha = state_dict_sha256(model)
+    weights = {"kind": "gguf" if location.gguf_file else "directory", "path": str(location.directory.resolve()),
+               "sha256": sha, **({"gguf_file": location.gguf_file} if location.gguf_file else {})}
+    inputs = [InputSpec("input_ids", ["batch", "seq"], "int64", TOKEN_IDS, high=shape.vocab_size),
+              InputSpec("attention_mask", ["batch", "total"], "int64", ATTENTION_MASK),
+              InputSpec("position_ids", ["batch", "seq"], "int64", TOKEN_IDS, high=shape.context)]
+    inputs += [InputSpec(f"past_key_values.{i}.{kind}", ["batch", shape.kv_heads, "past", shape.head_dim])
+               for i in range(shape.layers) for kind in ("key", "value")]
+    info = {"family": "hf", "kind": "decoder", "modality": "text", "model_type": shape.model_type,
+            "model_class": type(model).__name__, "decoder": shape.to_json(), "depth": shape.layers,
+            "tokenizer": str(location.directory.resolve()),
+            **({"gguf_file": location.gguf_file} if location.gguf_file else {})}
+    return Source(f"hf:{name}", wrapper, inputs, output_names(shape.layers), weights, info)
 
 
 # ---------------------------------------------------------------------------------------------- sentence-transformers
