@@ -12,7 +12,7 @@ import sys
 import click
 
 from tcexport import __version__
-from tcexport.cli import bench, build, compress, export, inspect, lint, tune, validate
+from tcexport.cli import bench, build, compress, export, generate, inspect, lint, tune, validate
 from tcexport.core.errors import UsageError, ValidationFailed
 
 
@@ -66,6 +66,7 @@ cli.add_command(compress.compress)
 cli.add_command(validate.validate)
 cli.add_command(build.build)
 cli.add_command(bench.bench)
+cli.add_command(generate.generate)
 cli.add_command(inspect.inspect_cmd)
 cli.add_command(lint.lint)
 cli.add_command(tune.tune)
