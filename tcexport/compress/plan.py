@@ -60,6 +60,17 @@ def parse_counts(text: str | int | None, n_layers: int, option: str = "--r") -> 
     return values
 
 
+def parse_values(param, text: str, n_layers: int) -> list:
+    """A per-layer parameter of kind float: one value for every chosen layer, or one per chosen layer."""
+    values = [param.parse(v) for v in str(text).split(",") if v.strip()]
+    if len(values) == 1:
+        return values * n_layers
+    if len(values) != n_layers:
+        raise UsageError(f"{param.flag} lists {len(values)} values for {n_layers} chosen layers; give one or one "
+                         "per layer")
+    return values
+
+
 @dataclass
 class Plan:
     method: str  # the method name, or "+"-joined names for a multi-stage plan
@@ -95,14 +106,15 @@ def plan_method(name: str, depth: int, layers: str = "all", params: dict | None 
         raise UsageError(f"--schedule applies to tome only, not to '{name}'")
     chosen = parse_layers(layers, depth)
     declared = {p.name: p for p in cls.parameters}
-    per_layer: dict[str, list[int]] = {}
+    per_layer: dict[str, list] = {}
     for key, value in list(params.items()):
         param = declared.get(key)
         if param is None or value is None:
             continue  # the method's own check names an unknown parameter
         if param.per_layer and (isinstance(value, (str, list, tuple))):
             text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            per_layer[key] = parse_counts(text, len(chosen), param.flag)
+            per_layer[key] = (parse_counts(text, len(chosen), param.flag) if param.kind is int
+                              else parse_values(param, text, len(chosen)))
         elif isinstance(value, str):
             params[key] = param.parse(value)
     if schedule == "decreasing":
@@ -126,13 +138,20 @@ def parse_stage(text: str) -> tuple[str, dict, str]:
     name = name.strip()
     cls = methods.METHODS.get(name)
     declared = {p.name: p for p in cls.parameters} if cls is not None else {}
-    params = {}
+    raw: dict[str, str] = {}
+    last = None
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = item.partition("=")
         if not eq:
-            raise UsageError(f"--stage '{text}': parameter '{item}' must be key=value")
-        key = key.strip().replace("-", "_")
-        params[key] = _parse_value(declared.get(key), value.strip())
+            # a bare value continues the previous per-layer list: pdrop:keep=0.5,0.25@8,16
+            param = declared.get(last) if last else None
+            if param is None or not param.per_layer:
+                raise UsageError(f"--stage '{text}': parameter '{item}' must be key=value")
+            raw[last] += "," + item
+            continue
+        last = key.strip().replace("-", "_")
+        raw[last] = value.strip()
+    params = {key: value if "," in value else _parse_value(declared.get(key), value) for key, value in raw.items()}
     return name, params, layers.strip()
 
 

@@ -161,8 +161,8 @@ def check_declaration(owner: str, declared: tuple[Param, ...], exclusive: tuple[
             raise TypeError(f"{owner} parameter {p.name!r} must be a Python identifier")
         if p.name in PLAN_NAMES:
             raise TypeError(f"{owner} parameter '{p.name}' is a compress plan option; rename it")
-        if p.per_layer and p.kind is not int:
-            raise TypeError(f"{owner} parameter {p.name}: per-layer values are whole numbers (kind int)")
+        if p.per_layer and p.kind not in (int, float):
+            raise TypeError(f"{owner} parameter {p.name}: per-layer values are numbers (kind int or float)")
     for group in exclusive:
         if not set(group) <= set(names):
             raise TypeError(f"{owner}: exclusive group {group} names undeclared parameters")

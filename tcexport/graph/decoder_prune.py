@@ -1,0 +1,391 @@
+"""Prefill pruning in a decoder graph: after layer L, later layers run as if the model had been given only the
+kept tokens.
+
+The decoder graph (tcexport/export/decoder.py) computes, outside its layers, what every layer shares: rotary
+cos/sin from position_ids, the attention bias from attention_mask and the cache length, and the shape vectors
+its reshapes use (the exporter shares them between layers, so some are computed inside layer 0). A stage at
+layer L splits the layers into groups; for the layers of group s (after L_s, up to the next stage) the rewrite
+
+  1. selects: the stage's method ranks the current tokens by layer L_s's attention (the last query's row of its
+     Softmax, averaged over heads) and returns the kept indices (methods/decoder.py);
+  2. gathers the activations that cross into the group (the residual stream leaving layer L_s) at those indices;
+  3. clones the shared computation the group reads, from the graph inputs and Shape nodes up, with position_ids
+     gathered at the kept tokens (so they keep their original rotary positions), attention_mask gathered at the
+     group's key positions, and every token count in a shape vector replaced by the group's own (which entry is
+     a token count is read off two probe runs with distinct sequence, past and total lengths).
+
+Each group's cache holds only its tokens, so it also carries their original positions as state:
+`past_positions.{first layer}` [batch, past] in, `present_positions.{first layer}` out (the generation loop feeds
+every past*/present* pair back). The group's key positions are those plus the current tokens'; its attention
+bias is rebuilt from them by the model's own mask code, which is causal by index over keys kept in order, that
+is by original position. A decode step (the cache is not empty) keeps its token: step 1 returns all indices.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+from tcexport.core.errors import UsageError
+from tcexport.methods.emit import Emitter
+
+LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?=[:/.]|$)")
+PROBES = ({"batch": 2, "seq": 11, "past": 6}, {"batch": 3, "seq": 13, "past": 10})
+POSITIONS_IN, POSITIONS_OUT = "past_positions.{}", "present_positions.{}"
+
+
+@dataclass
+class Stage:
+    layer: int  # the layer whose attention decides; layers after it see the kept tokens
+    method: object  # a methods.decoder.DecoderMethod
+
+
+def layer_of(node: onnx.NodeProto) -> int | None:
+    for prop in node.metadata_props:
+        if prop.key == "namespace":
+            found = LAYER.search(prop.value)
+            return int(found.group(1)) if found else None
+    return None
+
+
+class _Graph:
+    """Producer/consumer lookups over an onnx graph, and node appends with fresh names."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model, self.graph = model, model.graph
+        self.producer = {out: node for node in self.graph.node for out in node.output if out}
+        self.initializers = {init.name for init in self.graph.initializer}
+        self.inputs = {value.name for value in self.graph.input}
+        self.new_nodes: list[onnx.NodeProto] = []
+
+    def add(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, **attrs) -> list[str]:
+        outs = [name if outputs == 1 else f"{name}_{k}" for k in range(outputs)]
+        self.new_nodes.append(helper.make_node(op_type, inputs, outs, name=f"tc/{name}", **attrs))
+        return outs
+
+    def const(self, name: str, array) -> str:
+        array = np.asarray(array)
+        return self.add("Constant", [], name, value=onnx.numpy_helper.from_array(array, name))[0]
+
+
+def activations(model: onnx.ModelProto) -> set[str]:
+    """Values that depend on the tokens' data (input_ids, the cache) other than through their shapes."""
+    seeds = [v.name for v in model.graph.input if v.name == "input_ids" or v.name.startswith("past_key_values.")]
+    data = set(seeds)
+    for node in model.graph.node:  # nodes are in topological order
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(i in data for i in node.input if i):
+            data.update(o for o in node.output if o)
+    return data
+
+
+def probe_feeds(model: onnx.ModelProto, batch: int, seq: int, past: int, layers_kv: dict) -> dict:
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(0, 100, (batch, seq)).astype(np.int64),
+             "attention_mask": np.ones((batch, past + seq), np.int64),
+             "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))}
+    for name, (heads, dim) in layers_kv.items():
+        feeds[name] = rng.standard_normal((batch, heads, past, dim)).astype(np.float32)
+    return feeds
+
+
+def _kv_dims(model: onnx.ModelProto) -> dict:
+    dims = {}
+    for value in model.graph.input:
+        if value.name.startswith("past_key_values."):
+            shape = value.type.tensor_type.shape.dim
+            dims[value.name] = (shape[1].dim_value, shape[3].dim_value)
+    return dims
+
+
+def probe_values(model: onnx.ModelProto, names: list[str]) -> list[dict]:
+    """`names` -> array, from one run per PROBES entry."""
+    from tcexport.graph.probe import exposing
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return [{} for _ in PROBES]
+    session = exposing(model, names)
+    kv = _kv_dims(model)
+    return [dict(zip(names, session.run(names, probe_feeds(model, **p, layers_kv=kv)))) for p in PROBES]
+
+
+def _slots(values: list[np.ndarray]) -> list[str]:
+    """For a shape vector seen in both probes: which entries are the sequence, total or past length."""
+    kinds = []
+    for k in range(len(values[0])):
+        entry = [int(v[k]) for v in values]
+        if entry == [p["seq"] for p in PROBES]:
+            kinds.append("seq")
+        elif entry == [p["seq"] + p["past"] for p in PROBES]:
+            kinds.append("total")
+        elif entry == [p["past"] for p in PROBES]:
+            kinds.append("past")
+        else:
+            kinds.append("")
+    return kinds
+
+
+def prune(model: onnx.ModelProto, stages: list[Stage]) -> tuple[onnx.ModelProto, list[dict]]:
+    """The graph with every stage inserted, and per group: its first layer and the stage that made it."""
+    graph = model.graph
+    by_layer: dict[int, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        layer = layer_of(node)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(node)
+    depth = max(by_layer) + 1 if by_layer else 0
+    stages = sorted(stages, key=lambda s: s.layer)
+    for stage in stages:
+        if stage.layer >= depth - 1:
+            raise UsageError(f"{stage.method.name}@{stage.layer}: the decoder has {depth} layers (0-{depth - 1}); "
+                             f"pruning after layer {stage.layer} leaves no later layer to save; choose a layer "
+                             f"below {depth - 1}")
+    if len({s.layer for s in stages}) != len(stages):
+        raise UsageError("two decoder stages name the same layer; give each layer one stage")
+    data = activations(model)
+    g = _Graph(model)
+    after_layers = _tail(graph, by_layer, depth, data)
+
+    members_of = []
+    for s, stage in enumerate(stages):
+        end = stages[s + 1].layer if s + 1 < len(stages) else depth - 1
+        members = [n for layer in range(stage.layer + 1, end + 1) for n in by_layer.get(layer, [])]
+        if s == len(stages) - 1:
+            members += after_layers
+        members_of.append(members)
+
+    # What each group reads from outside itself, classified; then one probe for every shape the rewrite reads.
+    plans = [_external_reads(g, members) for members in members_of]
+    shape_nodes, crossing = set(), set()
+    for reads in plans:
+        for value in reads:
+            if value in data:
+                crossing.add(value)
+            elif value not in g.initializers:
+                shape_nodes.update(_shape_nodes_in_cone(g, value, data))
+    probed = probe_values(model, [*crossing, *[g.producer[v].output[0] for v in shape_nodes]])
+    slots = {v: _slots([p[v] for p in probed]) for v in shape_nodes}
+
+    common = _common(g)
+    previous_index, groups = None, []
+    for s, (stage, members, reads) in enumerate(zip(stages, members_of, plans)):
+        first = stage.layer + 1
+        softmax = [n for n in by_layer[stage.layer] if n.op_type == "Softmax"]
+        if len(softmax) != 1:
+            raise UsageError(f"{stage.method.name}@{stage.layer}: found {len(softmax)} attention Softmax nodes in "
+                             "that layer, not one; the decoder must be exported with eager attention")
+        prefix = f"stage{s}"
+        index = _select(g, stage.method, softmax[0].output[0], common, prefix)
+        kept = index if previous_index is None else g.add(
+            "GatherElements", [previous_index, index], f"{prefix}_kept_in_prompt", axis=1)[0]
+        group = _group_values(g, kept, common, first, prefix)
+        mapping, memo = {}, {}
+        for value in reads:
+            if value.startswith("past_key_values."):
+                continue  # the group's own cache: already as long as its tokens
+            if value in data:
+                for run, probe in zip(probed, PROBES):
+                    shape = run[value].shape
+                    if len(shape) != 3 or shape[1] != probe["seq"]:
+                        raise UsageError(f"{stage.method.name}@{stage.layer}: the value '{value}' crossing into "
+                                         f"layer {first} has shape {list(shape)}, not [batch, tokens, width]; "
+                                         "tcexport cannot follow this decoder's tokens")
+                mapping[value] = g.add("GatherND", [value, g.add("Unsqueeze", [index, common["minus_one"]],
+                                                                 f"{prefix}_rows_{_safe(value)}")[0]],
+                                       f"{prefix}_gathered_{_safe(value)}", batch_dims=1)[0]
+            elif value not in g.initializers:
+                mapping[value] = _clone(g, value, data, group, slots, prefix, memo)
+        for node in members:
+            for k, name in enumerate(node.input):
+                if name in mapping:
+                    node.input[k] = mapping[name]
+        groups.append({"first_layer": first, "stage": s, "method": stage.method.name})
+        previous_index = kept
+    _splice(graph, g.new_nodes)
+    return model, groups
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _tail(graph, by_layer, depth, data) -> list[onnx.NodeProto]:
+    """Nodes after the last layer that carry its tokens (final norm, lm_head): they belong to the last group."""
+    in_layers = {id(n) for nodes in by_layer.values() for n in nodes}
+    reached = {o for n in by_layer.get(depth - 1, []) for o in n.output}
+    tail = []
+    for node in graph.node:
+        if id(node) in in_layers:
+            continue
+        if any(i in reached for i in node.input):
+            tail.append(node)
+            reached.update(node.output)
+    return tail
+
+
+def _external_reads(g: _Graph, members: list[onnx.NodeProto]) -> list[str]:
+    produced = {o for n in members for o in n.output}
+    reads = []
+    for node in members:
+        for name in node.input:
+            if name and name not in produced and name not in reads:
+                reads.append(name)
+    return reads
+
+
+def _shape_nodes_in_cone(g: _Graph, value: str, data: set[str]) -> set[str]:
+    """Shape-node outputs the shared computation behind `value` reads (the ones to re-count)."""
+    found, stack, seen = set(), [value], set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name in g.initializers or name in g.inputs:
+            continue
+        seen.add(name)
+        node = g.producer.get(name)
+        if node is None:
+            continue
+        if node.op_type == "Shape":
+            found.add(node.output[0])
+            continue
+        stack.extend(i for i in node.input if i)
+    return found
+
+
+def _common(g: _Graph) -> dict:
+    """Values every stage uses: the prompt length, the cache length of the full sequence, prefill or not."""
+    zero, one, two = g.const("tc_zero", [0]), g.const("tc_one", [1]), g.const("tc_two", [2])
+    n_prompt = g.add("Shape", ["input_ids"], "tc_n_prompt", start=1, end=2)[0]
+    total = g.add("Shape", ["attention_mask"], "tc_total_full", start=1, end=2)[0]
+    past = g.add("Sub", [total, n_prompt], "tc_past_full")[0]
+    prefill = g.add("Equal", [past, zero], "tc_prefill")[0]
+    return {"zero": zero, "one": one, "two": two, "minus_one": g.const("tc_minus_one", [-1]),
+            "n_prompt": n_prompt, "past": past, "prefill": prefill}
+
+
+def _select(g: _Graph, method, probs: str, common: dict, prefix: str) -> str:
+    """Kept indices [B, n'] from layer L's attention probabilities [B, H, q, k] (the last query's row, head
+    mean, current tokens' columns)."""
+    last = g.add("Gather", [probs, g.const(f"{prefix}_last", np.int64(-1))], f"{prefix}_last_query", axis=2)[0]
+    mean = g.add("ReduceMean", [last, g.const(f"{prefix}_heads", [1])], f"{prefix}_head_mean", keepdims=0)[0]
+    queries = g.add("Shape", [probs], f"{prefix}_queries", start=2, end=3)[0]
+    scores = g.add("Slice", [mean, g.add("Neg", [queries], f"{prefix}_from")[0],
+                             g.const(f"{prefix}_to", [np.iinfo(np.int64).max]), common["one"]], f"{prefix}_scores")[0]
+    return _emit_select(g, method, scores, common, prefix)
+
+
+def _emit_select(g: _Graph, method, scores: str, common: dict, prefix: str) -> str:
+    """The method's build_select, recorded with onnx_ir and spliced in as protobuf nodes."""
+    from onnx_ir import tape
+
+    holders = {name: ir.Value(name=name) for name in (scores, common["n_prompt"], common["prefill"])}
+    recorder = tape.Tape()
+    emit = Emitter(recorder, f"{prefix}_{method.name}", np.dtype(np.float32))
+    out = method.build_select(emit, holders[scores], holders[common["n_prompt"]], holders[common["prefill"]])
+    for node in recorder.nodes:
+        g.new_nodes.append(ir.serde.serialize_node(node))
+    return out.name
+
+
+def _group_values(g: _Graph, kept: str, common: dict, first: int, prefix: str) -> dict:
+    """The group's stand-ins for the graph inputs and token counts, and its positions state I/O."""
+    past_in, past_out = POSITIONS_IN.format(first), POSITIONS_OUT.format(first)
+    g.graph.input.append(helper.make_tensor_value_info(past_in, onnx.TensorProto.INT64, ["batch", f"past_{first}"]))
+    n_group = g.add("Shape", [kept], f"{prefix}_n", start=1, end=2)[0]
+    past_group = g.add("Shape", [past_in], f"{prefix}_past", start=1, end=2)[0]
+    now = g.add("Add", [kept, common["past"]], f"{prefix}_positions_now")[0]
+    keys = g.add("Concat", [past_in, now], past_out, axis=1)[0]
+    g.graph.output.append(helper.make_tensor_value_info(past_out, onnx.TensorProto.INT64, ["batch", f"kept_{first}"]))
+    return {
+        "position_ids": g.add("GatherElements", ["position_ids", kept], f"{prefix}_position_ids", axis=1)[0],
+        "attention_mask": g.add("GatherElements", ["attention_mask", keys], f"{prefix}_attention_mask", axis=1)[0],
+        "seq": n_group, "past": past_group, "total": g.add("Add", [past_group, n_group], f"{prefix}_total")[0],
+    }
+
+
+def _clone(g: _Graph, value: str, data: set[str], group: dict, slots: dict, prefix: str, memo: dict) -> str:
+    """`value` recomputed for the group (see the module docstring, step 3)."""
+    if value in memo:
+        return memo[value]
+    if value in g.initializers or not value:
+        return value
+    if value in g.inputs:
+        if value in ("position_ids", "attention_mask"):
+            memo[value] = group[value]
+            return memo[value]
+        raise UsageError(f"the decoder's shared computation reads the input '{value}' directly; tcexport cannot "
+                         "re-run it for the kept tokens")
+    if value in data:
+        raise UsageError(f"the decoder's shared computation reads '{value}', which depends on the tokens' data; "
+                         "tcexport cannot re-run it for the kept tokens")
+    node = g.producer[value]
+    if node.op_type == "Shape":
+        kinds = slots.get(node.output[0], [])
+        if not any(kinds):
+            memo[value] = value
+            return value
+        pieces = []
+        for k, kind in enumerate(kinds):
+            if kind:
+                pieces.append(group[kind])
+            else:
+                pieces.append(g.add("Slice", [value, g.const(f"{prefix}_{_safe(value)}_at{k}", [k]),
+                                              g.const(f"{prefix}_{_safe(value)}_to{k}", [k + 1])],
+                                    f"{prefix}_{_safe(value)}_{k}")[0])
+        memo[value] = g.add("Concat", pieces, f"{prefix}_{_safe(value)}", axis=0)[0]
+        return memo[value]
+    if node.op_type == "Constant":
+        memo[value] = value
+        return value
+    inputs = [_clone(g, name, data, group, slots, prefix, memo) for name in node.input]
+    if inputs == list(node.input):  # nothing it reads depends on the token count
+        for out in node.output:
+            memo[out] = out
+        return value
+    clone = onnx.NodeProto()
+    clone.CopyFrom(node)
+    clone.name = f"{prefix}/{node.name}"
+    del clone.input[:]
+    clone.input.extend(inputs)
+    del clone.output[:]
+    clone.output.extend(f"{prefix}_{_safe(o)}" if o else "" for o in node.output)
+    for old, new in zip(node.output, clone.output):
+        memo[old] = new
+    g.new_nodes.append(clone)
+    return memo[value]
+
+
+def _splice(graph: onnx.GraphProto, new_nodes: list[onnx.NodeProto]) -> None:
+    """Add the new nodes and put the whole graph back in topological order (Kahn's algorithm, stable)."""
+    nodes = list(graph.node) + new_nodes
+    produced_by = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    waiting = [0] * len(nodes)
+    users: dict[int, list[int]] = {}
+    for k, node in enumerate(nodes):
+        for name in set(node.input):
+            source = produced_by.get(name)
+            if name and source is not None:
+                waiting[k] += 1
+                users.setdefault(source, []).append(k)
+    import heapq
+
+    ready = [k for k in range(len(nodes)) if waiting[k] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(nodes[k])
+        for user in users.get(k, []):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        raise UsageError("the pruned decoder graph has a cycle; this is a tcexport bug, please report it")
+    del graph.node[:]
+    graph.node.extend(order)

@@ -1,0 +1,193 @@
+"""The eager reference of decoder stages: transformers' own forward, with the same selection at the same places.
+
+Patch points, found on any transformers causal LM by what they are rather than by family:
+  - the decoder layers: the first ModuleList whose entries are called once per layer (model.model.layers,
+    transformer.h, ...);
+  - layer L's attention module (the child whose forward returns (output, attention probabilities) under
+    eager attention): a forward hook reads the probabilities and runs the method's `select`;
+  - layer L itself: a forward hook gathers its output hidden states at the kept indices;
+  - every later layer: a forward pre-hook gathers what the model computed once for the whole chunk and hands to
+    each layer: tensors [B, n, ...] (rotary cos/sin, position ids) at the kept tokens, the attention bias
+    [B, 1, n, total] at the kept rows and at the group's key positions (its cache's original positions plus the
+    kept tokens').
+The cache is transformers' DynamicCache, whose layers simply hold what they were given, so later layers' caches
+are shorter. This is what tcexport/graph/decoder_prune.py does in the graph, written against the model instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tcexport.core.errors import UsageError
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The causal LM's list of decoder layers (the longest ModuleList of identical blocks)."""
+    best = None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise UsageError(f"{type(model).__name__}: found no list of decoder layers")
+    return best
+
+
+def attention_of(layer: torch.nn.Module) -> torch.nn.Module:
+    for name in ("self_attn", "attn", "attention", "self_attention"):
+        module = getattr(layer, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise UsageError(f"{type(layer).__name__}: found no attention module (self_attn, attn, ...)")
+
+
+@dataclass
+class _Step:
+    n_prompt: int = 0  # tokens in this call
+    past_full: int = 0  # the full sequence's cache length before this call
+    kept: list = field(default_factory=list)  # per stage: indices into this call's tokens [B, n_s]
+    local: list = field(default_factory=list)  # per stage: indices into the previous stage's tokens
+    keys: list = field(default_factory=list)  # per stage: this call's key positions [B, past_s + n_s]
+
+
+class PrunedDecoder:
+    """A transformers causal LM with decoder stages applied through hooks; `step` runs one forward."""
+
+    def __init__(self, model: torch.nn.Module, stages: list):
+        self.model, self.stages = model, sorted(stages, key=lambda s: s.layer)
+        self.layers = decoder_layers(model)
+        self.key_positions: list[torch.Tensor | None] = [None] * len(self.stages)  # per group, across steps
+        self.now = _Step()
+        self.handles = []
+        depth = len(self.layers)
+        for s, stage in enumerate(self.stages):
+            if stage.layer >= depth - 1:
+                raise UsageError(f"{stage.method.name}@{stage.layer}: the decoder has {depth} layers")
+            self.handles.append(attention_of(self.layers[stage.layer]).register_forward_hook(self._scores_hook(s)))
+            self.handles.append(self.layers[stage.layer].register_forward_hook(self._gather_hook(s)))
+            end = self.stages[s + 1].layer if s + 1 < len(self.stages) else depth - 1
+            for j in range(stage.layer + 1, end + 1):
+                self.handles.append(self.layers[j].register_forward_pre_hook(self._inputs_hook(s, j == stage.layer + 1),
+                                                                            with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def reset(self) -> None:
+        self.key_positions = [None] * len(self.stages)
+
+    def step(self, ids, mask, positions, cache):
+        self.now = _Step(n_prompt=ids.shape[1], past_full=mask.shape[1] - ids.shape[1])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True)
+        return out.logits
+
+    # -- hooks
+    def _scores_hook(self, s: int):
+        def hook(module, args, output):
+            probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if probs is None:
+                raise UsageError("the attention module returned no probabilities; load the model with "
+                                 "attn_implementation='eager'")
+            scores = probs[:, :, -1, :].mean(dim=1)[:, -probs.shape[2]:]
+            prefill = self.now.past_full == 0
+            index = self.stages[s].method.select(scores, self.now.n_prompt, prefill)
+            previous = self.now.kept[s - 1] if s > 0 else None
+            self.now.local.append(index)
+            self.now.kept.append(index if previous is None else previous.gather(1, index))
+
+        return hook
+
+    def _gather_hook(self, s: int):
+        def hook(module, args, output):
+            index = self.now.local[s]
+            hidden = output[0] if isinstance(output, tuple) else output
+            gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+            return (gathered, *output[1:]) if isinstance(output, tuple) else gathered
+
+        return hook
+
+    def _inputs_hook(self, s: int, first: bool):
+        def hook(module, args, kwargs):
+            kept = self.now.kept[s]
+            if first:
+                past = self.key_positions[s]
+                now = kept + self.now.past_full
+                self.now.keys.append(now if past is None else torch.cat([past, now], dim=1))
+                self.key_positions[s] = self.now.keys[s]
+            keys = self.now.keys[s]
+            n, total = self.now.n_prompt, self.now.past_full + self.now.n_prompt
+
+            def follow(value):
+                if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+                    return tuple(follow(v) for v in value)
+                if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != kept.shape[0]:
+                    return value
+                if value.dim() == 4 and value.shape[-2] == n and value.shape[-1] == total:  # the attention bias
+                    rows = value.gather(2, kept[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
+                    return rows.gather(3, keys[:, None, None, :].expand(-1, value.shape[1], rows.shape[2], -1))
+                if value.shape[1] == n:  # per-token tensors: rotary cos/sin, position ids
+                    index = kept.reshape(*kept.shape, *([1] * (value.dim() - 2))).expand(-1, -1, *value.shape[2:])
+                    return value.gather(1, index)
+                return value
+
+            hidden, rest = args[0], args[1:]
+            return (hidden, *(follow(a) for a in rest)), {k: follow(v) for k, v in kwargs.items()}
+
+        return hook
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(prompt)
+        mask[row, longest - len(prompt):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, stages: list, prompts: list[list[int]], max_new_tokens: int,
+             eos_ids: tuple[int, ...] = (), pad_id: int = 0, policy=None) -> dict:
+    """Greedy generation with the stages applied (none: the model as it is); the same loop as the graph's
+    (tcexport/generation/loop.py): left padding, positions counting real tokens, every row until all met EOS.
+    `policy(cache_lists, mask) -> (cache_lists, mask)` trims the cache between steps."""
+    from transformers import DynamicCache
+
+    pruned = PrunedDecoder(model, stages) if stages else None
+    try:
+        ids, mask = left_pad(prompts, pad_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        tokens = [[] for _ in prompts]
+        finished = torch.zeros(len(prompts), dtype=torch.bool)
+        first_logits = None
+        step_input = ids
+        for step in range(max_new_tokens):
+            if pruned is not None:
+                logits = pruned.step(step_input, mask, positions, cache)[:, -1, :]
+            else:
+                logits = model(input_ids=step_input, attention_mask=mask, position_ids=positions,
+                               past_key_values=cache, use_cache=True).logits[:, -1, :]
+            if step == 0:
+                first_logits = logits.clone()
+            chosen = logits.argmax(-1)
+            for row in range(len(prompts)):
+                if not finished[row]:
+                    tokens[row].append(int(chosen[row]))
+                    finished[row] = int(chosen[row]) in eos_ids
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
+            step_input = torch.where(finished, pad_id, chosen)[:, None]
+            if policy is not None:
+                cache, mask = policy(cache, mask)
+        return {"tokens": tokens, "first_logits": first_logits.numpy()}
+    finally:
+        if pruned is not None:
+            pruned.remove()
