@@ -35,7 +35,7 @@ def load_source(spec: str, **load_options):
 
 
 def export(spec: str, output: Path, opset: int = 18, batch: str | int | None = "dynamic", check: bool = True,
-           atol: float = 1e-4, exporter: str = "dynamo", force: bool = False, **load_options):
+           atol: float | None = None, exporter: str = "dynamo", force: bool = False, **load_options):
     """`tcexport export`: check everything cheap, then load, export and check against PyTorch."""
     output = Path(output)
     if output.suffix != ".onnx":

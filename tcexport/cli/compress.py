@@ -57,5 +57,12 @@ def compress(model, output, stages, layers, schedule, prop_attn, impl, protected
         schedule_out = compress_mod.compress_file(model, output, method=method, r=r, layers=layers,
                                                   schedule=schedule, prop_attn=prop_attn, impl=impl,
                                                   protected=protected, params=params, stages=list(stages))
+    if schedule_out and "in" not in schedule_out[0]:  # a decoder: counts depend on the prompt
+        what = ", ".join(f"{s['method']} at layer {s['layer'] - 1}: layers from {s['layer']} see the kept tokens"
+                         if "layer" in s else
+                         f"{s['policy']} cache " + "+".join(str(v) for k, v in s.items() if k != "policy")
+                         for s in schedule_out)
+        click.echo(f"wrote {output} ({what})")
+        return
     counts = " -> ".join([str(schedule_out[0]["in"])] + [str(s["out"]) for s in schedule_out])
     click.echo(f"wrote {output} (tokens per block: {counts})")

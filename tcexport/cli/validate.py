@@ -67,4 +67,12 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
 
     report = validate_mod.run(model, json_path=json_path, samples=samples, seed=seed, atol=atol, rtol=rtol,
                               min_cosine=min_cosine, batches=batches, user_inputs=user_inputs)
-    click.echo(validate_mod.format_report(report))
+    click.echo(report_text(report))
+
+
+def report_text(report) -> str:
+    from tcexport.validate import decoder, equality
+
+    if isinstance(report, decoder.DecoderReport):
+        return decoder.format_report(report)
+    return equality.format_report(report)

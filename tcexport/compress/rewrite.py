@@ -8,6 +8,7 @@ import onnx
 import onnx_ir as ir
 
 from tcexport import methods
+from tcexport.compress import decoder
 from tcexport.compress.plan import IMPLS, Plan, default_protected, plan_method, plan_stages
 from tcexport.core import metadata, onnxfile
 from tcexport.core.atomic import check_writable
@@ -132,6 +133,9 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     model = onnxfile.load(input_path)
     if metadata.read(model, metadata.COMPRESSION):
         raise UsageError(f"{input_path} is already compressed; compress the uncompressed export instead")
+    if decoder.is_decoder(model):
+        return decoder.compress(model, input_path, output, method, layers, dict(params or {}, **(
+            {"r": r} if r is not None else {})), list(stages or []), impl)
     model = attention.decompose_attention(model)
     shapes = probe.concrete_shapes(model)
     depth = len(blocks_mod.find_blocks(ir.from_proto(model).graph, shapes))
@@ -141,6 +145,10 @@ def compress_file(input_path: Path, output: Path, method: str = "tome", r: str |
     else:
         planned = plan_method(method, depth, layers, params, r, schedule)
         request = {"r": r, "layers": layers, "schedule": schedule, **({"params": params} if params else {})}
+    for stage in planned:
+        if getattr(stage.method, "applies_to", "encoder") == "decoder":
+            raise UsageError(f"{stage.method.name} acts on the prompt or cache of a causal LM; this graph is an "
+                             "encoder (export a causal LM with 'tcexport export hf:DIR' to use it)")
     if protected is None:
         protected = default_protected(model)
     names = list(dict.fromkeys(s.method.name for s in planned))

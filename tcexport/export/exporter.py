@@ -191,30 +191,36 @@ def decoder_shape(source: Source):
     return DecoderShape.from_json(source.info["decoder"])
 
 
+DECODER_ATOL = 1e-3  # logits of a deep LM in fp32: ORT and PyTorch sum in different orders over 30+ layers
+
+
 def check_decoder(source: Source, model_path: Path, atol: float, seed: int = 0) -> CheckReport:
-    """A prefill (left padding in one row) and a decode step with a cache, ONNX Runtime vs PyTorch."""
+    """A prefill (left padding in one row), then a decode step on the cache that prefill made: ORT vs PyTorch."""
     from tcexport.backends import ort as ort_backend
 
     shape = decoder_shape(source)
     session = ort_backend.open_session(model_path)
     rows = []
-    for case in decoder_export.CHECK_CASES:
-        example = decoder_export.example_inputs(shape, seed=seed, **case)
-        with torch.no_grad():
-            expected = source.model(*example)
+    prefill = decoder_export.example_inputs(shape, batch=3, seq=7, past=0, seed=seed, left_padding=2)
+    with torch.no_grad():
+        expected = source.model(*prefill)
+    cases = [("prefill", prefill, expected)]
+    ids, mask, positions, _ = prefill
+    step = (torch.randint(0, shape.vocab_size, (3, 1), generator=torch.Generator().manual_seed(seed + 1)),
+            torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1), positions[:, -1:] + 1,
+            tuple(expected[1:]))
+    with torch.no_grad():
+        cases.append(("decode", step, source.model(*step)))
+    for label, example, reference in cases:
         actual = ort_backend.run(session, decoder_export.feeds_of(example, shape.layers))
-        for name, reference in zip(source.outputs, expected):
-            row = compare_outputs(reference.numpy(), actual[name])
-            rows.append({"batch": case["batch"], "output": name, "seq": case["seq"], "past": case["past"], **row})
-    # one row per output kind keeps the summary short: the worst of logits, keys and values
-    worst = {}
-    for row in rows:
-        kind = row["output"].rsplit(".", 1)[-1] if row["output"] != "logits" else "logits"
-        step = "prefill" if row["past"] == 0 else "decode"
-        key = (row["batch"], f"{step} " + ("present.*." + kind if kind != "logits" else kind))
-        if key not in worst or row["max_abs"] > worst[key]["max_abs"]:
-            worst[key] = {**row, "output": key[1]}
-    return CheckReport(list(worst.values()), atol)
+        worst: dict[str, dict] = {}
+        for name, value in zip(source.outputs, reference):
+            kind = "logits" if name == "logits" else "present.*." + name.rsplit(".", 1)[-1]
+            row = compare_outputs(value.numpy(), actual[name])
+            if kind not in worst or row["max_abs"] > worst[kind]["max_abs"]:
+                worst[kind] = {"batch": 3, "output": f"{label} {kind}", "past": int(example[3][0].shape[2]), **row}
+        rows.extend(worst.values())
+    return CheckReport(rows, atol)
 
 
 def check_against_torch(source: Source, model_path: Path, batches: list[int], atol: float, seed: int = 0) -> CheckReport:
@@ -252,12 +258,14 @@ def _fixed_shapes_hint(model_path: Path) -> str:
 
 
 def export_to_file(source: Source, output: Path, opset: int = 18, batch: int | None = None, check: bool = True,
-                   atol: float = 1e-4, exporter: str = "dynamo") -> CheckReport | None:
+                   atol: float | None = None, exporter: str = "dynamo") -> CheckReport | None:
     """Export, save atomically, and (by default) check against PyTorch before the file appears."""
     output = Path(output)
     if output.suffix != ".onnx":
         raise UsageError(f"output {output} must end with .onnx")
     check_writable(output, "-o")  # before the export, which takes seconds to minutes
+    if atol is None:
+        atol = DECODER_ATOL if is_decoder(source) else 1e-4
     with progress.step(f"export {source.spec} ({exporter}, opset {opset}, batch {batch or 'dynamic'})"):
         model = export_model(source, opset=opset, batch=batch, exporter=exporter)
     with atomic_file(output) as tmp:

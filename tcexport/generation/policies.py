@@ -16,20 +16,24 @@ import numpy as np
 Policy = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
 
 
+def streaming_keep(cache_len: int, sink: int, window: int) -> np.ndarray | None:
+    """Cache positions kept before a step that adds one token (None: keep all): the first `sink` and the last
+    `window - 1`, so the cache holds sink + window positions once the step's token is in."""
+    budget = sink + window - 1
+    if cache_len <= budget:
+        return None
+    return np.r_[0:sink, cache_len - (budget - sink):cache_len]
+
+
 def streaming(sink: int, window: int) -> Policy:
     def trim(state: dict[str, np.ndarray], mask: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        length = mask.shape[1]
-        budget = sink + window - 1  # room for the token the next step adds
-        if length <= budget:
+        cache_len = mask.shape[1] - 1  # the mask already has the next token's slot
+        keep = streaming_keep(cache_len, sink, window)
+        if keep is None:
             return state, mask
-        keep = np.r_[0:sink, length - (budget - sink):length]
-        trimmed = {}
-        for name, value in state.items():
-            if value.ndim == 4 and value.shape[2] == length:  # [batch, kv_heads, past, head_dim]
-                trimmed[name] = np.ascontiguousarray(value[:, :, keep])
-            else:
-                trimmed[name] = value
-        return trimmed, np.ascontiguousarray(mask[:, keep])
+        trimmed = {name: np.ascontiguousarray(value[:, :, keep]) if value.ndim == 4 else value
+                   for name, value in state.items()}
+        return trimmed, np.ascontiguousarray(np.concatenate([mask[:, keep], mask[:, -1:]], axis=1))
 
     return trim
 

@@ -61,6 +61,7 @@ class DecoderMethod(Method):
     """A prefill pruning method of causal LMs (see the module docstring). Subclasses may override `count`."""
 
     applies_to: ClassVar[str] = "decoder"
+    acts: ClassVar[str] = "prefill"  # "prefill": a graph rewrite; "decode": a policy of the generation loop
     needs: ClassVar[frozenset[str]] = frozenset({"last_query_attention"})
 
     @classmethod

@@ -140,6 +140,28 @@ class PrunedDecoder:
         return hook
 
 
+def policy_from_record(compression: dict | None):
+    """The decode-time cache policy of a compression record, acting on transformers' DynamicCache (the same rule
+    as tcexport/generation/policies.py applies to the graph's state)."""
+    from tcexport.generation.policies import streaming_keep
+
+    for stage in (compression or {}).get("decode_policies", []):
+        if stage["method"] == "streaming":
+            sink, window = int(stage["params"]["sink"]), int(stage["params"]["window"])
+
+            def trim(cache, mask):
+                keep = streaming_keep(mask.shape[1] - 1, sink, window)
+                if keep is None:
+                    return cache, mask
+                index = torch.as_tensor(keep)
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
+                return cache, torch.cat([mask[:, index], mask[:, -1:]], dim=1)
+
+            return trim
+    return None
+
+
 def left_pad(prompts: list[list[int]], pad_id: int):
     longest = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.int64)

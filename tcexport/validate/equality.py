@@ -218,7 +218,7 @@ def _session_with_sizes(artifact: artifacts.Artifact, threads: int | None):
     provider = "cpu"
     if artifact.sidecar.get("provider"):
         provider = {v: k for k, v in ort_backend.PROVIDERS.items()}.get(artifact.sidecar["provider"], "cpu")
-    options = ort_backend.session_options(threads)
+    options = ort_backend.session_options(threads, model=model, where=artifact.path)
     import onnxruntime as ort
 
     try:
@@ -238,10 +238,10 @@ def validate(path: Path, samples: int = 4, seed: int = 0, atol: float | None = N
     if artifact.backend not in ("ort", "trt"):
         raise UsageError(f"{path}: unknown backend '{artifact.backend}' in the sidecar; rebuild with 'tcexport build'")
     engine = artifact.backend == "trt"
-    if not engine:  # before the slow reference: ONNX Runtime has no kernel for --impl plugin nodes
-        from tcexport.graph.functions import refuse_plugin_only
+    if not engine:  # before the slow reference: --impl plugin nodes need tcexport's ONNX Runtime op library
+        from tcexport.plugins import ort_library
 
-        refuse_plugin_only(onnxfile.load(artifact.model_path, load_external_data=False), path)
+        ort_library.require(onnxfile.load(artifact.model_path, load_external_data=False), path)
     precision = str(artifact.sidecar.get("precision") or "fp32") if engine else "fp32"
     reason = tolerance_reason(precision, engine, atol, rtol, min_cosine)
     atol, rtol, min_cosine = tolerances_for(precision, atol, rtol, min_cosine)
@@ -455,6 +455,11 @@ def write_json(report: ValidationReport, path: Path) -> None:
 
 
 def run(path: Path, json_path: Path | None = None, **options) -> ValidationReport:
+    from tcexport.validate import decoder
+
+    if decoder.is_decoder_file(Path(path)):
+        return decoder.run(Path(path), json_path, samples=options.get("samples", 3), seed=options.get("seed", 0),
+                           atol=options.get("atol"))
     if json_path:
         check_writable(json_path, "--json")  # before the run, not after it
     report = validate(path, **options)

@@ -1,0 +1,75 @@
+"""`tcexport compress` on a decoder graph: prefill stages rewrite the graph, decode policies are recorded.
+
+    fastv, pdrop   graph/decoder_prune.py: later layers see the kept prompt tokens
+    streaming      nothing in the graph: the generation loop (and the reference) trim the cache between steps
+
+The record (tcexport.compression, kind "decoder") says each stage's layer, method and parameters, the layer
+groups the rewrite made and the decode policies, so validate and generate work from the file alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from tcexport import methods
+from tcexport.compress.plan import plan_method, plan_stages
+from tcexport.core import metadata, onnxfile
+from tcexport.core.errors import UsageError
+from tcexport.graph import decoder_prune
+
+DECODER_METHODS_HINT = "decoders take fastv, pdrop and streaming"
+
+
+def is_decoder(model: onnx.ModelProto) -> bool:
+    return ((metadata.read(model, metadata.SOURCE) or {}).get("info") or {}).get("kind") == "decoder"
+
+
+def plan(model: onnx.ModelProto, method: str, layers: str, params: dict, stages: list[str]) -> list:
+    """The stages (graph/insert Stage: block, method) of a decoder plan; encoder methods are refused."""
+    depth = int(metadata.read(model, metadata.SOURCE)["info"]["decoder"]["layers"])
+    if stages:
+        planned = plan_stages(depth, stages)
+    else:
+        cls = methods.get(method)
+        if getattr(cls, "acts", "") == "decode" and layers == "all":
+            layers = "0"  # a decode policy acts on every layer's cache at once: one stage says it
+        planned = plan_method(method, depth, layers, params)
+    for stage in planned:
+        if getattr(stage.method, "applies_to", "encoder") != "decoder":
+            raise UsageError(f"{stage.method.name} compresses the tokens of bidirectional encoders; this is a causal "
+                             f"LM's decoder graph: {DECODER_METHODS_HINT}")
+    policies = [s for s in planned if s.method.acts == "decode"]
+    if len(policies) > 1:
+        raise UsageError("give one decode-time cache policy (streaming), not several")
+    if policies and len(planned) > len(policies):
+        raise UsageError("streaming trims a cache every layer shares; it does not combine with prefill pruning "
+                         "(fastv, pdrop), whose layers hold caches of different lengths")
+    return planned
+
+
+def compress(model: onnx.ModelProto, input_path: Path, output: Path, method: str, layers: str, params: dict,
+             stages: list[str], impl: str) -> list[dict]:
+    if impl != "subgraph":
+        raise UsageError(f"--impl {impl}: decoder stages are written as standard ONNX ops only (--impl subgraph)")
+    planned = plan(model, method, layers, params, stages)
+    prefill = [decoder_prune.Stage(s.block, s.method) for s in planned if s.method.acts == "prefill"]
+    groups = []
+    if prefill:
+        model, groups = decoder_prune.prune(model, prefill)
+    record = {
+        "kind": "decoder",
+        "method": "+".join(dict.fromkeys(s.method.name for s in planned)),
+        "stages": [{"layer": s.block, "method": s.method.name, "params": s.method.params}
+                   for s in planned if s.method.acts == "prefill"],
+        "decode_policies": [{"method": s.method.name, "params": s.method.params}
+                            for s in planned if s.method.acts == "decode"],
+        "groups": groups,
+        "request": {"stages": list(stages)} if stages else {"method": method, "layers": layers, "params": params},
+    }
+    metadata.write(model, metadata.COMPRESSION, record)
+    onnx.checker.check_model(model)
+    onnxfile.write(model, output, external_data=onnxfile.has_external_data(input_path))
+    return [{"layer": g["first_layer"], "method": g["method"]} for g in groups] or [
+        {"policy": p["method"], **p["params"]} for p in record["decode_policies"]]
