@@ -39,14 +39,25 @@ def export_program(wrapper: DecoderWithCache, shape: DecoderShape, opset: int):
     """torch.onnx (dynamo) export of the wrapper with dynamic batch, sequence, past and total length."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=MAX_LEN)
-    past = torch.export.Dim("past", min=0, max=MAX_LEN)
     total = torch.export.Dim("total", min=1, max=2 * MAX_LEN)
     example = example_inputs(shape, EXAMPLE["batch"], EXAMPLE["seq"], EXAMPLE["past"])
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
-               tuple({0: batch, 2: past} for _ in range(2 * shape.layers)))
+               tuple({0: batch, 2: past} for past in past_dims(wrapper, shape) for _ in ("key", "value")))
     return torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
                              input_names=input_names(shape.layers), output_names=output_names(shape.layers),
                              dynamic_shapes=dynamic, verbose=False)
+
+
+def past_dims(wrapper: DecoderWithCache, shape: DecoderShape) -> list:
+    """One past-length Dim for all layers ("past"), or one per layer ("past_0", ...) when some layers keep a
+    sliding-window cache and others the whole context (Gemma-2/3): their pasts differ in length, and one shared
+    Dim would make the graph require them equal (ORT: "invalid expand shape" at the first decode step)."""
+    from transformers import DynamicCache
+
+    sliding = DynamicCache(config=wrapper.model.config).is_sliding[: shape.layers]
+    if len(set(sliding)) <= 1:
+        return [torch.export.Dim("past", min=0, max=MAX_LEN)] * shape.layers
+    return [torch.export.Dim(f"past_{i}", min=0, max=MAX_LEN) for i in range(shape.layers)]
 
 
 def feeds_of(inputs: tuple, layers: int) -> dict:

@@ -11,6 +11,7 @@ exist as values (FastV, SnapKV rank tokens by them) and the exported graph has o
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,8 +181,18 @@ class DecoderWithCache(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, past):
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicSlidingWindowLayer
 
         cache = DynamicCache(config=self.model.config)
+        # Sliding-window layers: transformers' layer counts the tokens it has seen in a Python int that starts at
+        # the length of the past it is given and branches on it (full or not yet), so under torch.export the graph
+        # keeps the example's branch, and once the window has been passed the past it is given (the last window - 1
+        # slots) is shorter than what it has seen: the mask then indexes the wrong slots (ORT: GatherND index out of
+        # range). The layer below takes what it has seen from the attention mask and has no branch.
+        seen = attention_mask.shape[1] - input_ids.shape[1]
+        for i, layer in enumerate(cache.layers[: self.layers]):
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                cache.layers[i] = window_layer_class()(layer.sliding_window, seen)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -190,6 +201,51 @@ class DecoderWithCache(torch.nn.Module):
         for layer in out.past_key_values.layers[: self.layers]:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+@functools.cache
+def window_layer_class():
+    """WindowLayer, defined on first use (transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class WindowLayer(DynamicLayer):
+        """A sliding-window cache layer for a graph: it holds the last `sliding_window - 1` slots as transformers'
+        DynamicSlidingWindowLayer does, and knows how many slots the sequence has filled before this step (`seen`:
+        the attention mask's length less the new tokens), so the mask's query and key offsets are the slots'
+        absolute indices (as in transformers' generate, where the window counts slots, padding included) and no
+        size is compared with the window in Python."""
+
+        is_sliding = True
+
+        def __init__(self, sliding_window: int, seen):
+            super().__init__()
+            self.sliding_window = int(sliding_window)
+            self.seen = seen
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states  # the past given to the graph
+                return self.keys, self.values
+            keys = torch.cat([self.keys, key_states], dim=-2)
+            values = torch.cat([self.values, value_states], dim=-2)
+            length = keys.shape[-2]
+            start = torch.sym_max(length - (self.sliding_window - 1), 0)
+            self.keys = keys.narrow(-2, start, length - start)
+            self.values = values.narrow(-2, start, length - start)
+            return keys, values
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            past = self.keys.shape[-2]
+            return past + query_length, self.seen - past
+
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def get_max_length(self) -> int:
+            return self.sliding_window
+
+    return WindowLayer
 
 
 def _first_line(exc: BaseException) -> str:
