@@ -60,7 +60,7 @@ def compress(model, output, stages, layers, schedule, prop_attn, impl, protected
     if schedule_out and "in" not in schedule_out[0]:  # a decoder: counts depend on the prompt
         what = ", ".join(f"{s['method']} at layer {s['layer'] - 1}: layers from {s['layer']} see the kept tokens"
                          if "layer" in s else
-                         f"{s['policy']} cache " + "+".join(str(v) for k, v in s.items() if k != "policy")
+                         f"{s['policy']} " + ", ".join(f"{k}={v}" for k, v in s.items() if k != "policy")
                          for s in schedule_out)
         click.echo(f"wrote {output} ({what})")
         return

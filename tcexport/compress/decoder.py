@@ -1,6 +1,7 @@
 """`tcexport compress` on a decoder graph: prefill stages rewrite the graph, decode policies are recorded.
 
     fastv, pdrop   graph/decoder_prune.py: later layers see the kept prompt tokens
+    snapkv         graph/kv_select.py: every layer's present is gathered per KV head at the end of the prefill
     streaming      nothing in the graph: the generation loop (and the reference) trim the cache between steps
 
 The record (tcexport.compression, kind "decoder") says each stage's layer, method and parameters, the layer
@@ -17,9 +18,9 @@ from tcexport import methods
 from tcexport.compress.plan import plan_method, plan_stages
 from tcexport.core import metadata, onnxfile
 from tcexport.core.errors import UsageError
-from tcexport.graph import decoder_prune
+from tcexport.graph import decoder_prune, kv_select
 
-DECODER_METHODS_HINT = "decoders take fastv, pdrop and streaming"
+DECODER_METHODS_HINT = "decoders take fastv, pdrop, snapkv and streaming"
 
 
 def is_decoder(model: onnx.ModelProto) -> bool:
@@ -33,19 +34,19 @@ def plan(model: onnx.ModelProto, method: str, layers: str, params: dict, stages:
         planned = plan_stages(depth, stages)
     else:
         cls = methods.get(method)
-        if getattr(cls, "acts", "") == "decode" and layers == "all":
-            layers = "0"  # a decode policy acts on every layer's cache at once: one stage says it
+        if getattr(cls, "acts", "") in ("decode", "cache") and layers == "all":
+            layers = "0"  # a cache method acts on every layer's cache at once: one stage says it
         planned = plan_method(method, depth, layers, params)
     for stage in planned:
         if getattr(stage.method, "applies_to", "encoder") != "decoder":
             raise UsageError(f"{stage.method.name} compresses the tokens of bidirectional encoders; this is a causal "
                              f"LM's decoder graph: {DECODER_METHODS_HINT}")
-    policies = [s for s in planned if s.method.acts == "decode"]
-    if len(policies) > 1:
-        raise UsageError("give one decode-time cache policy (streaming), not several")
-    if policies and len(planned) > len(policies):
-        raise UsageError("streaming trims a cache every layer shares; it does not combine with prefill pruning "
-                         "(fastv, pdrop), whose layers hold caches of different lengths")
+    cache_methods = [s for s in planned if s.method.acts in ("decode", "cache")]
+    if len(cache_methods) > 1:
+        raise UsageError("give one cache method (streaming or snapkv), not several")
+    if cache_methods and len(planned) > len(cache_methods):
+        raise UsageError(f"{cache_methods[0].method.name} acts on a cache every layer shares; it does not combine "
+                         "with prefill pruning (fastv, pdrop), whose layers hold caches of different lengths")
     return planned
 
 
@@ -58,6 +59,9 @@ def compress(model: onnx.ModelProto, input_path: Path, output: Path, method: str
     groups = []
     if prefill:
         model, groups = decoder_prune.prune(model, prefill)
+    for stage in planned:
+        if stage.method.acts == "cache":
+            model = kv_select.select(model, stage.method)
     record = {
         "kind": "decoder",
         "method": "+".join(dict.fromkeys(s.method.name for s in planned)),
@@ -65,6 +69,8 @@ def compress(model: onnx.ModelProto, input_path: Path, output: Path, method: str
                    for s in planned if s.method.acts == "prefill"],
         "decode_policies": [{"method": s.method.name, "params": s.method.params}
                             for s in planned if s.method.acts == "decode"],
+        "cache_stages": [{"method": s.method.name, "params": s.method.params}
+                         for s in planned if s.method.acts == "cache"],
         "groups": groups,
         "request": {"stages": list(stages)} if stages else {"method": method, "layers": layers, "params": params},
     }
@@ -72,4 +78,12 @@ def compress(model: onnx.ModelProto, input_path: Path, output: Path, method: str
     onnx.checker.check_model(model)
     onnxfile.write(model, output, external_data=onnxfile.has_external_data(input_path))
     return [{"layer": g["first_layer"], "method": g["method"]} for g in groups] or [
-        {"policy": p["method"], **p["params"]} for p in record["decode_policies"]]
+        {"policy": p["method"], **p["params"]} for p in record["decode_policies"] + record["cache_stages"]]
+
+
+def stages_of(compression: dict | None) -> tuple[list, list]:
+    """(prefill stages, decode policies) rebuilt from a tcexport.compression record."""
+    compression = compression or {}
+    stages = [decoder_prune.Stage(s["layer"], methods.get(s["method"])(**s["params"])) for s in compression.get("stages", [])]
+    cache = [methods.get(s["method"])(**s["params"]) for s in compression.get("cache_stages", [])]
+    return stages, list(compression.get("decode_policies", [])), cache

@@ -13,16 +13,9 @@ from typing import Callable
 
 import numpy as np
 
+from tcexport.methods.streaming import streaming_keep
+
 Policy = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
-
-
-def streaming_keep(cache_len: int, sink: int, window: int) -> np.ndarray | None:
-    """Cache positions kept before a step that adds one token (None: keep all): the first `sink` and the last
-    `window - 1`, so the cache holds sink + window positions once the step's token is in."""
-    budget = sink + window - 1
-    if cache_len <= budget:
-        return None
-    return np.r_[0:sink, cache_len - (budget - sink):cache_len]
 
 
 def streaming(sink: int, window: int) -> Policy:
@@ -38,9 +31,21 @@ def streaming(sink: int, window: int) -> Policy:
     return trim
 
 
+def compressed_cache_mask(state: dict[str, np.ndarray], mask: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """After a prefill that compressed every layer's cache (SnapKV): the mask becomes the cache's, all real
+    positions (the selection keeps no padding) plus the next token's slot."""
+    lengths = {value.shape[2] for value in state.values() if value.ndim == 4}
+    if len(lengths) == 1 and (length := lengths.pop()) < mask.shape[1] - 1:
+        return state, np.ones((mask.shape[0], length + 1), dtype=mask.dtype)
+    return state, mask
+
+
 def from_record(compression: dict | None) -> Policy | None:
-    """The decode-time policy a compressed graph carries (None: the cache grows as generated)."""
-    for stage in (compression or {}).get("decode_policies", []):
+    """The between-steps policy a compressed graph needs (None: the cache grows as generated)."""
+    compression = compression or {}
+    for stage in compression.get("decode_policies", []):
         if stage["method"] == "streaming":
             return streaming(int(stage["params"]["sink"]), int(stage["params"]["window"]))
+    if compression.get("cache_stages"):
+        return compressed_cache_mask
     return None

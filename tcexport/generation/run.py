@@ -39,6 +39,11 @@ def run(model: str | Path, texts: tuple[str, ...] = (), ids_texts: tuple[str, ..
     shape = source["info"]["decoder"]
     tokenizer = prompts.tokenizer_for(source) if texts else None
     ids = prompts.prompt_ids(source, shape["vocab_size"], texts, ids_texts, chat, tokenizer)
+    from tcexport.compress.decoder import stages_of
+
+    stages, _, cache_methods = stages_of(compression)
+    for method in [s.method for s in stages] + cache_methods:
+        method.check_prompt(min(len(p) for p in ids))  # an empty span, a budget not smaller than the prompt
     longest = max(len(p) for p in ids)
     if longest + max_new_tokens > shape["context"]:
         raise UsageError(f"the prompt ({longest} tokens) plus --max-new-tokens {max_new_tokens} is longer than the "

@@ -282,12 +282,17 @@ def _select(g: _Graph, method, probs: str, common: dict, prefix: str) -> str:
 
 def _emit_select(g: _Graph, method, scores: str, common: dict, prefix: str) -> str:
     """The method's build_select, recorded with onnx_ir and spliced in as protobuf nodes."""
+    return _emit_select_with(g, lambda emit: method.build_select(
+        emit, ir.Value(name=scores), ir.Value(name=common["n_prompt"]), ir.Value(name=common["prefill"])),
+        f"{prefix}_{method.name}")
+
+
+def _emit_select_with(g: _Graph, build, prefix: str) -> str:
+    """Nodes a method records on an onnx_ir tape (its inputs named by placeholder values), as protobuf nodes."""
     from onnx_ir import tape
 
-    holders = {name: ir.Value(name=name) for name in (scores, common["n_prompt"], common["prefill"])}
     recorder = tape.Tape()
-    emit = Emitter(recorder, f"{prefix}_{method.name}", np.dtype(np.float32))
-    out = method.build_select(emit, holders[scores], holders[common["n_prompt"]], holders[common["prefill"]])
+    out = build(Emitter(recorder, prefix, np.dtype(np.float32)))
     for node in recorder.nodes:
         g.new_nodes.append(ir.serde.serialize_node(node))
     return out.name

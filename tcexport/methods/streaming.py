@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import numpy as np
+
 from tcexport.core.errors import UsageError
 from tcexport.methods.decoder import DecoderMethod
 from tcexport.methods.params import Param
@@ -36,3 +38,12 @@ class StreamingLLM(DecoderMethod):
 
     def check_prompt(self, n: int) -> None:
         """Nothing: the policy trims any prompt's cache."""
+
+
+def streaming_keep(cache_len: int, sink: int, window: int) -> np.ndarray | None:
+    """Cache positions kept before a step that adds one token (None: keep all): the first `sink` and the last
+    `window - 1`, so the cache holds sink + window positions once the step's token is in."""
+    budget = sink + window - 1
+    if cache_len <= budget:
+        return None
+    return np.r_[0:sink, cache_len - (budget - sink):cache_len]

@@ -19,6 +19,7 @@ import numpy as np
 
 from tcexport.core import metadata, onnxfile
 from tcexport.core.atomic import atomic_file, check_writable
+from tcexport.compress.decoder import stages_of
 from tcexport.core.errors import UsageError, ValidationFailed
 
 DEFAULT_ATOL = 1e-3
@@ -42,16 +43,6 @@ class DecoderReport:
                 "passed": self.passed, "samples": self.samples}
 
 
-def stages_of(compression: dict | None) -> tuple[list, list]:
-    """(prefill stages, decode policies) rebuilt from a tcexport.compression record."""
-    from tcexport import methods
-    from tcexport.graph.decoder_prune import Stage
-
-    compression = compression or {}
-    stages = [Stage(s["layer"], methods.get(s["method"])(**s["params"])) for s in compression.get("stages", [])]
-    return stages, list(compression.get("decode_policies", []))
-
-
 def _first_divergence(ours: list[int], theirs: list[int]) -> int | None:
     for k, (a, b) in enumerate(zip(ours, theirs)):
         if a != b:
@@ -69,7 +60,7 @@ def validate(path: Path, samples: int = 3, seed: int = 0, atol: float | None = N
     model = onnxfile.load(path, load_external_data=False)
     record = metadata.read(model, metadata.SOURCE)
     compression = metadata.read(model, metadata.COMPRESSION)
-    stages, decode_policies = stages_of(compression)
+    stages, decode_policies, cache_methods = stages_of(compression)
     source = sources.load_from_record(record)
     hf_model = source.model.model
     shape = record["info"]["decoder"]
@@ -81,12 +72,14 @@ def validate(path: Path, samples: int = 3, seed: int = 0, atol: float | None = N
     report = DecoderReport(str(path), atol, new_tokens)
     for index in range(samples):
         lengths = PROMPT_LENGTHS[index % len(PROMPT_LENGTHS)]
-        for stage in stages:
-            stage.method.check_prompt(min(lengths))
+        for method in [s.method for s in stages] + cache_methods:
+            method.check_prompt(min(lengths))
         prompts = [rng.integers(0, shape["vocab_size"], n).tolist() for n in lengths]
         ours = loop.generate(runner, prompts, new_tokens, policy=graph_policy)
-        theirs = reference.generate(hf_model, stages, prompts, new_tokens, policy=torch_policy)
-        base = reference.generate(hf_model, [], prompts, new_tokens) if (stages or decode_policies) else theirs
+        theirs = reference.generate(hf_model, stages, prompts, new_tokens, policy=torch_policy,
+                                    cache_methods=cache_methods)
+        compressed = stages or decode_policies or cache_methods
+        base = reference.generate(hf_model, [], prompts, new_tokens) if compressed else theirs
         logits_err = float(np.abs(ours.first_logits - theirs["first_logits"]).max())
         rows = []
         for row in range(len(prompts)):
