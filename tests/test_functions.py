@@ -369,15 +369,17 @@ def test_plugin_graph_has_no_body_and_no_stray_nodes(tiny_vit, tmp_path):
     assert shapes["tc_blk0_tome_x_out"] == [shapes["tc_blk0_tome_x_out"][0], 57, 65]
 
 
-def test_plugin_graph_refused_by_onnx_runtime(tiny_vit, tmp_path):
+def test_plugin_graph_refused_by_onnx_runtime_without_the_op_library(tiny_vit, tmp_path, monkeypatch):
+    """tests/test_ort_ops.py runs plugin graphs on ONNX Runtime with tcexport's op library; without it, one line."""
     from tests.conftest import assert_usage_error
 
     out = tmp_path / "plugin.onnx"
     compress.compress_file(tiny_vit, out, r="8", impl="plugin")
+    monkeypatch.setenv("TCEXPORT_ORT_OPS_LIBRARY", "none")
     for args in (("build", out, "-o", tmp_path / "build"), ("validate", out), ("bench", out, "--iters", "1")):
         result = run_cli(*args)
         assert_usage_error(result)
-        assert "TensorRT plugin nodes (tcexport::ToMeMerge" in result.stderr and "--backend trt" in result.stderr
+        assert "--impl plugin nodes (tcexport::ToMeMerge)" in result.stderr and "ORT_INCLUDE_DIR" in result.stderr
     assert not (tmp_path / "build").exists()
 
 

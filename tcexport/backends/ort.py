@@ -18,6 +18,7 @@ from tcexport.core import onnxfile
 from tcexport.core.artifacts import SIDECAR
 from tcexport.core.atomic import atomic_dir
 from tcexport.core.errors import UsageError
+from tcexport.plugins import ort_library
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -45,9 +46,13 @@ def provider_name(provider: str) -> str:
 
 
 def session_options(threads: int | None = None, opt_level: str = "all",
-                    interleaved: bool = False) -> ort.SessionOptions:
+                    interleaved: bool = False, model: onnx.ModelProto | None = None,
+                    where: str | object = "the model") -> ort.SessionOptions:
     """interleaved: the session takes turns with others (timing); its idle worker threads then sleep instead of
-    spinning, since a spinning pool would steal cores from the next session's run."""
+    spinning, since a spinning pool would steal cores from the next session's run.
+
+    model: the graph the session will run; when it holds --impl plugin nodes, tcexport's op library is
+    registered on the options (or a UsageError names what is missing, `where` naming the model)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = OPT_LEVELS[opt_level]
     options.log_severity_level = 3
@@ -56,15 +61,25 @@ def session_options(threads: int | None = None, opt_level: str = "all",
         options.inter_op_num_threads = 1
     if interleaved:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if model is not None:
+        register_plugin_ops(options, model, where)
     return options
+
+
+def register_plugin_ops(options: ort.SessionOptions, model: onnx.ModelProto, where: str | object) -> list[str]:
+    """Register tcexport's ONNX Runtime op library on `options` when `model` has --impl plugin nodes (only then:
+    an --impl function graph keeps running its own bodies). Returns the plugin ops; UsageError when the library
+    cannot run them (not built: the one line says how to get it)."""
+    ops = ort_library.require(model, where)
+    if ops:
+        ort_library.register(options)
+    return ops
 
 
 def open_session(model_path: str | Path, provider: str = "cpu", threads: int | None = None,
                  opt_level: str = "all", options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     options = options or session_options(threads, opt_level)
-    from tcexport.graph.functions import refuse_plugin_only
-
-    refuse_plugin_only(onnxfile.load(model_path, load_external_data=False), model_path)
+    register_plugin_ops(options, onnxfile.load(model_path, load_external_data=False), model_path)
     try:
         return ort.InferenceSession(str(model_path), options, providers=[provider_name(provider)])
     except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
@@ -133,6 +148,7 @@ def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", th
             options.add_session_config_entry(EXTERNAL_FILE_KEY, MODEL_DATA_FILE)
             options.add_session_config_entry(EXTERNAL_MIN_SIZE_KEY, "1024")
         session = open_session(model_path, provider, options=options)
+        plugin_ops = ort_library.plugin_only_ops(source)
         # Run once so a graph that loads but cannot execute fails the build, not the first user.
         session.run(None, inputs.random_feeds(specs, batch))
         optimized = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
@@ -156,6 +172,8 @@ def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", th
             "nodes_after": len(optimized.graph.node),
             # The optimized graph may drop metadata_props; keep the provenance with the build.
             "records": metadata.all_records(source),
+            # --impl plugin nodes run on tcexport's op library; validate and bench register it again.
+            **({"custom_ops": {**ort_library.record(), "nodes": plugin_ops}} if plugin_ops else {}),
             "host": {"machine": platform.machine(), "processor": platform.processor() or platform.machine()},
         }
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")

@@ -132,7 +132,8 @@ def inserted_wall_time(model: str | Path | onnx.ModelProto, batch: int, iters: i
     feeds = inputs.random_feeds(inputs.specs_from_graph(model), batch)
 
     def session(proto: onnx.ModelProto | bytes) -> ort.InferenceSession:
-        options = ort_backend.session_options(threads, interleaved=not spinning)
+        options = ort_backend.session_options(threads, interleaved=not spinning,
+                                              model=model if isinstance(proto, bytes) else proto)
         serialized = proto if isinstance(proto, bytes) else proto.SerializeToString()
         return ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
 

@@ -28,11 +28,14 @@ class PluginSpec:
     # The INT32 fields its creator declares, in order: the ONNX parser passes only these.
     fields: tuple[str, ...] = ()
     cpp: bool = False  # implemented in plugins/cpp (libtcexport_plugins.so, IPluginV3)
+    # implemented as an ONNX Runtime custom op (plugins/ort, tcexport/plugins/_ort_ops*.so): CPU kernels
+    ort: bool = False
 
     @property
     def implemented(self) -> bool:
-        """Whether a plugin implementation exists (C++ or Python): what `--impl plugin` can emit."""
-        return self.cpp or self.python_aot
+        """Whether an implementation exists (TensorRT C++ or Python, or ONNX Runtime): what `--impl plugin` can
+        emit."""
+        return self.cpp or self.python_aot or self.ort
 
 
 def default_op_type(method: str) -> str:

@@ -60,6 +60,7 @@ from onnx_ir import tape
 from tcexport.core.errors import UsageError
 from tcexport.core.lazy import lazy_import
 from tcexport.methods.params import REQUIRED, Param
+from tcexport.methods.plugin import PluginSpec
 from tcexport.methods.registry import register
 from tcexport.methods.base import Method, TokenState
 from tcexport.methods.tome import NORM_EPS, PAD_BONUS, PROTECTED_SCORE, _first_argmax
@@ -91,6 +92,13 @@ class PruneMerge(Method):
     parameters = (Param("dominant", int, "tokens kept by CLS attention", default=REQUIRED, low=1, example=54),
                   Param("contextual", int, "tokens the rest are merged into", default=REQUIRED, low=1, example=10,
                         hint=" (pruning without merging is --method topk)"))
+    # No TensorRT plugin yet; ONNX Runtime runs the --impl plugin node (plugins/ort, prune_merge_rows.h).
+    plugin = PluginSpec("TokenPruneMerge", description="keep K tokens by CLS attention, merge the rest into M",
+                        fields=("dominant", "contextual", "protected"), ort=True)
+
+    def plugin_fields(self, n_in: int, n_out: int, protected: int) -> dict[str, int]:
+        """dominant K and contextual M as given; protected as the stage was built."""
+        return {"dominant": self.dominant, "contextual": self.contextual, "protected": protected}
 
     @property
     def dominant(self) -> int:

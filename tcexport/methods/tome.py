@@ -130,7 +130,7 @@ class ToMe(Method):
     parameters = (Param("r", int, "tokens removed per chosen layer: one int, or one per layer", default=REQUIRED,
                         low=0, per_layer=True, example=8),)
     plugin = PluginSpec("ToMeMerge", description="ToMe bipartite soft matching: merge r token pairs (size-weighted)",
-                        python_aot=True, fields=("r", "protected"), cpp=True)
+                        python_aot=True, fields=("r", "protected"), cpp=True, ort=True)
 
     def plugin_fields(self, n_in: int, n_out: int, protected: int) -> dict[str, int]:
         """r = tokens this block removes (ToMe's per-block cap applied); protected as the stage was built."""

@@ -95,7 +95,7 @@ class TopK(Method):
                   Param("keep_order", bool, "keep surviving tokens in their original order", default=False))
     exclusive = KEEP_EXCLUSIVE
     plugin = PluginSpec("TokenPrune", description="keep the K tokens with the highest CLS attention (EViT)",
-                        python_aot=True, fields=("k", "protected", "fuse", "keep_order"), cpp=True)
+                        python_aot=True, fields=("k", "protected", "fuse", "keep_order"), cpp=True, ort=True)
 
     def plugin_fields(self, n_in: int, n_out: int, protected: int) -> dict[str, int]:
         """k = kept unprotected tokens (the per-block cap applied), protected, fuse and keep_order as 0/1."""

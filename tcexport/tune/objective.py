@@ -55,7 +55,7 @@ def session(model: onnx.ModelProto, threads: int | None = None):
 
     from tcexport.backends import ort as ort_backend
 
-    return ort.InferenceSession(model.SerializeToString(), ort_backend.session_options(threads),
+    return ort.InferenceSession(model.SerializeToString(), ort_backend.session_options(threads, model=model),
                                 providers=["CPUExecutionProvider"])
 
 
