@@ -849,6 +849,13 @@ OrtStatusPtr ORT_API_CALL infer_shapes(OrtCustomOp const* op, OrtShapeInferConte
         status = g_api->GetSymbolicDimensions(x_info, symbols, 3);
     }
     std::string batch_symbol = symbols[0] != nullptr ? symbols[0] : "";
+    // x's type from the input: ORT keeps one schema per op name, with the shape function of the first op
+    // registered under it (the float one), for every type.
+    ONNXTensorElementDataType x_type = o->type;
+    if (status == nullptr)
+    {
+        status = g_api->GetTensorElementType(x_info, &x_type);
+    }
     if (status != nullptr)
     {
         return status;
@@ -884,7 +891,7 @@ OrtStatusPtr ORT_API_CALL infer_shapes(OrtCustomOp const* op, OrtShapeInferConte
         int64_t shape[3] = {dims[0], n_out, index == 0 ? dims[2] : 1};
         size_t out_rank = index == 2 ? 2 : 3;
         char const* out_symbols[3] = {batch_symbol.c_str(), "", ""};
-        status = g_api->SetTensorElementType(info, index == 0 ? o->type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+        status = g_api->SetTensorElementType(info, index == 0 ? x_type : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
         if (status == nullptr)
         {
             status = g_api->SetDimensions(info, shape, out_rank);
