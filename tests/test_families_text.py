@@ -1,6 +1,7 @@
 """Text encoders beyond BertModel compress with tome and topk and validate, bare (hf:) and as sentence-transformers
 pipelines (st:): RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT (one layer's weights shared by all layers), ELECTRA,
-MPNet (relative attention bias: a position term)."""
+MPNet (relative attention bias: a position term), T5's encoder from a T5Model and a T5EncoderModel directory (its
+bucketed relative bias is computed by layer 0 and reused by layer 1: a position term there)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from tcexport.models import zoo
 from tests.families import METHODS, compress_and_validate, export_zoo, has_node
 
-POSITION_TERMS = {"mpnet"}
+POSITION_TERMS = {"mpnet", "t5", "t5_encoder"}
 
 
 @pytest.mark.parametrize("method", ["tome", "topk"])

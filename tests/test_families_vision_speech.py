@@ -1,5 +1,6 @@
-"""Hugging Face vision towers (ViT, DeiT, CLIP, SigLIP, DINOv2 with and without registers) and speech encoders
-(Whisper's encoder with tome and adjacent; Wav2Vec2 and HuBERT on raw audio) compress and validate."""
+"""Hugging Face vision towers (ViT, DeiT, CLIP, SigLIP, DINOv2 with and without registers, ViTMAE with its patches
+in order) and speech encoders (Whisper's encoder with tome and adjacent; Wav2Vec2 and HuBERT on raw audio; AST on
+its spectrogram patches) compress and validate."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ def test_whisper_encoder(tmp_path_factory, tmp_path, method):
 def test_raw_audio_encoder(tmp_path_factory, tmp_path, kind):
     compress_and_validate(export_zoo(tmp_path_factory, "hf", kind), tmp_path / "c.onnx", "adjacent",
                           **METHODS["adjacent"])
+
+
+@pytest.mark.parametrize("method", ["tome", "topk"])
+def test_ast_spectrogram_encoder(tmp_path_factory, tmp_path, method):
+    """AST: CLS and distillation token protected (num_prefix_tokens 2, from the patch grid), the rest merged or
+    pruned; validate passes at the default tolerances."""
+    from tcexport.core import metadata
+
+    schedule, compressed = compress_and_validate(export_zoo(tmp_path_factory, "hf", "ast"), tmp_path / "c.onnx",
+                                                 method, **METHODS[method])
+    assert schedule[0]["in"] == 2 + 3 * 7
+    assert metadata.read(compressed, metadata.COMPRESSION)["protected"] == 2

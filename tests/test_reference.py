@@ -106,6 +106,32 @@ def test_hf_bert_no_op_plans_reproduce_the_model_with_padding(tiny_bert, tiny_in
         assert reference.token_counts == [(16, 16), (16, 16)]
 
 
+def test_t5_no_op_plans_reproduce_the_model_with_its_position_bias(tmp_path_factory, tiny_inputs):
+    """T5's attention function gets the bucketed relative bias as a `position_bias` keyword (computed by layer 0,
+    passed on to layer 1); the reference's attention adds it, so the encoder is reproduced (without it the
+    outputs differ by far more than TOL: the bias is T5's own init, std d_model ** -0.5)."""
+    from tcexport.models import zoo
+
+    t5 = sources.load(f"hf:{zoo.hf_dir('t5', tmp_path_factory.mktemp('zoo_t5'))}", seq_len=16)
+    ids = tiny_inputs[0] % zoo.SMALL_VOCAB
+    expected = run(t5.model, ids, tiny_inputs[1])
+    for plan in ({}, no_merge_plan(2)):
+        reference = compressed_reference(t5, plan)
+        assert (run(reference, ids, tiny_inputs[1]) - expected).abs().max() < TOL
+    bias = t5.model.model.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert bias.std() > 0.1
+
+
+def test_attention_soft_capping_is_refused():
+    from tcexport.reference.flow import TokenFlow
+    from tcexport.reference.mode import Layout, TokenMode
+
+    mode = TokenMode(TokenFlow({}, 1, True), Layout())
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(UsageError, match="passes 'softcap' to its attention function"):
+        mode.hf_attention(torch.nn.Identity(), q, q, q, None, softcap=30.0)
+
+
 def test_sentence_transformer_no_op_plans_reproduce_the_model(minilm, sentences):
     expected = run(minilm.model, *sentences)
     for plan in ({}, no_merge_plan(6)):

@@ -131,7 +131,8 @@ def test_model_arg_on_the_cli(tmp_path):
 # ---------------------------------------------------------------------------------------------- export by family
 
 # Tokens before the patches, as each architecture defines them (CLS, DeiT's distillation token, registers).
-VISION_PREFIX = {"vit": 1, "deit": 2, "clip_vision": 1, "siglip_vision": 0, "dinov2": 1, "dinov2_registers": 5}
+VISION_PREFIX = {"vit": 1, "deit": 2, "clip_vision": 1, "siglip_vision": 0, "dinov2": 1, "dinov2_registers": 5,
+                 "vit_mae": 1}
 # Options that keep every family tiny: short text, short raw audio (the default is one second).
 TINY_OPTIONS = {**{k: {"seq_len": 16} for k in zoo.TEXT_KINDS}, "wav2vec2": {"input_shape": str(zoo.AUDIO_SAMPLES)},
                 "hubert": {"input_shape": str(zoo.AUDIO_SAMPLES)}}
@@ -209,6 +210,9 @@ def test_hf_raw_audio_length_is_the_input_shape(zoo_root):
     ("vit", {"input_shape": "3x30x30"}, "multiple of the patch size"),
     ("whisper", {"input_shape": "8x40"}, "exactly 8x32"),
     ("wav2vec2", {"input_shape": "3"}, "does not run on inputs"),
+    ("ast", {"seq_len": 16}, r"use --input-shape TxF \(frames x mel bins\)"),
+    ("ast", {"input_shape": "16000"}, "TxF"),
+    ("ast", {"input_shape": "64x16"}, f"exactly {zoo.AST_FRAMES}x{zoo.AST_MEL_BINS}"),
 ])
 def test_hf_options_that_do_not_apply_are_usage_errors(kind, options, message, zoo_root):
     with pytest.raises(UsageError, match=message):
@@ -284,6 +288,59 @@ def test_hf_text_encoder_decoder_exports_its_encoder(tmp_path):
     assert source.info["encoder_only"] and source.info["tokens"] == 8
     with torch.no_grad():
         assert source.model(*source.example_inputs(2)).shape == (2, 8, 32)
+
+
+def test_hf_t5_encoder_model_directory_exports_as_itself(zoo_root):
+    """A T5EncoderModel directory loads as T5EncoderModel with its saved weights (AutoModel would build a T5Model
+    around them, with a random decoder and a forward that wants decoder inputs); a T5Model's encoder is its stack."""
+    import transformers
+
+    directory = zoo.hf_dir('t5_encoder', zoo_root)
+    encoder_only = sources.load(f"hf:{directory}", seq_len=16)
+    assert type(encoder_only.model.model).__name__ == "T5EncoderModel"
+    assert "encoder_only" not in encoder_only.info and encoder_only.info["tokens"] == 16
+    saved = transformers.T5EncoderModel.from_pretrained(directory).eval()
+    inputs = encoder_only.example_inputs(2)
+    with torch.no_grad():
+        assert torch.allclose(encoder_only.model(*inputs), saved(*inputs).last_hidden_state, atol=1e-6)
+    whole = sources.load(f"hf:{zoo.hf_dir('t5', zoo_root)}", seq_len=16)
+    assert type(whole.model.model).__name__ == "T5Stack" and whole.info["encoder_only"]
+
+
+def test_hf_ast_takes_its_spectrogram_in_its_own_terms(zoo_root):
+    """AST's input_values is [batch, frames, mel bins] (not raw audio); CLS + distillation token before the
+    frequency-major patch grid."""
+    source = sources.load(f"hf:{zoo.hf_dir('ast', zoo_root)}")
+    assert [(s.name, s.shape) for s in source.inputs] == [("input_values", ["batch", zoo.AST_FRAMES,
+                                                                            zoo.AST_MEL_BINS])]
+    stride, patch = zoo.PATCH // 2, zoo.PATCH
+    grid = [(zoo.AST_MEL_BINS - patch) // stride + 1, (zoo.AST_FRAMES - patch) // stride + 1]
+    assert source.info["patch_grid"] == grid
+    assert source.info["num_prefix_tokens"] == 2 and source.info["tokens"] == grid[0] * grid[1] + 2
+    same = sources.load(f"hf:{zoo.hf_dir('ast', zoo_root)}", input_shape=f"{zoo.AST_FRAMES}x{zoo.AST_MEL_BINS}")
+    assert same.inputs[0].shape == source.inputs[0].shape
+
+
+def test_hf_vit_mae_keeps_every_patch_in_order(zoo_root, tmp_path):
+    """ViTMAE shuffles its patches by argsort(noise), drawn at random when not given: the export passes noise
+    0..N-1, so two calls agree and the tokens are the unshuffled patches; a config that masks patches is refused."""
+    import transformers
+
+    source = sources.load(f"hf:{zoo.hf_dir('vit_mae', zoo_root)}")
+    inputs = source.example_inputs(2)
+    model = source.model.model
+    patches = (zoo.IMAGE // zoo.PATCH) ** 2
+    with torch.no_grad():
+        first, second = source.model(*inputs), source.model(*inputs)
+        in_order = model(pixel_values=inputs[0], noise=torch.arange(patches, dtype=torch.float32).expand(2, -1))
+        shuffled = model(pixel_values=inputs[0])  # its own random noise
+    assert torch.equal(first, second) and torch.allclose(first, in_order.last_hidden_state, atol=1e-6)
+    assert not torch.allclose(first, shuffled.last_hidden_state, atol=1e-3)
+    config = zoo.hf_config("vit_mae")
+    config.mask_ratio = 0.75
+    transformers.ViTMAEModel(config).save_pretrained(tmp_path / "masking")
+    with pytest.raises(UsageError, match="mask_ratio 0.75: it keeps a random 25% of the patches"):
+        sources.load(f"hf:{tmp_path / 'masking'}")
 
 
 def test_unknown_main_input_is_a_usage_error():

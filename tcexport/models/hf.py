@@ -5,7 +5,10 @@ modality works without a per-model table:
     input_ids        text     input_ids + attention_mask [batch, --seq-len]
     pixel_values     vision   [batch, num_channels, image_size, image_size] from the config (--input-shape CxHxW)
     input_features   speech   log-mel spectrogram [batch, num_mel_bins, 2 * max_source_positions] (Whisper)
-    input_values     speech   raw audio [batch, samples] (Wav2Vec2, HuBERT; --input-shape N)
+    input_values     speech   raw audio [batch, samples] (Wav2Vec2, HuBERT; --input-shape N), or a spectrogram
+                              [batch, max_length, num_mel_bins] when the config has both (AST; --input-shape TxF)
+ViTMAE runs with its patches in their own order (fixed noise 0, 1, ..., N-1 instead of a random shuffle each
+call); its config must keep every patch (mask_ratio 0).
 Encoder-decoder models (Whisper, T5, BART) export their encoder alone: token compression applies to its tokens.
 (Feeding a speech model the text inputs, as tcexport once did because their configs have a vocab_size, is what
 made torch.export fail on Whisper and Wav2Vec2; with their own inputs the dynamo exporter handles both.)
@@ -36,16 +39,37 @@ class LastHiddenState(torch.nn.Module):
 
 
 class SingleInputHiddenState(torch.nn.Module):
-    """A vision or speech encoder called with its one main input, returning last_hidden_state."""
+    """A vision or speech encoder called with its one main input, returning last_hidden_state.
 
-    def __init__(self, model: torch.nn.Module, input_name: str, **call_kwargs):
+    `identity_noise` (ViTMAE): the model shuffles its patches by argsort(noise) and draws the noise at random
+    when none is given; noise 0, 1, ..., N-1 keeps them in order, the same on every call."""
+
+    def __init__(self, model: torch.nn.Module, input_name: str, identity_noise: int = 0, **call_kwargs):
         super().__init__()
         self.model = model
         self.input_name = input_name
+        self.identity_noise = identity_noise
         self.call_kwargs = call_kwargs
 
     def forward(self, features):
-        return self.model(**{self.input_name: features}, **self.call_kwargs).last_hidden_state
+        call = dict(self.call_kwargs)
+        if self.identity_noise:
+            order = torch.arange(self.identity_noise, dtype=torch.float32, device=features.device)
+            call["noise"] = order[None].expand(features.shape[0], -1)
+        return self.model(**{self.input_name: features}, **call).last_hidden_state
+
+
+def model_class(path_or_id: str):
+    """AutoModel, or the encoder-only class the directory was saved from (`architectures`: T5EncoderModel and the
+    like), which AutoModel would replace by the whole encoder-decoder (T5Model, with a decoder it has no weights
+    for and a forward that wants decoder inputs)."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path_or_id)
+    named = (getattr(config, "architectures", None) or [""])[0]
+    if named.endswith("EncoderModel") and isinstance(getattr(transformers, named, None), type):
+        return getattr(transformers, named)
+    return transformers.AutoModel
 
 
 def modality(model: torch.nn.Module) -> str:
@@ -74,10 +98,18 @@ def _shape_option(text: str, dims: int, example: str) -> tuple[int, ...]:
     return shape
 
 
-def refuse_options(kind: str, seq_len: int | None, input_shape: str | None) -> None:
-    """An option that does not apply to the modality is an error, not silently ignored."""
+def is_patch_spectrogram(model: torch.nn.Module) -> bool:
+    """An input_values model that takes a spectrogram in patches (AST), not raw audio: its config sizes both axes."""
+    config = getattr(model, "config", None)
+    return (getattr(model, "main_input_name", None) == "input_values" and hasattr(config, "num_mel_bins")
+            and hasattr(config, "max_length"))
+
+
+def refuse_options(kind: str, seq_len: int | None, input_shape: str | None, hint: str | None = None) -> None:
+    """An option that does not apply to the modality is an error, not silently ignored. `hint`: the
+    --input-shape form of the model, where it is not its modality's usual one."""
     if kind != "text" and seq_len:
-        hint = "--input-shape CxHxW" if kind == "vision" else "--input-shape N (raw audio samples)"
+        hint = hint or ("--input-shape CxHxW" if kind == "vision" else "--input-shape N (raw audio samples)")
         raise UsageError(f"--seq-len applies to text models; this is a {kind} model (use {hint} for its input size)")
     if kind == "text" and input_shape:
         raise UsageError("--input-shape applies to vision and speech models; use --seq-len N for a text model")
@@ -92,9 +124,11 @@ def wrap(model: torch.nn.Module, seq_len: int | None,
          input_shape: str | None) -> tuple[torch.nn.Module, list[InputSpec], dict]:
     """The module to export, its input specs and what info records about the modality."""
     kind = modality(model)
-    refuse_options(kind, seq_len, input_shape)
-    config = model.config
     encoder = encoder_of(model)
+    spectrogram_patches = is_patch_spectrogram(encoder)
+    refuse_options(kind, seq_len, input_shape,
+                   "--input-shape TxF (frames x mel bins)" if spectrogram_patches else None)
+    config = model.config
     if kind == "text":
         length = seq_len or DEFAULT_SEQ_LEN
         limit = getattr(config, "max_position_embeddings", None)
@@ -106,6 +140,8 @@ def wrap(model: torch.nn.Module, seq_len: int | None,
         return _vision(encoder, config, input_shape)
     if encoder.main_input_name == "input_features":
         return _spectrogram(encoder, config, input_shape)
+    if spectrogram_patches:
+        return _patch_spectrogram(encoder, config, input_shape)
     return _raw_audio(encoder, input_shape)
 
 
@@ -121,7 +157,14 @@ def _vision(model, config, input_shape):
     if height % patch[0] or width % patch[1]:
         raise UsageError(f"image size {height}x{width} is not a multiple of the patch size {patch[0]}x{patch[1]}")
     spec = InputSpec("pixel_values", ["batch", channels, height, width], "float32", FLOAT)
-    info = {"modality": "vision", "patch_grid": [height // patch[0], width // patch[1]]}
+    grid = [height // patch[0], width // patch[1]]
+    info = {"modality": "vision", "patch_grid": grid}
+    if "noise" in _parameters(model) and hasattr(config, "mask_ratio"):  # ViTMAE: patches shuffled by noise
+        if float(config.mask_ratio) != 0:
+            raise UsageError(f"{type(model).__name__} has mask_ratio {config.mask_ratio}: it keeps a random "
+                             f"{1 - float(config.mask_ratio):.0%} of the patches on every call, so no export can "
+                             "match it; save its config with mask_ratio 0.0 to export the encoder over every patch")
+        call["identity_noise"] = grid[0] * grid[1]
     return SingleInputHiddenState(model, "pixel_values", **call), [spec], info
 
 
@@ -135,6 +178,21 @@ def _spectrogram(model, config, input_shape):
     return SingleInputHiddenState(model, "input_features"), [spec], {"modality": "speech", "encoder_only": True}
 
 
+def _patch_spectrogram(model, config, input_shape):
+    """AST: input_values [batch, max_length frames, num_mel_bins], cut into patch_size squares at
+    (frequency_stride, time_stride); its position embeddings fix both sizes. Tokens: CLS, distillation, then
+    the patches frequency-major (patch_grid [frequency, time])."""
+    frames, mel_bins = int(config.max_length), int(config.num_mel_bins)
+    if input_shape and _shape_option(input_shape, 2, "TxF (frames x mel bins)") != (frames, mel_bins):
+        raise UsageError(f"this {type(model).__name__} takes input_values of exactly {frames}x{mel_bins} "
+                         f"(max_length x num_mel_bins: its position embeddings fix both), got --input-shape "
+                         f"{input_shape}")
+    patch = int(config.patch_size)
+    grid = [(mel_bins - patch) // int(config.frequency_stride) + 1, (frames - patch) // int(config.time_stride) + 1]
+    spec = InputSpec("input_values", ["batch", frames, mel_bins], "float32", FLOAT)
+    return SingleInputHiddenState(model, "input_values"), [spec], {"modality": "speech", "patch_grid": grid}
+
+
 def _raw_audio(model, input_shape):
     samples = _shape_option(input_shape, 1, "N (samples)")[0] if input_shape else DEFAULT_AUDIO_SAMPLES
     spec = InputSpec("input_values", ["batch", samples], "float32", FLOAT)
@@ -142,9 +200,13 @@ def _raw_audio(model, input_shape):
 
 
 def _takes(model: torch.nn.Module, argument: str) -> bool:
+    return argument in _parameters(model)
+
+
+def _parameters(model: torch.nn.Module):
     import inspect
 
-    return argument in inspect.signature(model.forward).parameters
+    return inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()
@@ -159,10 +221,11 @@ def token_count(wrapped: torch.nn.Module, inputs: list[InputSpec]) -> int:
 def prefix_tokens(tokens: int, info: dict) -> int:
     """Tokens before the patches (CLS, distillation, registers; 0 for SigLIP): tokens minus the patch count.
 
-    1 for text (CLS or <s>), 0 for speech (every token is a frame)."""
+    1 for text (CLS or <s>), 0 for speech (every token is a frame) unless it is cut in patches (AST: CLS and
+    distillation)."""
     if info["modality"] == "text":
         return 1
-    if info["modality"] != "vision":
+    if "patch_grid" not in info:
         return 0
     rows, cols = info["patch_grid"]
     return tokens - rows * cols

@@ -57,6 +57,12 @@ TIMM_REFUSED += ("levit_128s", "cait_xxs24_224", "xcit_nano_12_p16_224", "mvitv2
 TEXT_KINDS = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "mpnet")
 VISION_KINDS = ("vit", "deit", "clip_vision", "siglip_vision", "dinov2", "dinov2_registers")
 SPEECH_KINDS = ("whisper", "wav2vec2", "hubert")
+# T5's encoder (its bucketed relative bias, computed by layer 0 and reused by every later layer, is a position term),
+# exported from a T5Model directory and from a T5EncoderModel one; ViTMAE with every patch kept, in order; AST
+# (input_values is a spectrogram [batch, frames, mel bins] cut into overlapping patches, CLS + distillation token).
+TEXT_KINDS += ("t5", "t5_encoder")
+VISION_KINDS += ("vit_mae",)
+SPEECH_KINDS += ("ast",)
 # Text encoders whose attention masks are structure, not padding: CLIP's text tower is causal (compress refuses
 # it), ModernBERT alternates global and sliding-window layers (the window follows the tokens' original positions).
 MASKED_TEXT_KINDS = ("clip_text", "modernbert")
@@ -72,6 +78,7 @@ RAW_AUDIO_KINDS = ("wav2vec2", "hubert", "wavlm")  # input_values: give them zoo
 HF_KINDS = TEXT_KINDS + VISION_KINDS + SPEECH_KINDS + MASKED_TEXT_KINDS + HF_REFUSED
 ST_KINDS = ("bert", "roberta", "distilbert", "albert", "mpnet")
 
+AST_FRAMES, AST_MEL_BINS = 32, 16  # AST's input_values [batch, frames, mel bins]: 3 x 7 patches of 8 at stride 4
 TEXT_MAX_POSITIONS = 160  # room for the default --seq-len 128 plus RoBERTa's padding offset
 SMALL_VOCAB = 1000
 WHISPER_POSITIONS = 16  # encoder tokens; input_features length is twice this
@@ -100,6 +107,10 @@ _VISION = dict(image_size=IMAGE, patch_size=PATCH, hidden_size=WIDTH, num_hidden
 _AUDIO = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * WIDTH,
               conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=8,
               num_conv_pos_embedding_groups=2)
+# T5: relative positions in 8 buckets up to 16 apart (the zoo's 16 tokens reach the far, logarithmic buckets).
+_T5 = dict(d_model=WIDTH, d_kv=WIDTH // HEADS, d_ff=2 * WIDTH, num_layers=LAYERS, num_decoder_layers=1,
+           num_heads=HEADS, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+           decoder_start_token_id=0)
 HF_CONFIGS: dict[str, tuple[str, dict]] = {
     "bert": ("BertConfig", _TEXT),
     "roberta": ("RobertaConfig", {**_TEXT, **_ROBERTA_IDS}),
@@ -146,11 +157,21 @@ HF_CONFIGS: dict[str, tuple[str, dict]] = {
                                     num_decoder_layers=1, d_model=WIDTH, n_head=HEADS, d_head=WIDTH // HEADS,
                                     d_inner=2 * WIDTH, max_position_embeddings=TEXT_MAX_POSITIONS)),
     "wavlm": ("WavLMConfig", dict(_AUDIO, num_buckets=32, max_bucket_distance=100)),  # gated relative position bias
+    "t5": ("T5Config", _T5),  # T5Model: its encoder is exported
+    "t5_encoder": ("T5Config", _T5),  # saved as T5EncoderModel (HF_MODEL_CLASSES)
+    "vit_mae": ("ViTMAEConfig", dict(_VISION, mask_ratio=0.0, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+                                     decoder_num_attention_heads=HEADS, decoder_intermediate_size=32)),
+    "ast": ("ASTConfig", dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                              intermediate_size=2 * WIDTH, patch_size=PATCH, frequency_stride=PATCH // 2,
+                              time_stride=PATCH // 2, max_length=AST_FRAMES, num_mel_bins=AST_MEL_BINS)),
 }
+# Kinds saved from another class than the one AutoModel picks for their config.
+HF_MODEL_CLASSES = {"t5_encoder": "T5EncoderModel"}
 # Full size: the config class's defaults, except where those are not the common base model.
 HF_FULL_OVERRIDES = {
     "albert": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),  # the default is xxlarge
     **{kind: _ROBERTA_IDS for kind in ("roberta", "xlm-roberta", "mpnet")},
+    "vit_mae": dict(mask_ratio=0.0),  # the default masks 75 % of the patches at random on every call
 }
 
 
@@ -172,12 +193,15 @@ def hf_config(kind: str, vocab_size: int | None = None, full: bool = False):
 # ---------------------------------------------------------------------------------------------- directories
 
 
-def _random_model(config, seed: int):
+def _random_model(config, seed: int, class_name: str | None = None):
     import torch
     import transformers as tf
 
     torch.manual_seed(seed)
-    model = tf.AutoModel.from_config(config, attn_implementation="eager").eval()
+    if class_name:
+        model = getattr(tf, class_name)._from_config(config, attn_implementation="eager").eval()
+    else:
+        model = tf.AutoModel.from_config(config, attn_implementation="eager").eval()
     exercise(model, seed)
     return model
 
@@ -200,7 +224,8 @@ def hf_dir(kind: str, root: Path, seed: int = SEED, full: bool = False) -> Path:
     config = hf_config(kind, full=full)
     _quiet_transformers()
     name = f"hf-{kind}{'-full' if full else ''}-seed{seed}"
-    return _save_once(Path(root) / name, lambda tmp: _random_model(config, seed).save_pretrained(tmp))
+    return _save_once(Path(root) / name,
+                      lambda tmp: _random_model(config, seed, HF_MODEL_CLASSES.get(kind)).save_pretrained(tmp))
 
 
 def minilm_tokenizer_dir() -> Path:

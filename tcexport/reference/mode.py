@@ -195,7 +195,8 @@ class TokenMode(TorchFunctionMode):
         metric = keys_t.mean(dim=1).transpose(1, 2) if keys_t is not None and keys_t.dim() == 4 else None
         return self.attend(logits, metric, lambda biased: func(biased, *args[1:], **kwargs))
 
-    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+              position_bias=None):
         if enable_gqa and key.shape[-3] != query.shape[-3]:
             repeat = query.shape[-3] // key.shape[-3]
             key, value = key.repeat_interleave(repeat, -3), value.repeat_interleave(repeat, -3)
@@ -204,6 +205,8 @@ class TokenMode(TorchFunctionMode):
         if is_causal:  # what SDPA means by it (top-left aligned): structure, found as such by attend()
             allowed = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril()
             logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        if position_bias is not None:  # a position term on the logits (T5's bucketed bias): follows the tokens
+            logits = self._add(logits, position_bias)
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:  # True = attend, as an additive mask
                 keep = attn_mask
@@ -218,14 +221,21 @@ class TokenMode(TorchFunctionMode):
 
     def hf_attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         """A transformers AttentionInterface function: eager attention through the patch points. Its
-        attention_mask argument is the padding mask by transformers' contract, whatever its tags say."""
+        attention_mask argument is the padding mask by transformers' contract, whatever its tags say. A
+        `position_bias` (T5 and its kin: the bucketed relative bias computed by layer 0 and passed to every later
+        layer) is added to the logits before the mask, as their eager attention adds it, and follows the tokens
+        like any position term; logit soft-capping and attention sinks are refused."""
+        for name in ("softcap", "s_aux", "sinks"):
+            if kwargs.get(name) is not None:
+                raise UsageError(f"{type(module).__name__} passes '{name}' to its attention function; tcexport's "
+                                 "reference does not reproduce it, so it cannot compress this model")
         with torch._C.DisableTorchFunction():  # called from model code, so the mode is still active here
             if attention_mask is not None:
                 set_tags(attention_mask, (True, *tags(attention_mask)[1:]))
             if key.shape[1] != query.shape[1]:  # grouped-query attention
                 repeat = query.shape[1] // key.shape[1]
                 key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
-            out = self._sdpa(query, key, value, attention_mask, scale=scaling)
+            out = self._sdpa(query, key, value, attention_mask, scale=scaling, position_bias=kwargs.get("position_bias"))
             probs = self.block.probs if self.block is not None else None
             result = out.transpose(1, 2).contiguous()
             set_tags(result, tags(out))
