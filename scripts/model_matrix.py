@@ -2,12 +2,16 @@
 """The model matrix: export -> compress (tome, topk; adjacent too for speech) -> validate -> bench over every model
 family tcexport supports, as docs/models.md (one row per model and method) and docs/models.json.
 
-    python scripts/model_matrix.py [--full] [--only NAME,...] [--out docs] [--work DIR] [--iters 20]
+    python scripts/model_matrix.py [--full] [--only NAME,...] [--merge] [--out docs] [--work DIR] [--iters 20]
 
 Models come from tcexport.models.zoo: the timm variants (zoo.TIMM), the transformers kinds (zoo.HF_KINDS, saved as
 hf: directories) and the sentence-transformers kinds (zoo.ST_KINDS). By default they are the zoo's tiny
 configs (2 blocks, width 32-64: minutes for the whole matrix); --full uses the real sizes (timm defaults, the
 transformers config classes' base sizes), with seeded weights drawn by tcexport.models.seeded_init.exercise either way.
+
+`--only NAME,... --merge` runs a few models and merges their rows into the models.json/models.md already in --out
+(rows of those models replaced, new ones placed in matrix order, every other row kept as it was measured); the
+header keeps the run that produced the rest and names each merged run's command.
 
 Each step's UsageError (a family the rewriter or the reference does not cover yet, a refused model) lands in
 its row as the step's status; later steps of that row are skipped. Columns:
@@ -240,12 +244,29 @@ def _flop_cell(row: dict) -> str:
     return fmt(row.get("flop_ideal_speedup"), ".2f")
 
 
-def markdown(rows: list[dict], command: str, settings: dict) -> str:
+def produced_line(command: str, settings: dict) -> str:
+    return f"Produced by `{command}` ({settings['size']} configs, seeded weights; {settings['when']})."
+
+
+def merged_line(run: dict) -> str:
+    names = [f"`{name}`" for name in run["models"]]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return (f"Rows of {listed}: `{run['command']}` ({run['when']}), merged into the run above; the other rows are "
+            "that run's.")
+
+
+def markdown(rows: list[dict], command: str, settings: dict, merged: list[dict] = (),
+             produced: str | None = None) -> str:
+    """The matrix as markdown. `merged`: the --merge runs whose rows replaced or joined the base run's; `produced`:
+    the base run's header line as the file already has it (it may carry a note on how it was run)."""
+    tokens = [r["tokens_in"] for r in rows if "tokens_in" in r]
+    span = f"{min(tokens)}-{max(tokens)} tokens" if tokens else "a few dozen tokens"
     lines = [
         "# Model matrix",
         "",
-        f"Produced by `{command}` ({settings['size']} configs, seeded weights; {settings['when']}).",
+        produced or produced_line(command, settings),
         "",
+        *[line for run in merged for line in (merged_line(run), "")],
         "Each row: export -> compress -> validate (fp32, batch 1 and 3, vs the eager PyTorch reference) -> bench "
         "(ONNX Runtime CPU, interleaved, median latency). FLOP-ideal: MatMul/Gemm/Conv FLOPs of the model's own "
         "ops, uncompressed / compressed. A step that is refused says why; the steps after it are skipped. "
@@ -253,7 +274,7 @@ def markdown(rows: list[dict], command: str, settings: dict) -> str:
         "difference, max rel err the worst ratio difference / max(|reference|, 1e-6), which grows large where "
         "a reference element is near zero.",
         "",
-        *(["With the tiny configs (16-21 tokens, width 32-64) the speedups measure what the inserted ops cost at "
+        *([f"With the tiny configs ({span}, width 32-64) the speedups measure what the inserted ops cost at "
            "that size, not what a deployment gains: the FLOPs saved are a few MatMuls of 2 blocks. "
            "`--full` runs the real sizes.", ""] if settings["size"] == "tiny" else []),
         "| model | family | method | tokens | export | compress | validate | max abs err | max rel err | speedup b1 "
@@ -272,11 +293,45 @@ def markdown(rows: list[dict], command: str, settings: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], out: Path, command: str, settings: dict) -> None:
+def write_outputs(rows: list[dict], out: Path, command: str, settings: dict, merged: list[dict] = (),
+                  produced: str | None = None) -> None:
     with atomic_file(out / "models.md") as tmp:
-        tmp.write_text(markdown(rows, command, settings), encoding="utf-8")
+        tmp.write_text(markdown(rows, command, settings, merged, produced), encoding="utf-8")
+    record = {"command": command, "settings": settings, **({"merged": list(merged)} if merged else {}), "rows": rows}
     with atomic_file(out / "models.json") as tmp:
-        tmp.write_text(json.dumps({"command": command, "settings": settings, "rows": rows}, indent=2) + "\n")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_existing(out: Path) -> tuple[dict, str | None]:
+    """The matrix already in `out` (models.json), and the header line of its models.md, for --merge."""
+    path = out / "models.json"
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+        existing["rows"], existing["command"], existing["settings"]  # noqa: B018 (the fields a merge keeps)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"--merge: {path} is not a model matrix to merge into; run the whole matrix there first, "
+                         "or leave out --merge") from None
+    try:
+        produced = next((line for line in (out / "models.md").read_text(encoding="utf-8").splitlines()
+                         if line.startswith("Produced by `")), None)
+    except OSError:
+        produced = None
+    return existing, produced
+
+
+def merge_rows(old: list[dict], new: list[dict], order: list[str]) -> list[dict]:
+    """`old` with every model of `new` replaced by (or joined with) its new rows, models in matrix `order`
+    (models the matrix no longer has keep their place at the end)."""
+    by_model: dict[str, list[dict]] = {}
+    for row in old:
+        by_model.setdefault(row["model"], []).append(row)
+    fresh: dict[str, list[dict]] = {}
+    for row in new:
+        fresh.setdefault(row["model"], []).append(row)
+    by_model.update(fresh)
+    rank = {name: i for i, name in enumerate(order)}
+    models = sorted(by_model, key=lambda name: rank.get(name, len(rank)))
+    return [row for name in models for row in by_model[name]]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -284,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--full", action="store_true", help="real model sizes instead of the zoo's tiny configs")
     parser.add_argument("--only", help="comma-separated model names (timm names, hf-KIND, st-KIND)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where models.md and models.json go")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: merge the rows into the matrix already in --out instead of replacing it")
     parser.add_argument("--work", type=Path, default=None, help="keep the ONNX files here (default: a temp dir)")
     parser.add_argument("--methods", default=",".join(METHODS), help="compression methods, comma-separated")
     parser.add_argument("--iters", type=int, default=20, help="bench rounds per batch size")
@@ -294,7 +351,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    chosen = select(entries(args.full), args.only)
+    all_entries = entries(args.full)
+    chosen = select(all_entries, args.only)
+    if args.merge and not args.only:
+        raise UsageError("--merge adds the rows of --only NAME,... to the matrix in --out; give --only")
+    existing, produced = read_existing(args.out) if args.merge else (None, None)
+    if existing is not None and existing["settings"].get("size") != ("full" if args.full else "tiny"):
+        raise UsageError(f"--merge: {args.out / 'models.json'} holds {existing['settings'].get('size')} configs; "
+                         f"merge {'--full' if existing['settings'].get('size') == 'full' else 'tiny'} rows into it")
     command = "python scripts/model_matrix.py" + "".join(f" {shlex.quote(a)}" for a in (argv or sys.argv[1:]))
     settings = {"size": "full" if args.full else "tiny", "methods": list(methods), "batches": list(BATCHES),
                 "iters": args.iters, "warmup": args.warmup, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -305,8 +369,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for entry in chosen:
             print(f"[matrix] {entry.name}", file=sys.stderr, flush=True)
             rows.extend(run_entry(entry, work, args.iters, args.warmup, methods))
-    write_outputs(rows, args.out, command, settings)
-    print(f"wrote {args.out / 'models.md'} and {args.out / 'models.json'} ({len(rows)} rows)", file=sys.stderr)
+    if existing is None:
+        write_outputs(rows, args.out, command, settings)
+        print(f"wrote {args.out / 'models.md'} and {args.out / 'models.json'} ({len(rows)} rows)", file=sys.stderr)
+        return rows
+    run = {"command": command, "when": settings["when"], "models": [e.name for e in chosen],
+           "versions": settings["versions"]}
+    # an earlier merged run keeps its line for the models it still holds the rows of
+    earlier = [{**m, "models": [n for n in m["models"] if n not in run["models"]]} for m in existing.get("merged", [])]
+    merged = [m for m in earlier if m["models"]] + [run]
+    all_rows = merge_rows(existing["rows"], rows, [e.name for e in all_entries])
+    write_outputs(all_rows, args.out, existing["command"], existing["settings"], merged, produced)
+    print(f"merged {len(rows)} rows into {args.out / 'models.md'} and {args.out / 'models.json'} "
+          f"({len(all_rows)} rows)", file=sys.stderr)
     return rows
 
 

@@ -71,3 +71,46 @@ def test_one_tiny_model_end_to_end(tmp_path):
         assert row["speedup_b1"] > 0 and row["speedup_b4"] > 0
         assert row["flop_ideal_speedup"] > 1
         assert f"| {row['model']} | {row['family']} | {row['method']} | 17 → {row['tokens_out']} |" in markdown
+
+
+def test_merge_replaces_the_rows_of_the_models_run_and_keeps_the_rest(tmp_path):
+    """--merge: rows of the models run replace theirs (or join in matrix order); every other row, the base run's
+    command and its header line (with any note on it) stay; the merged run is named in the header and the JSON."""
+    script = load_script()
+    order = [e.name for e in script.entries(full=False)]
+    old = [{"model": "vit_tiny_patch16_224", "method": m, "family": "f", "tokens_in": 17, "tokens_out": 13} for m in ("tome", "topk")]
+    old += [{"model": "hf-bert", "method": "tome", "family": "f", "tokens_in": 32, "tokens_out": 20, "validate": "passed"}]
+    new = [{"model": "hf-t5", "method": "tome", "family": "t", "tokens_in": 32, "tokens_out": 20, "validate": "passed"},
+           {"model": "vit_tiny_patch16_224", "method": "tome", "family": "f", "tokens_in": 17, "tokens_out": 13,
+            "validate": "passed"}]
+    merged = script.merge_rows(old, new, order)
+    assert [(r["model"], r["method"]) for r in merged] == [("vit_tiny_patch16_224", "tome"), ("hf-bert", "tome"),
+                                                           ("hf-t5", "tome")]
+    assert merged[0]["validate"] == "passed" and merged[1] is old[2]
+    assert order.index("hf-bert") < order.index("hf-t5")
+
+    settings = {"size": "tiny", "when": "then"}
+    script.write_outputs(old, tmp_path, "python scripts/model_matrix.py", settings)
+    note = "Produced by `python scripts/model_matrix.py` (tiny configs, seeded weights; then; with a note)."
+    md = tmp_path / "models.md"
+    md.write_text(md.read_text().replace("Produced by `python scripts/model_matrix.py` (tiny configs, seeded "
+                                         "weights; then).", note))
+    existing, produced = script.read_existing(tmp_path)
+    assert produced == note and existing["rows"] == old
+    run = {"command": "python scripts/model_matrix.py --only hf-t5 --merge", "when": "now", "models": ["hf-t5"],
+           "versions": {}}
+    script.write_outputs(merged, tmp_path, existing["command"], existing["settings"], [run], produced)
+    text = md.read_text()
+    assert note in text and "Rows of `hf-t5`: `python scripts/model_matrix.py --only hf-t5 --merge` (now)" in text
+    assert "(17-32 tokens," in text and "3 of 3 rows validate." in text
+    data = json.loads((tmp_path / "models.json").read_text())
+    assert data["command"] == "python scripts/model_matrix.py" and data["merged"] == [run] and data["rows"] == merged
+
+
+def test_merge_needs_only_and_a_matrix_to_merge_into(tmp_path):
+    for argv, message in ((["--merge"], "give --only"), (["--only", "hf-t5", "--merge"], "not a model matrix")):
+        result = subprocess.run([sys.executable, str(SCRIPT), *argv, "--out", str(tmp_path)], capture_output=True,
+                                text=True, timeout=300)
+        assert_usage_error(result)
+        assert message in result.stderr
+        assert not list(tmp_path.iterdir())
