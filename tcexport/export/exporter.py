@@ -278,4 +278,8 @@ def export_to_file(source: Source, output: Path, opset: int = 18, batch: int | N
             if not report.passed:
                 raise ValidationFailed(f"{report.summary()}; nothing written (use --no-check to keep the file)",
                                        {"rows": report.rows})
+    if is_decoder(source):  # onnxruntime-genai's config and tokenizer files beside the checked graph
+        from tcexport.export import genai_config
+
+        genai_config.write_for(source, output)
     return report

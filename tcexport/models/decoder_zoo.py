@@ -32,6 +32,7 @@ WIDTH = 32
 SLIDING_WINDOW = 8
 MAX_POSITIONS = 256
 INIT_STD = 0.2
+GPT2_INIT_STD = 0.3  # at 0.2 GPT-2's greedy tokens repeat one token for 5-11 steps
 SANDWICH_KINDS = ("gemma2", "gemma3_text")  # a norm after each branch too (see _widen_branches)
 BRANCH_NORM = (6.0, 8.0)
 
@@ -61,7 +62,7 @@ DECODERS: dict[str, tuple[str, str, dict]] = {
                          layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
     # learned absolute positions, fused c_attn, no GQA
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
-             dict(n_embd=WIDTH, n_layer=2, n_head=2, n_positions=MAX_POSITIONS, initializer_range=INIT_STD,
+             dict(n_embd=WIDTH * 2, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, initializer_range=GPT2_INIT_STD,
                   tie_word_embeddings=True, **_IDS)),
 }
 KINDS = tuple(DECODERS)
