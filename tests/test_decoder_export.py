@@ -339,7 +339,7 @@ def test_a_causal_head_of_an_encoder_family_exports_as_an_encoder(bert_causal_he
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.onnx"]  # no genai_config.json, no tokenizer
 
 
-def test_genai_writer_skips_windowed_configs_and_writes_atomically(tmp_path, zoo_root):
+def test_genai_writer_skips_windowed_configs_and_writes_atomically(tmp_path):
     from tcexport.export import genai_config
     from tcexport.models import causal
 
@@ -355,6 +355,11 @@ def test_genai_writer_skips_windowed_configs_and_writes_atomically(tmp_path, zoo
     written, why = genai_config.write(model_path, llama, shape, None)
     assert why is None and written == [tmp_path / "genai_config.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["genai_config.json", "m.onnx"]  # no temporary left
+    other = tmp_path / "other.onnx"
+    written, why = genai_config.write(other, mistral, shape, None)  # another file's config stays
+    assert written == [] and (tmp_path / "genai_config.json").is_file() and "removed" not in why
+    written, why = genai_config.write(model_path, mistral, shape, None)  # m.onnx replaced by a windowed graph
+    assert written == [] and not (tmp_path / "genai_config.json").exists() and "removed the earlier" in why
     two_eos = causal.DecoderShape("llama", 2, 2, 16, decoder_zoo.VOCAB, 256, (2, 7), None, None)
     config = genai_config.genai_config(llama, two_eos, "m.onnx")["model"]
     assert config["eos_token_id"] == [2, 7] and config["pad_token_id"] == 2 and config["bos_token_id"] == 2

@@ -82,8 +82,12 @@ def write(model_path: Path, config, shape, tokenizer) -> tuple[list[Path], str |
     model_path = Path(model_path)
     windowed = windowed_layers(config)
     if windowed:
-        return [], (f"no {FILENAME}: layers {', '.join(map(str, windowed))} keep a sliding-window cache "
-                    "(onnxruntime-genai grows every layer's cache alike)")
+        why = (f"no {FILENAME}: layers {', '.join(map(str, windowed))} keep a sliding-window cache "
+               "(onnxruntime-genai grows every layer's cache alike)")
+        if _describes(model_path.parent / FILENAME, model_path.name):  # an earlier export's, for the file replaced
+            (model_path.parent / FILENAME).unlink()
+            why += f"; removed the earlier {FILENAME} that named {model_path.name}"
+        return [], why
     directory = model_path.parent
     written = []
     if tokenizer is not None:
@@ -98,6 +102,13 @@ def write(model_path: Path, config, shape, tokenizer) -> tuple[list[Path], str |
         target.write_text(json.dumps(genai_config(config, shape, model_path.name), indent=4) + os.linesep)
     written.append(directory / FILENAME)
     return written, None
+
+
+def _describes(config_file: Path, filename: str) -> bool:
+    try:
+        return json.loads(config_file.read_text())["model"]["decoder"]["filename"] == filename
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def write_for(source, model_path: Path) -> list[Path]:
