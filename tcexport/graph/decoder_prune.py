@@ -161,9 +161,16 @@ def prune(model: onnx.ModelProto, stages: list[Stage]) -> tuple[onnx.ModelProto,
             members += after_layers
         members_of.append(members)
 
+    # The layers before the first stage are a group too: the exporter shares shape vectors between layers (all
+    # caches had one length when it traced), so they may read a pruned layer's cache length as their own.
+    members_before = [n for layer in range(stages[0].layer + 1) for n in by_layer.get(layer, [])]
+    reads_before = _external_reads(g, members_before)
     # What each group reads from outside itself, classified; then one probe for every shape the rewrite reads.
     plans = [_external_reads(g, members) for members in members_of]
     shape_nodes, crossing = set(), set()
+    for value in reads_before:
+        if value not in data and value not in g.initializers:
+            shape_nodes.update(_shape_nodes_in_cone(g, value, data))
     for reads in plans:
         for value in reads:
             if value in data:
@@ -174,6 +181,13 @@ def prune(model: onnx.ModelProto, stages: list[Stage]) -> tuple[onnx.ModelProto,
     slots = {v: _slots([p[v] for p in probed]) for v in shape_nodes}
 
     common = _common(g)
+    whole = {"position_ids": "position_ids", "attention_mask": "attention_mask", "seq": common["n_prompt"],
+             "past": common["past"], "total": common["total"]}
+    mapping, memo = {}, {}
+    for value in reads_before:
+        if value not in data and value not in g.initializers:
+            mapping[value] = _clone(g, value, data, whole, slots, "whole", memo)
+    rewiring = [(members_before, mapping)]  # applied at the end: later groups clone from the original nodes
     previous_index, groups = None, []
     for s, (stage, members, reads) in enumerate(zip(stages, members_of, plans)):
         first = stage.layer + 1
@@ -202,14 +216,20 @@ def prune(model: onnx.ModelProto, stages: list[Stage]) -> tuple[onnx.ModelProto,
                                        f"{prefix}_gathered_{_safe(value)}", batch_dims=1)[0]
             elif value not in g.initializers:
                 mapping[value] = _clone(g, value, data, group, slots, prefix, memo)
-        for node in members:
-            for k, name in enumerate(node.input):
-                if name in mapping:
-                    node.input[k] = mapping[name]
+        rewiring.append((members, mapping))
         groups.append({"first_layer": first, "stage": s, "method": stage.method.name})
         previous_index = kept
+    for members, mapping in rewiring:
+        _rewire(members, mapping)
     _splice(graph, g.new_nodes)
     return model, groups
+
+
+def _rewire(members: list[onnx.NodeProto], mapping: dict[str, str]) -> None:
+    for node in members:
+        for k, name in enumerate(node.input):
+            if name in mapping:
+                node.input[k] = mapping[name]
 
 
 def _safe(name: str) -> str:
@@ -266,7 +286,7 @@ def _common(g: _Graph) -> dict:
     past = g.add("Sub", [total, n_prompt], "tc_past_full")[0]
     prefill = g.add("Equal", [past, zero], "tc_prefill")[0]
     return {"zero": zero, "one": one, "two": two, "minus_one": g.const("tc_minus_one", [-1]),
-            "n_prompt": n_prompt, "past": past, "prefill": prefill}
+            "n_prompt": n_prompt, "past": past, "total": total, "prefill": prefill}
 
 
 def _select(g: _Graph, method, probs: str, common: dict, prefix: str) -> str:

@@ -196,9 +196,10 @@ class DecoderWithCache(torch.nn.Module):
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, logits_to_keep=0 if self.all_logits else 1)
+                         **{cache_kwarg(self.model): cache}, use_cache=True,
+                         logits_to_keep=0 if self.all_logits else 1)
         present = []
-        for layer in out.past_key_values.layers[: self.layers]:
+        for layer in cache.layers[: self.layers]:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
@@ -246,6 +247,13 @@ def window_layer_class():
             return self.sliding_window
 
     return WindowLayer
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes the cache: `cache` in newer transformers, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _first_line(exc: BaseException) -> str:

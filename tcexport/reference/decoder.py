@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tcexport.core.errors import UsageError
+from tcexport.models.causal import cache_kwarg
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -55,9 +56,11 @@ class _Step:
 class PrunedDecoder:
     """A transformers causal LM with decoder stages applied through hooks; `step` runs one forward."""
 
-    def __init__(self, model: torch.nn.Module, stages: list):
+    def __init__(self, model: torch.nn.Module, stages: list, cache_methods: list = ()):
         self.model, self.stages = model, sorted(stages, key=lambda s: s.layer)
+        self.cache_methods = list(cache_methods)
         self.layers = decoder_layers(model)
+        self.probs: dict[int, torch.Tensor] = {}
         self.key_positions: list[torch.Tensor | None] = [None] * len(self.stages)  # per group, across steps
         self.now = _Step()
         self.handles = []
@@ -71,6 +74,9 @@ class PrunedDecoder:
             for j in range(stage.layer + 1, end + 1):
                 self.handles.append(self.layers[j].register_forward_pre_hook(self._inputs_hook(s, j == stage.layer + 1),
                                                                             with_kwargs=True))
+        if self.cache_methods:
+            for i, layer in enumerate(self.layers):
+                self.handles.append(attention_of(layer).register_forward_hook(self._probs_hook(i)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -81,9 +87,22 @@ class PrunedDecoder:
 
     def step(self, ids, mask, positions, cache):
         self.now = _Step(n_prompt=ids.shape[1], past_full=mask.shape[1] - ids.shape[1])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         **{cache_kwarg(self.model): cache}, use_cache=True)
+        if self.now.past_full == 0:
+            for method in self.cache_methods:  # SnapKV: every layer's cache, at the end of the prefill
+                for i, layer in enumerate(cache.layers[: len(self.layers)]):
+                    index = method.select_cache(self.probs[i], mask, layer.keys.shape[1])
+                    rows = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+                    layer.keys, layer.values = layer.keys.gather(2, rows), layer.values.gather(2, rows)
         return out.logits
+
+    def _probs_hook(self, i: int):
+        def hook(module, args, output):
+            if isinstance(output, tuple) and len(output) > 1 and output[1] is not None:
+                self.probs[i] = output[1]
+
+        return hook
 
     # -- hooks
     def _scores_hook(self, s: int):
@@ -141,10 +160,18 @@ class PrunedDecoder:
 
 
 def policy_from_record(compression: dict | None):
-    """The decode-time cache policy of a compression record, acting on transformers' DynamicCache (the same rule
-    as tcexport/generation/policies.py applies to the graph's state)."""
-    from tcexport.generation.policies import streaming_keep
+    """The between-steps cache policy of a compression record, acting on transformers' DynamicCache (the same
+    rules tcexport/generation/policies.py applies to the graph's state)."""
+    from tcexport.methods.streaming import streaming_keep
 
+    if (compression or {}).get("cache_stages"):
+        def reset_mask(cache, mask):  # a prefill that compressed the cache: its mask is all real positions
+            length = cache.layers[0].keys.shape[2]
+            if length < mask.shape[1] - 1:
+                return cache, torch.ones(mask.shape[0], length + 1, dtype=mask.dtype)
+            return cache, mask
+
+        return reset_mask
     for stage in (compression or {}).get("decode_policies", []):
         if stage["method"] == "streaming":
             sink, window = int(stage["params"]["sink"]), int(stage["params"]["window"])
@@ -174,13 +201,13 @@ def left_pad(prompts: list[list[int]], pad_id: int):
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, stages: list, prompts: list[list[int]], max_new_tokens: int,
-             eos_ids: tuple[int, ...] = (), pad_id: int = 0, policy=None) -> dict:
+             eos_ids: tuple[int, ...] = (), pad_id: int = 0, policy=None, cache_methods: list = ()) -> dict:
     """Greedy generation with the stages applied (none: the model as it is); the same loop as the graph's
     (tcexport/generation/loop.py): left padding, positions counting real tokens, every row until all met EOS.
     `policy(cache_lists, mask) -> (cache_lists, mask)` trims the cache between steps."""
     from transformers import DynamicCache
 
-    pruned = PrunedDecoder(model, stages) if stages else None
+    pruned = PrunedDecoder(model, stages, cache_methods) if stages or cache_methods else None
     try:
         ids, mask = left_pad(prompts, pad_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -194,7 +221,7 @@ def generate(model: torch.nn.Module, stages: list, prompts: list[list[int]], max
                 logits = pruned.step(step_input, mask, positions, cache)[:, -1, :]
             else:
                 logits = model(input_ids=step_input, attention_mask=mask, position_ids=positions,
-                               past_key_values=cache, use_cache=True).logits[:, -1, :]
+                               **{cache_kwarg(model): cache}, use_cache=True).logits[:, -1, :]
             if step == 0:
                 first_logits = logits.clone()
             chosen = logits.argmax(-1)
