@@ -258,6 +258,19 @@ def test_genai_runs_the_exported_graph_with_the_loops_and_transformers_tokens(ti
         assert _genai_greedy(tiny_onnx.parent, ids, NEW_TOKENS) == expected
 
 
+def test_generate_takes_a_text_prompt_with_the_zoo_tokenizer(tmp_path_factory, zoo_root, tmp_path):
+    """The zoo's directories carry SmolLM2's tokenizer, so `tcexport generate --prompt TEXT` runs on their graphs
+    and gives transformers' greedy tokens."""
+    directory = decoder_dir(tmp_path_factory, zoo_root, "llama")
+    model_path = exported(tmp_path_factory, "decoder_onnx_llama", f"hf:{directory}", "llama.onnx")
+    result = run_cli("generate", model_path, "--prompt", SMOLLM2_PROMPT, "--max-new-tokens", "8",
+                     "--json", tmp_path / "out.json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["prompt_ids"] == [[504, 3575, 282, 4649, 314]]
+    assert data["tokens"] == _hf_greedy(_hf(directory), _tokenizer(directory), [SMOLLM2_PROMPT], 8)
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 
