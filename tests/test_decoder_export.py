@@ -117,8 +117,8 @@ def test_zoo_models_are_tiny_grouped_windowed_and_not_degenerate(tiny_dir, kind)
         assert len(set(tokens)) >= 6 and longest_run <= 4, (kind, tokens)
 
 
-def test_zoo_directories_are_saved_once_and_seeded(tmp_path, zoo_root):
-    first = decoder_zoo.decoder_dir("llama", zoo_root)
+def test_zoo_directories_are_saved_once_and_seeded(tmp_path, zoo_root, llama_dir):
+    first = llama_dir  # made under the run's lock (made_once), so no other worker is writing it
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert decoder_zoo.decoder_dir("llama", zoo_root) == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # not rewritten
