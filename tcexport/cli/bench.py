@@ -31,8 +31,14 @@ from tcexport.core.errors import UsageError
               help="TensorRT engines: copy inputs in and outputs out every run and time them (h2d/d2h).")
 @click.option("--cuda-graph", is_flag=True,
               help="TensorRT engines: replay a CUDA graph of each run where the engine allows capture.")
+@click.option("--prompt-len", "prompt_len_text", default=None,
+              help="Decoders: prompt lengths, e.g. 512,2048 (default 128); reports TTFT and decode tokens/s.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Decoders: tokens generated per timed run.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Decoders: interleaved rounds (min TTFT, best decode speed).")
 def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms, iters, duration, json_path, plot_path,
-          include_copies, cuda_graph):
+          include_copies, cuda_graph, prompt_len_text, new_tokens, repeats):
     """Time artifacts side by side (.onnx files or build directories, ONNX Runtime or TensorRT).
 
     Runs are interleaved (one run of each artifact in turn) so machine drift hits all of them equally.
@@ -58,6 +64,25 @@ def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms
     for path, option in ((json_path, "--json"), (plot_path, "--plot")):
         if path is not None:
             check_writable(path, option)  # before the runs, not after them
+    from tcexport.bench import decoder as bench_decoder
+
+    decoders = [bench_decoder.is_decoder(path) for path in artifacts]
+    if any(decoders):
+        if not all(decoders):
+            raise UsageError("bench decoders with decoders: every artifact must be a decoder graph (or its build)")
+        if batch_text or shapes or load_inputs or plot_path:
+            raise UsageError("decoders are timed per prompt length: use --prompt-len/--new-tokens/--repeats, not "
+                             "--batch/--shapes/--load-inputs/--plot")
+        lengths = positive_int_list(prompt_len_text, "--prompt-len") or [128]
+        results = bench_decoder.run(list(artifacts), lengths, new_tokens, repeats, threads)
+        for line in bench_decoder.format_lines(results):
+            click.echo(line)
+        if json_path:
+            bench_report.write_json(results, json_path)
+            click.echo(f"wrote {json_path}")
+        return
+    if prompt_len_text is not None:
+        raise UsageError("--prompt-len applies to decoder graphs")
     batches = positive_int_list(batch_text, "--batch")
     results = bench_session.run(list(artifacts), batches=batches, threads=threads,
                                 warmup=10 if warmup is None else warmup, warmup_ms=warmup_ms, iters=iters,

@@ -27,7 +27,14 @@ from tcexport.core.errors import UsageError
               help="For a model not exported by tcexport: report FIDELITY against this uncompressed ONNX (or its "
                    "build) on the same inputs (cosine, top-1, max abs diff); exit 1 only below --min-cosine.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
-def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inputs, reference_onnx, json_path):
+@click.option("--text-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Decoders with --reference-onnx: score on this text (paragraphs; default: tcexport's bundled ones).")
+@click.option("--prompt-len", type=click.IntRange(min=2), default=None,
+              help="Decoders with --reference-onnx: prompt tokens before each scored continuation.")
+@click.option("--min-agreement", type=click.FloatRange(min=0, max=1), default=None,
+              help="Decoders with --reference-onnx: exit 1 below this next-token agreement.")
+def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inputs, reference_onnx, json_path,
+             text_file, prompt_len, min_agreement):
     """Compare an ONNX model, ORT build or TensorRT engine directory with the PyTorch reference.
 
     The reference is the source model (spec and weights from tcexport.source, checked by hash) with the
@@ -53,6 +60,17 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
         from tcexport.backends import trt_engine
 
         trt_engine.require_engine_runtime(model)
+    from tcexport.bench.decoder import is_decoder
+
+    if reference_onnx is not None and is_decoder(model):
+        from tcexport.validate import decoder_fidelity
+
+        report = decoder_fidelity.run(model, reference_onnx, text_file=text_file, prompt_len=prompt_len,
+                                      json_path=json_path, min_agreement=min_agreement)
+        click.echo(decoder_fidelity.format_report(report))
+        return
+    if text_file is not None or prompt_len is not None or min_agreement is not None:
+        raise UsageError("--text-file/--prompt-len/--min-agreement apply to decoders with --reference-onnx")
     if reference_onnx is not None:
         if atol is not None or rtol is not None:
             raise UsageError("--atol/--rtol check equality with the eager PyTorch reference; --reference-onnx "

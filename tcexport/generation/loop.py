@@ -66,6 +66,7 @@ class Generation:
     kv_bytes: int = 0  # peak bytes of all state fed to the graph (the cache and any extra state)
     cache_lengths: dict[str, int] = field(default_factory=dict)  # per past input: its length after the last step
     first_logits: np.ndarray | None = None  # the prefill's last-position logits [batch, vocab]
+    argmax: list[list[int]] = field(default_factory=list)  # per step, the top token (differs from tokens if forced)
 
     def to_json(self, text: list[str] | None = None) -> dict:
         data = {"prompt_ids": self.prompt_ids, "tokens": self.tokens, "logprobs": self.logprobs,
@@ -119,8 +120,12 @@ StatePolicy = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.n
 
 def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
              pad_id: int = 0, sampling: Sampling | None = None, policy: StatePolicy | None = None,
-             on_token: Callable[[int, list[int]], None] | None = None) -> Generation:
+             on_token: Callable[[int, list[int]], None] | None = None,
+             forced: list[list[int]] | None = None) -> Generation:
     """Generate up to `max_new_tokens` per prompt (all rows stop when every row has met an EOS).
+
+    `forced`: per row, the tokens to feed instead of the chosen ones (teacher forcing, for scoring a given
+    continuation: `logprobs` are then those of the forced tokens, `argmax` what the model would have chosen).
 
     `policy(state, mask) -> (state, mask)` runs after each step (a cache eviction rule); `on_token(row, tokens)`
     is called as tokens arrive (streaming)."""
@@ -131,6 +136,10 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos_
     state = empty_state(specs, batch)
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     result = Generation([list(p) for p in prompts], [[] for _ in prompts], [[] for _ in prompts])
+    result.argmax = [[] for _ in prompts]
+    if forced is not None:
+        max_new_tokens = min(max_new_tokens, min(len(f) for f in forced))
+        eos_ids = ()
     finished = np.zeros(batch, dtype=bool)
     decode_seconds, decode_steps = 0.0, 0
     step_input = ids
@@ -141,6 +150,11 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos_
         outputs = runner.run({k: v for k, v in feeds.items() if k in specs})
         logits = outputs["logits"][:, -1, :]
         chosen = sampling.choose(logits)
+        if forced is not None:
+            top = logits.argmax(-1)
+            for row in range(batch):
+                result.argmax[row].append(int(top[row]))
+            chosen = np.asarray([f[step] for f in forced])
         elapsed = time.perf_counter() - start
         if step == 0:
             result.ttft_ms = elapsed * 1000

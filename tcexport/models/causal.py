@@ -12,7 +12,9 @@ exist as values (FastV, SnapKV rank tokens by them) and the exported graph has o
 from __future__ import annotations
 
 import functools
+import contextlib
 import importlib.util
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -118,8 +120,10 @@ def load(location: Location, spec: str):
     import transformers
 
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(location.directory), attn_implementation="eager", dtype=torch.float32, **location.load_kwargs())
+        # GGUF de-quantisation draws its own progress bar on stderr; keep stderr for tcexport's one-line messages.
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                str(location.directory), attn_implementation="eager", dtype=torch.float32, **location.load_kwargs())
     except Exception as exc:  # OSError, ValueError (unknown GGUF type), KeyError...: all mean "not loadable"
         what = f"the GGUF file {location.gguf_file}" if location.gguf_file else "a causal language model"
         raise UsageError(f"{spec}: cannot load {what} with transformers ({_first_line(exc)}); "
