@@ -1,7 +1,8 @@
 """Text encoders beyond BertModel compress with tome and topk and validate, bare (hf:) and as sentence-transformers
 pipelines (st:): RoBERTa, XLM-RoBERTa, DistilBERT, ALBERT (one layer's weights shared by all layers), ELECTRA,
 MPNet (relative attention bias: a position term), T5's encoder from a T5Model and a T5EncoderModel directory (its
-bucketed relative bias is computed by layer 0 and reused by layer 1: a position term there)."""
+bucketed relative bias is computed by layer 0 and reused by layer 1: a position term there), and T5's encoder as a
+sentence-transformers pipeline, whose SDPA attention folds that bias into the mask."""
 
 from __future__ import annotations
 
@@ -27,3 +28,6 @@ def test_sentence_transformers_pipeline(tmp_path_factory, tmp_path, kind, method
     model = export_zoo(tmp_path_factory, "st", kind)
     _, compressed = compress_and_validate(model, tmp_path / "c.onnx", method, **METHODS[method])
     assert has_node(compressed, "/tokens")  # the pooling's mask chain is fed round(mask * size)
+    # sentence-T5 runs transformers' SDPA attention, which folds T5's position bias into the mask (Where(mask,
+    # bias, min)): the bias is gathered and added back onto the rebuilt mask
+    assert has_node(compressed, "mask_with_position_term") == (kind == "t5_encoder")

@@ -438,7 +438,55 @@ class _SideInputs:
                 for user, i in pooling_mod.reductions_of(operand, node, axes, rank, self._upstream()):
                     user.replace_input_with(i, self.cache[key])  # a mean's denominator sums what it weighted
             self._visit_new(self.cache[key])
-        return self.cache[key]
+        if not in_logits:
+            return self.cache[key]
+        terms = self._position_terms_in_mask(operand, self.tracker.n0 + delta)
+        if not terms:
+            return self.cache[key]
+        combined = self.cache[key]
+        out_rank = len(self.shapes_of(node.outputs[0]))
+        for term in terms:  # each follows the tokens as a position term does, added back onto the rebuilt mask
+            shape = self.shapes_of(term)
+            position_key = ("position", term, stage, (len(shape) - 2, len(shape) - 1), delta, out_rank)
+            if position_key not in self.cache:
+                self.cache[position_key] = self.positions.gather(term, shape, [len(shape) - 2, len(shape) - 1],
+                                                                 delta, stage, out_rank)
+            combined = self.build.op(f"tc_stage{stage}/mask_with_position_term", "Add",
+                                     [combined, self.cache[position_key]], None)
+        return combined
+
+    def _position_terms_in_mask(self, operand: ir.Value, tokens: int) -> list[ir.Value]:
+        """Position terms folded into a mask operand of the logits: the values over token pairs ([..., N, N], float,
+        not computed from the mask) that an Add adds to the mask, or a Where keeps where the mask allows
+        (transformers' SDPA path folds T5's position_bias into its mask: Where(mask, position_bias, min)). Rebuilding
+        the mask alone would drop them; each is gathered at the current positions and added back, which is what
+        the fold means. Combined with the mask any other way, the model is refused."""
+        terms, stack, seen = [], [operand], set()
+        while stack:
+            value = stack.pop()
+            if value is None or value in seen:
+                continue
+            seen.add(value)
+            node = value.producer()
+            if node is None or not _descends_from(value, self.mask_input):
+                continue
+            for index, item in enumerate(node.inputs):  # a constant counts: the exporter folds T5's bias into one
+                if item is None:
+                    continue
+                if _descends_from(item, self.mask_input):
+                    stack.append(item)
+                    continue
+                shape = self.shapes.get(item.name)
+                floating = item.dtype in (None, ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+                if not shape or len(shape) < 2 or tuple(shape[-2:]) != (tokens, tokens) or not floating:
+                    continue
+                if node.op_type == "Add" or (node.op_type == "Where" and index == 1):
+                    terms.append(item)
+                else:
+                    raise UsageError(f"the attention mask of the logits is combined with a term over token pairs "
+                                     f"'{item.name}' by {node.op_type} '{node.name}'; tcexport follows such a term "
+                                     "when it is added to the mask, and cannot compress this model")
+        return terms
 
     def _mask_data(self, node: ir.Node, operand: ir.Value, delta: int) -> bool:
         """Whether `operand` is mask data, rebuilt from the current tokens, rather than a position term. Outside the

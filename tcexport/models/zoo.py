@@ -76,7 +76,8 @@ HF_REFUSED = STRUCTURE_TEXT_KINDS + STRUCTURE_SPEECH_KINDS
 TEXT_KINDS += ("big_bird_full",)
 RAW_AUDIO_KINDS = ("wav2vec2", "hubert", "wavlm")  # input_values: give them zoo.AUDIO_SAMPLES
 HF_KINDS = TEXT_KINDS + VISION_KINDS + SPEECH_KINDS + MASKED_TEXT_KINDS + HF_REFUSED
-ST_KINDS = ("bert", "roberta", "distilbert", "albert", "mpnet")
+# t5_encoder: as sentence-T5 (transformers' SDPA attention, which folds T5's position bias into the mask)
+ST_KINDS = ("bert", "roberta", "distilbert", "albert", "mpnet", "t5_encoder")
 
 AST_FRAMES, AST_MEL_BINS = 32, 16  # AST's input_values [batch, frames, mel bins]: 3 x 7 patches of 8 at stride 4
 TEXT_MAX_POSITIONS = 160  # room for the default --seq-len 128 plus RoBERTa's padding offset
@@ -260,7 +261,7 @@ def st_dir(kind: str, root: Path, seed: int = SEED, max_seq_length: int = 128, f
 
         encoder = tmp / "encoder"
         config = hf_config(kind, vocab_size=vocab_size, full=full)
-        _random_model(config, seed).save_pretrained(encoder)
+        _random_model(config, seed, HF_MODEL_CLASSES.get(kind)).save_pretrained(encoder)
         for name in TOKENIZER_FILES:
             shutil.copy(tokenizer / name, encoder / name)
         transformer = Transformer(str(encoder), max_seq_length=max_seq_length)
