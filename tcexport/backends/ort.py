@@ -150,7 +150,9 @@ def build(model_path: str | Path, out_dir: str | Path, provider: str = "cpu", th
         session = open_session(model_path, provider, options=options)
         plugin_ops = ort_library.plugin_only_ops(source)
         # Run once so a graph that loads but cannot execute fails the build, not the first user.
-        session.run(None, inputs.random_feeds(specs, batch))
+        feeds = (inputs.decoder_smoke_feeds(specs, batch) if inputs.is_decoder_graph(specs)
+                 else inputs.random_feeds(specs, batch))
+        session.run(None, feeds)
         optimized = onnx.load(str(tmp / MODEL_FILE), load_external_data=False)
         model_files = _self_contained_files(tmp, optimized)
         sidecar = {

@@ -37,8 +37,11 @@ from tcexport.core.errors import UsageError
               help="Decoders: tokens generated per timed run.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Decoders: interleaved rounds (min TTFT, best decode speed).")
+@click.option("--peer/--no-peer", default=True, show_default=True,
+              help="Decoders: add onnxruntime-genai's loop over the first graph when it is installed and the graph "
+                   "has a genai_config.json beside it.")
 def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms, iters, duration, json_path, plot_path,
-          include_copies, cuda_graph, prompt_len_text, new_tokens, repeats):
+          include_copies, cuda_graph, prompt_len_text, new_tokens, repeats, peer):
     """Time artifacts side by side (.onnx files or build directories, ONNX Runtime or TensorRT).
 
     Runs are interleaved (one run of each artifact in turn) so machine drift hits all of them equally.
@@ -74,7 +77,7 @@ def bench(artifacts, batch_text, shapes, load_inputs, threads, warmup, warmup_ms
             raise UsageError("decoders are timed per prompt length: use --prompt-len/--new-tokens/--repeats, not "
                              "--batch/--shapes/--load-inputs/--plot")
         lengths = positive_int_list(prompt_len_text, "--prompt-len") or [128]
-        results = bench_decoder.run(list(artifacts), lengths, new_tokens, repeats, threads)
+        results = bench_decoder.run(list(artifacts), lengths, new_tokens, repeats, threads, genai=peer)
         for line in bench_decoder.format_lines(results):
             click.echo(line)
         if json_path:

@@ -94,6 +94,31 @@ def specs_from_graph(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+DECODER_SMOKE_TOKENS = 4
+
+
+def is_decoder_graph(specs: list[InputSpec]) -> bool:
+    """A decoder graph with a KV cache (tcexport/export/decoder.py's I/O): some input is past state."""
+    return any(s.name.startswith("past") for s in specs)
+
+
+def decoder_smoke_feeds(specs: list[InputSpec], batch: int) -> dict[str, np.ndarray]:
+    """Feeds that run a decoder graph once: a prefill of a few real tokens, every past state empty."""
+    feeds = {}
+    for spec in specs:
+        if spec.name.startswith("past"):
+            dims = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else 0) for i, d in enumerate(spec.shape)]
+            feeds[spec.name] = np.zeros(dims, dtype=spec.dtype)
+        elif spec.name == "position_ids":
+            feeds[spec.name] = np.tile(np.arange(DECODER_SMOKE_TOKENS, dtype=spec.dtype), (batch, 1))
+        elif spec.kind == ATTENTION_MASK or spec.name == "attention_mask":
+            feeds[spec.name] = np.ones((batch, DECODER_SMOKE_TOKENS), dtype=spec.dtype)
+        else:
+            high = spec.high or 2
+            feeds[spec.name] = np.random.default_rng(0).integers(0, high, (batch, DECODER_SMOKE_TOKENS)).astype(spec.dtype)
+    return feeds
+
+
 def vocabulary_size(model: onnx.ModelProto, input_name: str) -> int | None:
     """Rows of the smallest embedding table the input indexes (a Gather on an initializer, through Casts), so
     random token ids stay in range for a graph without a tcexport.source record."""

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tcexport.core import metadata, onnxfile
 from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.compress.decoder import stages_of
+from tcexport.generation.run import decoder_records
 from tcexport.core.errors import UsageError, ValidationFailed
 
 DEFAULT_ATOL = 1e-3
@@ -57,15 +57,13 @@ def validate(path: Path, samples: int = 3, seed: int = 0, atol: float | None = N
     from tcexport.models import sources
     from tcexport.reference import decoder as reference
 
-    model = onnxfile.load(path, load_external_data=False)
-    record = metadata.read(model, metadata.SOURCE)
-    compression = metadata.read(model, metadata.COMPRESSION)
+    artifact, record, compression = decoder_records(path)
     stages, decode_policies, cache_methods = stages_of(compression)
     source = sources.load_from_record(record)
     hf_model = source.model.model
     shape = record["info"]["decoder"]
     atol = DEFAULT_ATOL if atol is None else atol
-    runner = OrtRunner(path)
+    runner = OrtRunner(artifact.model_path)
     graph_policy = policies.from_record(compression)
     torch_policy = reference.policy_from_record(compression)
     rng = np.random.default_rng(seed)
@@ -129,8 +127,9 @@ def run(path: Path, json_path: Path | None = None, **options) -> DecoderReport:
 
 
 def is_decoder_file(path: Path) -> bool:
+    """An .onnx decoder graph or its build (a UsageError for a missing path is the other validate's to say)."""
     try:
-        model = onnxfile.load(path, load_external_data=False)
+        decoder_records(path)
     except UsageError:
         return False
-    return ((metadata.read(model, metadata.SOURCE) or {}).get("info") or {}).get("kind") == "decoder"
+    return True
