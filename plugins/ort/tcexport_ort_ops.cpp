@@ -27,8 +27,8 @@
 #include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-// One build runs everywhere: the hot loops get an AVX2 clone picked at load time, and the baseline otherwise.
-#define TC_HOT __attribute__((target_clones("avx2", "default")))
+// One build runs everywhere: the hot loops get AVX-512 and AVX2 clones picked at load time, the baseline otherwise.
+#define TC_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TC_HOT
 #endif
@@ -198,6 +198,11 @@ TC_HOT void weighted_row(TX* out, TX const* x, int c, int first, float w_first, 
     float const* weights_by_token, float total, float* acc)
 {
     TX const* row = x + (long long) first * c;
+    if (count == 0 && w_first == 1.0f && total == 1.0f) // (x * 1) / 1 == x exactly: a copy
+    {
+        copy_row(out, row, c);
+        return;
+    }
     for (int q = 0; q < c; ++q)
     {
         acc[q] = w_first * tc::to_float(row[q]);
@@ -218,54 +223,80 @@ TC_HOT void weighted_row(TX* out, TX const* x, int c, int first, float w_first, 
     }
 }
 
-// ToMe's match phase (step 6) for A tokens t, t + nt, ...: the dot products of unit rows summed in eight lanes
-// (fixed order, so vectorised and still independent of the thread count), ties to the lowest B index.
+// ToMe's decide phases on the host: tome_rows.h's, with the match (step 6) laid out for vector units. After the
+// norms, the B tokens' unit rows are transposed to [ck, n_b]; the scores of one A token against every B token are
+// then sums over k of contiguous rows (vectorised over j), each summed over k in order as tome_score sums it, so
+// the scores are tome_score's bit for bit (no contraction into FMA: -ffp-contract=off).
+constexpr int kToMePhases = tc::kToMeDecidePhases + 1; // norms, transpose, match, rank, destinations, groups
+
 template <typename TX, typename TM>
-TC_HOT void tome_match_fast(tc::ToMeShape const& sh, tc::ToMeRow<TX, TM> const& row, int t, int nt)
+void tome_phase_transpose(tc::ToMeShape const& sh, tc::ToMeRow<TX, TM> const& row, int t, int nt, float* unit_bt)
 {
-    int const ck = sh.ck, main = ck - ck % 8;
+    int n_b = sh.n_b();
+    for (int j = t; j < n_b; j += nt)
+    {
+        float const* unit = row.s.unit + (long long) (2 * j + 1) * sh.ck;
+        for (int k = 0; k < sh.ck; ++k)
+        {
+            unit_bt[(long long) k * n_b + j] = unit[k];
+        }
+    }
+}
+
+TC_HOT void tome_scores(float const* ua, float const* unit_bt, int ck, int n_b, float* scores)
+{
+    for (int j = 0; j < n_b; ++j)
+    {
+        scores[j] = 0.0f;
+    }
+    for (int k = 0; k < ck; ++k)
+    {
+        float a = ua[k];
+        float const* column = unit_bt + (long long) k * n_b;
+        for (int j = 0; j < n_b; ++j)
+        {
+            scores[j] += a * column[j];
+        }
+    }
+}
+
+template <typename TX, typename TM>
+void tome_phase_match_fast(tc::ToMeShape const& sh, tc::ToMeRow<TX, TM> const& row, int t, int nt,
+    float const* unit_bt)
+{
+    int n_b = sh.n_b();
+    std::vector<float> scores((size_t) n_b);
     for (int i = t; i < sh.n_a(); i += nt)
     {
         int ta = 2 * i;
+        if (ta < sh.protect) // a protected A token scores PROTECTED_SCORE against every B token
+        {
+            row.s.node_max[i] = tc::kToMeProtectedScore;
+            row.s.node_idx[i] = 0;
+            continue;
+        }
+        tome_scores(row.s.unit + (long long) ta * sh.ck, unit_bt, sh.ck, n_b, scores.data());
+        bool pad_a = tc::tome_is_padding(row, ta);
         float best = 0.0f;
         int best_j = 0;
-        float const* ua = row.s.unit + (long long) ta * ck;
-        bool pad_a = tc::tome_is_padding(row, ta);
-        for (int j = 0; j < sh.n_b(); ++j)
+        for (int j = 0; j < n_b; ++j)
         {
             int tb = 2 * j + 1;
-            float score;
+            float score = scores[j];
             if (ta < sh.protect || tb < sh.protect)
             {
                 score = tc::kToMeProtectedScore;
             }
-            else
+            else if (row.mask != nullptr)
             {
-                float const* ub = row.s.unit + (long long) tb * ck;
-                float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int q = 0; q < main; q += 8)
+                bool pad_b = tc::tome_is_padding(row, tb);
+                if (pad_a && pad_b)
                 {
-                    for (int l = 0; l < 8; ++l)
-                    {
-                        lane[l] += ua[q + l] * ub[q + l];
-                    }
+                    score = score + tc::kToMePadBonus;
                 }
-                for (int q = main; q < ck; ++q)
+                else if (pad_a != pad_b)
                 {
-                    lane[q - main] += ua[q] * ub[q];
-                }
-                score = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-                if (row.mask != nullptr)
-                {
-                    bool pad_b = tc::tome_is_padding(row, tb);
-                    if (pad_a && pad_b)
-                    {
-                        score = score + tc::kToMePadBonus;
-                    }
-                    else if (pad_a != pad_b)
-                    {
-                        score = score - tc::kToMePadBonus;
-                    }
+                    score = score - tc::kToMePadBonus;
                 }
             }
             if (j == 0 || score > best)
@@ -279,16 +310,54 @@ TC_HOT void tome_match_fast(tc::ToMeShape const& sh, tc::ToMeRow<TX, TM> const& 
     }
 }
 
+// tome_phase_groups by a counting sort on one thread: the same member / start arrays (merged A tokens ordered by
+// destination, then A index) in O(n) instead of O(n^2) comparisons.
 template <typename TX, typename TM>
-void tome_phase(int phase, tc::ToMeShape const& sh, tc::ToMeRow<TX, TM> const& row, int t, int nt)
+void tome_phase_groups_serial(tc::ToMeShape const& sh, tc::ToMeRow<TX, TM> const& row)
 {
-    if (phase == 1)
+    tc::ToMeScratch const& s = row.s;
+    int n_out = sh.n_out();
+    for (int o = 0; o <= n_out; ++o)
     {
-        tome_match_fast(sh, row, t, nt);
+        s.start[o] = 0;
     }
-    else
+    for (int i = 0; i < sh.n_a(); ++i)
     {
-        tc::tome_decide_phase(phase, sh, row, t, nt);
+        if (tc::tome_merged(sh, s, i))
+        {
+            ++s.start[s.dest[2 * i] + 1];
+        }
+    }
+    for (int o = 0; o < n_out; ++o)
+    {
+        s.start[o + 1] += s.start[o];
+    }
+    std::vector<int> filled((size_t) n_out, 0);
+    for (int i = 0; i < sh.n_a(); ++i)
+    {
+        if (tc::tome_merged(sh, s, i))
+        {
+            int d = s.dest[2 * i];
+            s.member[s.start[d] + filled[(size_t) d]++] = 2 * i;
+        }
+    }
+}
+
+template <typename TX, typename TM>
+void tome_phase(int phase, tc::ToMeShape const& sh, tc::ToMeRow<TX, TM> const& row, int t, int nt, float* unit_bt)
+{
+    switch (phase)
+    {
+    case 0: tc::tome_phase_norms(sh, row, t, nt); break;
+    case 1: tome_phase_transpose(sh, row, t, nt, unit_bt); break;
+    case 2: tome_phase_match_fast(sh, row, t, nt, unit_bt); break;
+    case 5:
+        if (t == 0)
+        {
+            tome_phase_groups_serial(sh, row);
+        }
+        break;
+    default: tc::tome_decide_phase(phase - 1, sh, row, t, nt); break; // rank, destinations
     }
 }
 
@@ -374,7 +443,7 @@ void run_rows(OrtKernelContext* context, int batch, int phases, int n_out, int c
             Row row = row_at((int) b, row_data);
             for (int p = 0; p < phases; ++p)
             {
-                phase(p, row, 0, 1);
+                phase(p, (int) b, row, 0, 1);
             }
             std::vector<float> acc((size_t) c);
             for (int o = 0; o < n_out; ++o)
@@ -388,7 +457,7 @@ void run_rows(OrtKernelContext* context, int batch, int phases, int n_out, int c
     {
         parallel(context, (size_t) batch * lanes, [&](size_t task) {
             Row row = row_at((int) (task / lanes), row_data);
-            phase(p, row, (int) (task % lanes), lanes);
+            phase(p, (int) (task / lanes), row, (int) (task % lanes), lanes);
         });
     }
     long long per_task = rows_per_task(c);
@@ -415,6 +484,7 @@ struct ToMeArgs
     T* x_out;
     float *size_out, *mask_out;
     int* scratch;
+    float* unit_bt = nullptr; // per row [ck, n_b]: the B tokens' unit rows, transposed (tome_phase_transpose)
 };
 
 template <typename T>
@@ -571,9 +641,13 @@ void compute_typed(Kernel const& kernel, OrtKernelContext* context, ONNXTensorEl
             static_cast<T const*>(metric.data), sized, maskd, x_out, size_out, mask_out, nullptr};
         scratch.resize((size_t) (batch * tc::tome_scratch_words(a.sh.n, a.sh.ck)));
         a.scratch = scratch.data();
+        std::vector<float> unit_bt((size_t) (batch * a.sh.ck * a.sh.n_b()));
+        a.unit_bt = unit_bt.data();
         run_rows(
-            context, (int) batch, tc::kToMeDecidePhases, (int) n_out, (int) c, &tome_row<T>, &a,
-            [&](int phase, tc::ToMeRow<T, T> const& row, int t, int nt) { tome_phase(phase, a.sh, row, t, nt); },
+            context, (int) batch, kToMePhases, (int) n_out, (int) c, &tome_row<T>, &a,
+            [&](int phase, int b, tc::ToMeRow<T, T> const& row, int t, int nt) {
+                tome_phase(phase, a.sh, row, t, nt, a.unit_bt + (size_t) b * a.sh.ck * a.sh.n_b());
+            },
             [&](tc::ToMeRow<T, T> const& row, int o, float* acc) { tome_gather_row(a.sh, row, o, acc); });
         break;
     }
@@ -585,7 +659,7 @@ void compute_typed(Kernel const& kernel, OrtKernelContext* context, ONNXTensorEl
         a.scratch = scratch.data();
         run_rows(
             context, (int) batch, tc::kPruneDecidePhases, (int) n_out, (int) c, &prune_row<T>, &a,
-            [&](int phase, tc::PruneRow<T, T> const& row, int t, int nt) {
+            [&](int phase, int, tc::PruneRow<T, T> const& row, int t, int nt) {
                 tc::prune_decide_phase(phase, a.sh, row, t, nt);
             },
             [&](tc::PruneRow<T, T> const& row, int o, float*) {
@@ -615,7 +689,7 @@ void compute_typed(Kernel const& kernel, OrtKernelContext* context, ONNXTensorEl
         int phases = a.sh.active() ? tc::kPruneMergeDecidePhases : 0;
         run_rows(
             context, (int) batch, phases, (int) n_out, (int) c, &prune_merge_row<T>, &a,
-            [&](int phase, tc::PruneMergeRow<T, T, T> const& row, int t, int nt) {
+            [&](int phase, int, tc::PruneMergeRow<T, T, T> const& row, int t, int nt) {
                 tc::prune_merge_decide_phase(phase, a.sh, row, t, nt);
             },
             [&](tc::PruneMergeRow<T, T, T> const& row, int o, float*) {
