@@ -26,8 +26,8 @@ from tcexport.core.errors import UsageError
 @click.option("--prop-attn/--no-prop-attn", default=True, show_default=True,
               help="Proportional attention: add log(size) to later blocks' attention logits.")
 @click.option("--impl", type=click.Choice(["subgraph", "function", "plugin"]), default="subgraph", show_default=True,
-              help="Inline standard ONNX ops, one model-local ONNX function per op, or one TensorRT plugin node "
-                   "per op (plugin: TensorRT only).")
+              help="Inline standard ONNX ops, one model-local ONNX function per op, or one plugin node per op "
+                   "(plugin: TensorRT plugins, or tcexport's ONNX Runtime op library on the CPU).")
 @click.option("--protected", type=click.IntRange(min=0), default=None,
               help="Leading tokens never merged (default: from the export's provenance, else 1 for CLS).")
 def compress(model, output, stages, layers, schedule, prop_attn, impl, protected, method, **given):
