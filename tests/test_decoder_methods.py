@@ -214,3 +214,44 @@ def test_decoder_methods_refuse_encoder_graphs(bert_onnx, tmp_path):
     result = run_cli("compress", bert_onnx, "--method", "fastv", "--keep", "0.5", "-o", tmp_path / "x.onnx")
     assert_usage_error(result)
     assert "causal LM" in result.stderr
+
+
+def test_decoder_trt_profile_spans_prefill_and_decode(llama_onnx, tmp_path):
+    from tcexport.backends import trt_profiles
+    from tcexport.models import inputs
+
+    fastv = _compress(llama_onnx, tmp_path / "fastv.onnx", *CASES["fastv"])
+    specs = inputs.specs_from_graph(onnx.load(fastv, load_external_data=False))
+    shapes = trt_profiles.profile_shapes(specs, (1, 2, 4))
+    seq, past = trt_profiles.DECODER_SEQ, trt_profiles.DECODER_PAST
+    assert shapes["input_ids"].min == (1, seq[0]) and shapes["input_ids"].max == (4, seq[2])
+    assert shapes["past_key_values.2.key"].min[2] == 0 and shapes["past_key_values.2.key"].max[2] == past[2]
+    assert shapes["past_positions.1"].max == (4, past[2])
+    assert shapes["attention_mask"].opt == (2, seq[1] + past[1])
+
+
+@pytest.mark.slow
+def test_ort_build_of_a_compressed_decoder_generates_and_validates(llama_onnx, tmp_path):
+    fastv = _compress(llama_onnx, tmp_path / "fastv.onnx", *CASES["fastv"])
+    assert run_cli("build", fastv, "-o", tmp_path / "build").returncode == 0
+    from_build = _generate(tmp_path / "build", tmp_path, 30, 6)
+    assert from_build["tokens"] == _generate(fastv, tmp_path, 30, 6)["tokens"]
+    result = run_cli("validate", tmp_path / "build", "--samples", "1")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_bench_times_decoders_side_by_side(llama_onnx, tmp_path, bert_onnx):
+    fastv = _compress(llama_onnx, tmp_path / "fastv.onnx", *CASES["fastv"])
+    result = run_cli("bench", llama_onnx, fastv, "--prompt-len", "24,40", "--new-tokens", "4", "--repeats", "2",
+                     "--json", tmp_path / "b.json")
+    assert result.returncode == 0, result.stderr
+    entries = json.loads((tmp_path / "b.json").read_text())["entries"]
+    # onnxruntime-genai (a dev dependency) runs the base graph from the genai_config.json export wrote beside it
+    labels = ("llama", "fastv", "onnxruntime-genai")
+    assert {(e["label"], e["prompt_len"]) for e in entries} == {(m, n) for m in labels for n in (24, 40)}
+    for e in entries:
+        assert e["ttft_ms"] > 0 and e["decode_tokens_per_s"] > 0 and e["rounds"] == 2
+        if e["label"] != "onnxruntime-genai":
+            assert (e["kv_ratio"] < 1) == (e["label"] == "fastv")  # FastV's later layers cache fewer positions
+    assert_usage_error(run_cli("bench", llama_onnx, bert_onnx))

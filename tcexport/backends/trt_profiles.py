@@ -48,6 +48,8 @@ def profile_shapes(specs: Iterable[inputs.InputSpec],
     A model exported with a fixed batch gets that batch for min/opt/max; asking for another range is an error.
     """
     specs = list(specs)
+    if inputs.is_decoder_graph(specs):
+        return decoder_profile_shapes(specs, batch_min_opt_max or DEFAULT_DYNAMIC_BATCH)
     static_batches = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
     dynamic = any(s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0) for s in specs)
     if batch_min_opt_max is None:
@@ -67,6 +69,37 @@ def profile_shapes(specs: Iterable[inputs.InputSpec],
             raise UsageError(f"input '{spec.name}' has a fixed batch of {first}, so the profile cannot be "
                              f"{low},{opt},{high}; pass --batch {first} or re-export with a dynamic batch")
         shapes[spec.name] = ProfileShape(spec.concrete_shape(low), spec.concrete_shape(opt), spec.concrete_shape(high))
+    return shapes
+
+
+DECODER_SEQ = (1, 128, 2048)  # prompt tokens per call: a decode step (1) to a long prefill
+DECODER_PAST = (0, 512, 2048)  # cached positions: empty (the prefill) to a long context
+
+
+def decoder_profile_shapes(specs: Iterable[inputs.InputSpec], batch: tuple[int, int, int],
+                           seq: tuple[int, int, int] = DECODER_SEQ,
+                           past: tuple[int, int, int] = DECODER_PAST) -> dict[str, ProfileShape]:
+    """One profile for a decoder graph that serves the prefill and every decode step: the sequence axis of
+    input_ids/position_ids spans `seq`, every cache's past axis (and pruned groups' position state) spans `past`,
+    the attention mask spans their sum."""
+    shapes = {}
+    for spec in specs:
+        def dims(k: int) -> tuple[int, ...]:
+            out = []
+            for axis, d in enumerate(spec.shape):
+                if isinstance(d, int) and d > 0:
+                    out.append(d)
+                elif axis == 0:
+                    out.append(batch[k])
+                elif spec.name.startswith("past"):
+                    out.append(past[k])
+                elif spec.name == "attention_mask":
+                    out.append(max(1, seq[k] + past[k]))
+                else:
+                    out.append(seq[k])
+            return tuple(out)
+
+        shapes[spec.name] = ProfileShape(dims(0), dims(1), dims(2))
     return shapes
 
 
