@@ -244,7 +244,7 @@ class TextFidelity:
 
 
 def available_methods(notes: list[str], wanted: list[str] | None) -> list[str]:
-    registered = methods.METHODS
+    registered = methods.encoder_methods()
     for name in registered:
         if name not in CONFIGS:
             note(notes, f"method '{name}' is registered but has no budget config in CONFIGS; not compared")

@@ -33,6 +33,11 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def encoder_methods() -> dict[str, type[Method]]:
+    """The methods that compress an encoder's tokens (the decoder methods act on a causal LM's prompt or cache)."""
+    return {name: cls for name, cls in METHODS.items() if getattr(cls, "applies_to", "encoder") != "decoder"}
+
+
 def unregister(name: str) -> None:
     """Remove a method (tests that register a throwaway one clean up with this)."""
     METHODS.pop(name, None)
