@@ -255,3 +255,37 @@ def test_bench_times_decoders_side_by_side(llama_onnx, tmp_path, bert_onnx):
         if e["label"] != "onnxruntime-genai":
             assert (e["kv_ratio"] < 1) == (e["label"] == "fastv")  # FastV's later layers cache fewer positions
     assert_usage_error(run_cli("bench", llama_onnx, bert_onnx))
+
+
+def test_fidelity_points_leave_room_for_prompt_and_continuation():
+    from tcexport.core.errors import UsageError
+    from tcexport.validate.decoder_fidelity import points
+
+    chosen = points(700, 400, 16, 6)
+    assert chosen[0] == 400 and chosen[-1] == 700 - 16 and len(chosen) == 6
+    with pytest.raises(UsageError, match="too short"):
+        points(300, 400, 16, 6)
+
+
+@pytest.mark.slow
+def test_decoder_fidelity_on_text(tmp_path_factory, tmp_path):
+    from tcexport.models import decoder_zoo
+    from tests.conftest import exported
+
+    root = made_once(tmp_path_factory, "decoder_zoo", decoder_zoo.tokenizer_dir)
+    made_once(tmp_path_factory, "decoder_zoo_llama", lambda _: decoder_zoo.decoder_dir("llama", root))
+    base = exported(tmp_path_factory, "decoder_onnx_llama", f"hf:{decoder_zoo.decoder_dir('llama', root)}",
+                    "llama.onnx")
+    same = run_cli("validate", base, "--reference-onnx", base, "--json", tmp_path / "same.json")
+    assert same.returncode == 0, same.stderr
+    report = json.loads((tmp_path / "same.json").read_text())
+    assert report["next_token_agreement"] == 1.0 and report["greedy_agreement"] == 1.0
+    assert abs(report["perplexity_change"]) < 1e-6
+    fastv = _compress(base, tmp_path / "fastv.onnx", "--method", "fastv", "--keep", "0.25", "--layers", "0")
+    pruned = run_cli("validate", fastv, "--reference-onnx", base, "--json", tmp_path / "fastv.json")
+    assert pruned.returncode == 0, pruned.stderr
+    report = json.loads((tmp_path / "fastv.json").read_text())
+    assert report["next_token_agreement"] < 1.0  # a quarter of a 400-token prompt changes the predictions
+    assert len(report["points"]) == 6 and report["prompt_len"] >= 16
+    strict = run_cli("validate", fastv, "--reference-onnx", base, "--min-agreement", "0.9999")
+    assert strict.returncode == 1
