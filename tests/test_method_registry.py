@@ -84,7 +84,8 @@ def test_compress_help_shows_its_options(every_kth):
     assert "--offset INTEGER" in text and "(a whole number >= 0, default 0)" in text
     assert "--reverse / --no-reverse" in text
     # The built-in methods' flags are generated the same way and keep their names.
-    for flag in ("--r TEXT", "--keep FLOAT", "--keep-count INTEGER", "--fuse / --no-fuse", "--dominant INTEGER",
+    # keep/keep_count are per-layer lists for pdrop (keep=0.5,0.25@8,16), so their option takes text
+    for flag in ("--r TEXT", "--keep TEXT", "--keep-count TEXT", "--fuse / --no-fuse", "--dominant INTEGER",
                  "--kernel INTEGER", "--seed INTEGER", "--grid TEXT"):
         assert flag in text, flag
 
