@@ -25,6 +25,7 @@ VARIANTS = {
     "fastv-0.5": ("--method", "fastv", "--keep", "0.5", "--layers", "2"),
     "fastv-0.25": ("--method", "fastv", "--keep", "0.25", "--layers", "2"),
     "snapkv-256": ("--method", "snapkv", "--budget", "256", "--window", "32"),
+    "snapkv-256-w16": ("--method", "snapkv", "--budget", "256", "--window", "16"),
     "snapkv-512": ("--method", "snapkv", "--budget", "512", "--window", "32"),
     "streaming-4+252": ("--method", "streaming", "--sink", "4", "--window", "252"),
 }
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("out/bench_decoder"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--resume", action="store_true", help="keep results already in --out for the same models")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / "smollm2.onnx"
@@ -71,9 +73,12 @@ def main() -> None:
     threads = ("--threads", args.threads, "--repeats", args.repeats)
     results = {}
     for label, models, length, new in (("ttft", ["base", "fastv-0.5"], 1536, 4),
-                                       ("decode", ["base", "snapkv-256"], 2048, 32),
+                                       ("decode", ["base", "snapkv-256", "snapkv-256-w16"], 2048, 32),
                                        ("genai", ["base"], 512, 32)):
         json_path = args.out / f"bench-{label}.json"
+        if args.resume and json_path.exists() and _covers(json_path, models, paths):
+            results[label] = json.loads(json_path.read_text())
+            continue
         tcexport("bench", *[paths[m] for m in models], "--prompt-len", length, "--new-tokens", new, *threads,
                  "--json", json_path, "--peer" if label == "genai" else "--no-peer")
         results[label] = json.loads(json_path.read_text())
@@ -86,11 +91,19 @@ def main() -> None:
     fidelity = {}
     for name in VARIANTS:
         json_path = args.out / f"fidelity-{name}.json"
+        if args.resume and json_path.exists():
+            fidelity[name] = json.loads(json_path.read_text())
+            continue
         tcexport("validate", paths[name], "--reference-onnx", base, "--json", json_path)
         fidelity[name] = json.loads(json_path.read_text())
     results["fidelity"] = fidelity
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(summary(results))
+
+
+def _covers(json_path: Path, models: list[str], paths: dict) -> bool:
+    labels = {e["label"] for e in json.loads(json_path.read_text())["entries"]}
+    return {paths[m].stem for m in models} <= labels
 
 
 def _config(record: dict) -> dict:
@@ -111,13 +124,16 @@ def summary(results: dict) -> str:
     fast = _row(ttft, "fastv-0.5")
     ideal = results["fastv_flop_ideal_1536"]
     snap = _row(decode, "snapkv-256")
+    snap16 = _row(decode, "snapkv-256-w16")
     lines = ["| measure | value |", "|---|---|",
              f"| FastV keep 0.5 @2, 1,536-token prompt: TTFT base / fastv | {ttft[0]['ttft_ms']:.0f} ms / "
              f"{fast['ttft_ms']:.0f} ms = {fast['ttft_speedup']:.2f}x (FLOP-ideal {ideal:.2f}x: "
              f"{(fast['ttft_speedup'] - 1) / (ideal - 1):.0%} of the ideal gain, {fast['ttft_speedup'] / ideal:.0%} "
              "of the ideal speedup) |",
              f"| SnapKV 256 at 2,048 tokens: decode tokens/s base / snapkv | {decode[0]['decode_tokens_per_s']:.1f} / "
-             f"{snap['decode_tokens_per_s']:.1f} = {snap['decode_speedup']:.2f}x; KV {snap['kv_ratio']:.1%} of base |"]
+             f"{snap['decode_tokens_per_s']:.1f} = {snap['decode_speedup']:.2f}x; peak KV {snap['kv_ratio']:.1%} of base |",
+             f"| SnapKV 256, window 16, at 2,048 tokens | {snap16['decode_tokens_per_s']:.1f} tokens/s = "
+             f"{snap16['decode_speedup']:.2f}x; peak KV {snap16['kv_ratio']:.1%} of base |"]
     peer = [e for e in genai if e["label"] == "onnxruntime-genai"]
     if peer:
         ours = genai[0]

@@ -10,6 +10,7 @@ prompts through onnxruntime-genai's own loop are a peer row.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -79,9 +80,8 @@ def _genai_peer(artifact: artifacts_mod.Artifact, threads: int | None):
     except ImportError:
         return None
     config = og.Config(str(folder))
-    if threads:
-        config.set_provider_option("cpu", "intra_op_num_threads", str(threads)) if hasattr(
-            config, "set_provider_option") else None
+    if threads and hasattr(config, "overlay"):  # the same thread count as our sessions
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
     model = og.Model(config)
 
     def generate(prompt: list[int], new_tokens: int) -> loop.Generation:
