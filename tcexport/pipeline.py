@@ -43,11 +43,23 @@ def export(spec: str, output: Path, opset: int = 18, batch: str | int | None = "
     fixed_batch = spec_check.parse_batch(batch)
     spec_check.check(spec, **load_options)
     overwrite.check_file(output, force)
+    if spec.startswith("hf:") and (fixed_batch is not None or exporter != "dynamo"):
+        _refuse_decoder_options(spec, fixed_batch, exporter)
     from tcexport.export import exporter as export_mod
 
     source = load_source(spec, **load_options)
     return export_mod.export_to_file(source, output, opset=opset, batch=fixed_batch, check=check, atol=atol,
                                      exporter=exporter)
+
+
+def _refuse_decoder_options(spec: str, fixed_batch: int | None, exporter: str) -> None:
+    """A causal LM exports with the dynamo exporter and a dynamic batch only; say so before it loads (the same
+    line export_model says after loading, for callers that skip this entry point)."""
+    from tcexport.models import causal
+
+    if causal.locate(spec.partition(":")[2]) is not None:
+        raise UsageError(f"{spec} is a causal LM: its decoder graph exports with the dynamo exporter and a "
+                         "dynamic batch (drop --exporter torchscript / --batch)")
 
 
 def build(source_arg: str, output: Path, provider: str = "cpu", opt_level: str = "all", threads: int | None = None,

@@ -298,11 +298,13 @@ def test_cli_refuses_a_fixed_batch_and_torchscript_for_a_decoder(llama_dir, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="export_model refuses --batch/--exporter for a decoder after the model has "
-                                       "loaded, so the load step's progress line comes before the error line")
-def test_cli_refuses_a_fixed_batch_for_a_decoder_in_one_line(llama_dir, tmp_path):
-    assert_usage_error(run_cli("export", f"hf:{llama_dir}", "--batch", "2", "-o", tmp_path / "x.onnx"))
+@pytest.mark.parametrize("extra", [["--batch", "2"], ["--exporter", "torchscript"]])
+def test_cli_refuses_a_fixed_batch_for_a_decoder_in_one_line(llama_dir, tmp_path, extra):
+    """Refused before the model loads (pipeline.export checks causal.locate first): no load progress line."""
+    result = run_cli("export", f"hf:{llama_dir}", *extra, "-o", tmp_path / "x.onnx")
+    assert_usage_error(result)
+    assert "causal LM" in result.stderr and extra[0] in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_refuses_an_unreadable_gguf_in_one_line(tmp_path):
