@@ -248,11 +248,13 @@ def produced_line(command: str, settings: dict) -> str:
     return f"Produced by `{command}` ({settings['size']} configs, seeded weights; {settings['when']})."
 
 
-def merged_line(run: dict) -> str:
-    names = [f"`{name}`" for name in run["models"]]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return (f"Rows of {listed}: `{run['command']}` ({run['when']}), merged into the run above; the other rows are "
-            "that run's.")
+def merged_line(runs: list[dict]) -> str:
+    def listed(names):
+        quoted = [f"`{name}`" for name in names]
+        return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+    parts = "; ".join(f"{listed(run['models'])} by `{run['command']}` ({run['when']})" for run in runs)
+    return f"Rows merged in later (`--merge`; every other row is from the run above): {parts}."
 
 
 def markdown(rows: list[dict], command: str, settings: dict, merged: list[dict] = (),
@@ -266,7 +268,7 @@ def markdown(rows: list[dict], command: str, settings: dict, merged: list[dict] 
         "",
         produced or produced_line(command, settings),
         "",
-        *[line for run in merged for line in (merged_line(run), "")],
+        *([merged_line(list(merged)), ""] if merged else []),
         "Each row: export -> compress -> validate (fp32, batch 1 and 3, vs the eager PyTorch reference) -> bench "
         "(ONNX Runtime CPU, interleaved, median latency). FLOP-ideal: MatMul/Gemm/Conv FLOPs of the model's own "
         "ops, uncompressed / compressed. A step that is refused says why; the steps after it are skipped. "

@@ -101,7 +101,8 @@ def test_merge_replaces_the_rows_of_the_models_run_and_keeps_the_rest(tmp_path):
            "versions": {}}
     script.write_outputs(merged, tmp_path, existing["command"], existing["settings"], [run], produced)
     text = md.read_text()
-    assert note in text and "Rows of `hf-t5`: `python scripts/model_matrix.py --only hf-t5 --merge` (now)" in text
+    assert note in text and ("Rows merged in later (`--merge`; every other row is from the run above): `hf-t5` by "
+                             "`python scripts/model_matrix.py --only hf-t5 --merge` (now).") in text
     assert "(17-32 tokens," in text and "3 of 3 rows validate." in text
     data = json.loads((tmp_path / "models.json").read_text())
     assert data["command"] == "python scripts/model_matrix.py" and data["merged"] == [run] and data["rows"] == merged
