@@ -3,6 +3,11 @@
 and the share of compressed latency spent in the ops tcexport inserted (from ORT's profiler).
 
     python scripts/bench_tome.py [--out out/bench_tome] [--r 8,13,16] [--batch 1,8] [--iters 12]
+    python scripts/bench_tome.py --oracle vit_b,minilm --batch 1,8 --iters 15 [--out out/bench_tome_oracle]
+
+--oracle: ToMe as standard ops (--impl subgraph) and as one fused op per block (--impl plugin, tcexport's ONNX
+Runtime op library), each speedup as a fraction of the same-schedule oracle's (below), ViT-B r=8,16 and MiniLM
+r=4,8, all timed interleaved in one process, from the minimum of the runs.
 
 FLOP-ideal speedup = FLOPs(baseline) / FLOPs(compressed model's own ops): what a perfect engine would gain
 from the fewer tokens alone. The inserted ops (names starting with "tc_") are excluded there and measured
@@ -156,6 +161,127 @@ def model_flops(path: Path, batch: int) -> tuple[float, float]:
     return result.total_flops - inserted, inserted
 
 
+ORACLE_MODELS = {  # name: (spec, load options, ToMe r values), as issue 21 asks
+    "vit_b": ("timm:vit_base_patch16_224", {}, (8, 16)),
+    "minilm": ("st:all-MiniLM-L6-v2", {"seq_len": 128}, (4, 8)),
+}
+
+
+def oracle_model_builds(out: Path, name: str, threads: int | None) -> tuple[dict[str, Path], dict]:
+    """Export one model (once) and build, for each r: the same-schedule oracle, ToMe as standard ops
+    (--impl subgraph) and ToMe as one fused op per block (--impl plugin, tcexport's ONNX Runtime op library)."""
+    spec, options, rs = ORACLE_MODELS[name]
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "base.onnx"
+    if not base.exists():
+        export.export_to_file(sources.load(spec, seed=0, **options), base)
+    def build(source: Path, label: str, directory: Path) -> None:  # kept from an earlier run of the same --out
+        builds[label] = directory
+        if not (directory / "model.onnx").is_file():
+            ort_backend.build(source, directory, threads=threads)
+
+    builds: dict[str, Path] = {}
+    build(base, f"{name}/base", folder / "base-ort")
+    info = {}
+    for r in rs:
+        for impl in ("subgraph", "plugin"):
+            path = folder / f"tome_r{r}_{impl}.onnx"
+            if not path.is_file():
+                compress.compress_file(base, path, r=str(r), impl=impl)
+            build(path, f"{name}/r{r}/{impl}", folder / f"tome_r{r}_{impl}-ort")
+        written = ort_backend.onnxfile.load(folder / f"tome_r{r}_subgraph.onnx", load_external_data=False)
+        protected = metadata.read(written, metadata.COMPRESSION)["protected"]
+        schedule = metadata.read(written, metadata.TOKENS)
+        stages = [f"uniform:keep_count={block['out'] - protected}@{block['block']}" for block in schedule
+                  if block["out"] < block["in"]]
+        path = folder / f"oracle_r{r}.onnx"
+        if not path.is_file():
+            compress.compress_file(base, path, stages=stages, prop_attn=False)
+        build(path, f"{name}/r{r}/oracle", folder / f"oracle_r{r}-ort")
+        inserted = {impl: sum(1 for node in onnx_nodes(folder / f"tome_r{r}_{impl}.onnx")
+                              if node.name.startswith(INSERTED_PREFIX) and node.op_type != "Constant")
+                    for impl in ("subgraph", "plugin")}
+        info[r] = {"tokens_out": schedule[-1]["out"], "inserted_nodes": inserted}
+    return builds, info
+
+
+def onnx_nodes(path: Path):
+    return ort_backend.onnxfile.load(path, load_external_data=False).graph.node
+
+
+def cpu_time_runs(builds: dict[str, Path], batches: list[int], warmup: int, iters: int) -> tuple[dict, int]:
+    """Minimum CPU time (ms) of one run per (label, batch): sessions with one intra-op thread run in the calling
+    thread, so its CPU time (time.thread_time) is the run's work without the waits a loaded machine adds to wall
+    time. Interleaved as bench runs them: one run of each artifact per round, the order rotating."""
+    sessions = {}
+    for label, directory in builds.items():
+        options = ort_backend.session_options(1, interleaved=True)
+        sessions[label] = ort_backend.open_session(directory / "model.onnx", options=options)
+    least: dict = {}
+    for batch in batches:
+        model = ort_backend.onnxfile.load(builds[next(iter(builds))] / "model.onnx", load_external_data=False)
+        feeds = inputs.random_feeds(inputs.specs_from_graph(model), batch)
+        labels = list(sessions)
+        for label in labels:
+            for _ in range(warmup):
+                sessions[label].run(None, feeds)
+        for round_ in range(iters):
+            for label in labels[round_ % len(labels):] + labels[:round_ % len(labels)]:
+                start = time.thread_time()
+                sessions[label].run(None, feeds)
+                spent = 1000 * (time.thread_time() - start)
+                least[(label, batch)] = min(least.get((label, batch), spent), spent)
+    return least, iters
+
+
+def oracle_report(args) -> None:
+    """Each ToMe form's speedup as a fraction of the same-schedule oracle's, all timed interleaved in one process
+    (one run of each artifact per round, rotating), from the minimum of the runs (medians move by +-5% on a
+    shared machine; the minimum is the run least disturbed). The inserted ops' wall cost is the fused form's
+    extra time over the oracle, 1 - oracle / plugin."""
+    out: Path = args.out
+    batches = [int(b) for b in args.batch.split(",")]
+    rows, environment = [], None
+    for name in args.oracle.split(","):
+        builds, info = oracle_model_builds(out, name, args.threads)
+        if args.cpu_time:
+            least, runs = cpu_time_runs(builds, batches, args.warmup, args.iters)
+            environment = {"timing": "CPU time of the calling thread per run, 1 intra-op thread"}
+        else:
+            timing = bench_session.run([str(p) for p in builds.values()], batches=batches, threads=args.threads,
+                                       warmup=args.warmup, iters=args.iters)
+            environment = timing["environment"]
+            bench_report.write_json(timing, out / name / "bench.json")
+            by_label = {path.name: label for label, path in builds.items()}  # bench labels an artifact by folder
+            least = {(by_label[e["artifact"]], e["batch"]): e["latency_ms"]["min"] for e in timing["results"]}
+            runs = min(e["iters"] for e in timing["results"])
+        for batch in batches:
+            base = least[(f"{name}/base", batch)]
+            for r, details in info.items():
+                oracle = least[(f"{name}/r{r}/oracle", batch)]
+                row = {"model": name, "r": r, "batch": batch, "tokens_out": details["tokens_out"],
+                       "base_min_ms": base, "oracle_min_ms": oracle, "oracle_speedup": base / oracle,
+                       "runs": runs}
+                for impl in ("subgraph", "plugin"):
+                    ms = least[(f"{name}/r{r}/{impl}", batch)]
+                    row[impl] = {"min_ms": ms, "speedup": base / ms, "of_oracle": oracle / ms,
+                                 "extra_over_oracle": 1 - oracle / ms,
+                                 "inserted_nodes": details["inserted_nodes"][impl]}
+                rows.append(row)
+    (out / "oracle.json").write_text(json.dumps({"rows": rows, "iters": args.iters, "warmup": args.warmup,
+                                                 "threads": args.threads, "environment": environment}, indent=2))
+    print("\n| model | r | batch | tokens (last block) | base ms | oracle | subgraph | of oracle | plugin | of oracle | "
+          "plugin extra over oracle | inserted nodes (subgraph / plugin) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        sub, plug = row["subgraph"], row["plugin"]
+        print(f"| {row['model']} | {row['r']} | {row['batch']} | {row['tokens_out']} | {row['base_min_ms']:.2f} | "
+              f"{row['oracle_speedup']:.3f}x | {sub['speedup']:.3f}x | {100 * sub['of_oracle']:.1f}% | "
+              f"{plug['speedup']:.3f}x | {100 * plug['of_oracle']:.1f}% | {100 * plug['extra_over_oracle']:.1f}% | "
+              f"{sub['inserted_nodes']} / {plug['inserted_nodes']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="timm:vit_base_patch16_224")
@@ -168,7 +294,18 @@ def main() -> None:
     parser.add_argument("--profile-runs", type=int, default=5)
     parser.add_argument("--eager-iters", type=int, default=5)
     parser.add_argument("--wall-iters", type=int, default=24, help="timed runs of the inserted-ops cut, per mode")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="with --oracle: time CPU time per run on one intra-op thread instead of wall time "
+                             "(a loaded machine stretches wall time; the work a run does stays)")
+    parser.add_argument("--oracle", default=None, metavar="MODELS",
+                        help=f"only the oracle report for these models ({','.join(ORACLE_MODELS)}): each ToMe form "
+                             "(subgraph, plugin) as a fraction of the same-schedule oracle, from the minimum of "
+                             "--iters interleaved runs (use >= 9)")
     args = parser.parse_args()
+    if args.oracle:
+        args.out.mkdir(parents=True, exist_ok=True)
+        oracle_report(args)
+        return
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in args.batch.split(",")]
