@@ -116,9 +116,28 @@ def llama_onnx(tmp_path_factory) -> Path:
     return made_once(tmp_path_factory, "decoder_methods_llama", make) / "llama.onnx"
 
 
+def cli_here(*args):
+    """`tcexport ARGS` in this process (click's runner): exit code, stdout and stderr as run_cli gives them, without
+    a fresh interpreter importing torch and transformers for every call."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from tcexport.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def _compress(source: Path, out: Path, *args: str) -> Path:
-    result = run_cli("compress", source, "-o", out, *args)
-    assert result.returncode == 0, result.stderr
+    """compress in-process (the CLI's own parsing: the same command, without a fresh interpreter per call)."""
+    from click.testing import CliRunner
+
+    from tcexport.cli import cli
+
+    result = CliRunner().invoke(cli, ["compress", str(source), "-o", str(out), *map(str, args)],
+                                standalone_mode=False, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
     return out
 
 
@@ -133,7 +152,7 @@ CASES = {
 @pytest.mark.parametrize("case", [c if c == "fastv" else pytest.param(c, marks=pytest.mark.slow) for c in sorted(CASES)])
 def test_compressed_decoder_validates_against_transformers(llama_onnx, tmp_path, case):
     out = _compress(llama_onnx, tmp_path / f"{case}.onnx", *CASES[case])
-    result = run_cli("validate", out, "--samples", "3", "--json", tmp_path / "report.json")
+    result = cli_here("validate", out, "--samples", "3", "--json", tmp_path / "report.json")
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["kind"] == "decoder" and report["passed"]
@@ -144,11 +163,10 @@ def test_compressed_decoder_validates_against_transformers(llama_onnx, tmp_path,
 
 
 def _generate(model: Path, tmp_path: Path, prompt_len: int, new_tokens: int) -> dict:
+    from tcexport.generation import run
+
     ids = ",".join(str(i % 100 + 1) for i in range(prompt_len))
-    result = run_cli("generate", model, "--prompt-ids", ids, "--max-new-tokens", new_tokens, "--json",
-                     tmp_path / "g.json")
-    assert result.returncode == 0, result.stderr
-    return json.loads((tmp_path / "g.json").read_text())
+    return run.run(model, ids_texts=(ids,), max_new_tokens=new_tokens, stream=False)
 
 
 def test_cache_lengths_are_what_each_method_promises(llama_onnx, tmp_path):
@@ -180,7 +198,7 @@ def test_validate_fails_when_the_graph_is_not_what_its_record_says(llama_onnx, t
     record["stages"][0]["params"]["keep"] = 0.25
     metadata.write(model, metadata.COMPRESSION, record)
     onnx.save(model, tmp_path / "tampered.onnx")
-    result = run_cli("validate", tmp_path / "tampered.onnx", "--samples", "2")
+    result = cli_here("validate", tmp_path / "tampered.onnx", "--samples", "2")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED" in result.stderr
 
@@ -194,7 +212,7 @@ def test_validate_fails_when_the_graph_is_not_what_its_record_says(llama_onnx, t
     (("--stage", "fastv:keep=0.5@0", "--stage", "streaming:sink=2,window=4@1"), "does not combine"),
 ])
 def test_bad_decoder_compress_is_one_line(llama_onnx, tmp_path, args, needle):
-    result = run_cli("compress", llama_onnx, "-o", tmp_path / "x.onnx", *args)
+    result = cli_here("compress", llama_onnx, "-o", tmp_path / "x.onnx", *args)
     assert_usage_error(result)
     assert needle in result.stderr
     assert not (tmp_path / "x.onnx").exists()
@@ -202,16 +220,16 @@ def test_bad_decoder_compress_is_one_line(llama_onnx, tmp_path, args, needle):
 
 def test_bad_generate_is_one_line(llama_onnx, tmp_path):
     snap = _compress(llama_onnx, tmp_path / "snap.onnx", *CASES["snapkv"])
-    short = run_cli("generate", snap, "--prompt-ids", "1,2,3,4,5", "--json", tmp_path / "g.json")
+    short = run_cli("generate", snap, "--prompt-ids", "1,2,3,4,5", "--json", tmp_path / "g.json")  # a real process
     assert_usage_error(short)
     assert "not smaller" in short.stderr and not (tmp_path / "g.json").exists()
-    assert_usage_error(run_cli("generate", llama_onnx, "--prompt-ids", "1,2,999"))  # outside the vocabulary
-    assert_usage_error(run_cli("generate", llama_onnx, "--prompt-ids", "1", "--max-new-tokens", "300"))  # context
-    assert_usage_error(run_cli("generate", llama_onnx, "--prompt", "hi"))  # no tokenizer in this directory
+    assert_usage_error(cli_here("generate", llama_onnx, "--prompt-ids", "1,2,999"))  # outside the vocabulary
+    assert_usage_error(cli_here("generate", llama_onnx, "--prompt-ids", "1", "--max-new-tokens", "300"))  # context
+    assert_usage_error(cli_here("generate", llama_onnx, "--prompt", "hi"))  # no tokenizer in this directory
 
 
 def test_decoder_methods_refuse_encoder_graphs(bert_onnx, tmp_path):
-    result = run_cli("compress", bert_onnx, "--method", "fastv", "--keep", "0.5", "-o", tmp_path / "x.onnx")
+    result = cli_here("compress", bert_onnx, "--method", "fastv", "--keep", "0.5", "-o", tmp_path / "x.onnx")
     assert_usage_error(result)
     assert "causal LM" in result.stderr
 
@@ -233,10 +251,10 @@ def test_decoder_trt_profile_spans_prefill_and_decode(llama_onnx, tmp_path):
 @pytest.mark.slow
 def test_ort_build_of_a_compressed_decoder_generates_and_validates(llama_onnx, tmp_path):
     fastv = _compress(llama_onnx, tmp_path / "fastv.onnx", *CASES["fastv"])
-    assert run_cli("build", fastv, "-o", tmp_path / "build").returncode == 0
+    assert cli_here("build", fastv, "-o", tmp_path / "build").returncode == 0
     from_build = _generate(tmp_path / "build", tmp_path, 30, 6)
     assert from_build["tokens"] == _generate(fastv, tmp_path, 30, 6)["tokens"]
-    result = run_cli("validate", tmp_path / "build", "--samples", "1")
+    result = cli_here("validate", tmp_path / "build", "--samples", "1")
     assert result.returncode == 0, result.stderr
 
 
