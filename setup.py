@@ -8,6 +8,7 @@ C API header onnxruntime_c_api.h, which no Python package ships. It is looked fo
     ../shared/onnxruntime-include          (next to the checkout: development machines and CI)
 
 each either holding the header, or include/ with it, or version folders with include/ (the newest is taken).
+TCEXPORT_BUILD_ORT_OPS=0 skips it (a py3-none-any wheel to carry to another machine, such as a Jetson).
 Found: the library is built (g++ or the compiler Python was built with, C++17, -O3) against it and nothing
 else, no ONNX Runtime library is linked. Not found, or the compiler fails: the package installs without it, and
 `--impl plugin` on ONNX Runtime says so in one line (tcexport/plugins/ort_library.py).
@@ -28,6 +29,7 @@ HEADER = "onnxruntime_c_api.h"
 SOURCE = "plugins/ort/tcexport_ort_ops.cpp"
 KERNELS = "plugins/cpp/kernels"
 ENV = "ORT_INCLUDE_DIR"
+SKIP_ENV = "TCEXPORT_BUILD_ORT_OPS"
 LIBRARY = "tcexport.plugins._ort_ops"
 
 
@@ -80,6 +82,9 @@ class BuildOrtOps(build_ext):
 
 def extensions() -> list[Extension]:
     if not (ROOT / SOURCE).is_file():
+        return []
+    if os.environ.get(SKIP_ENV) == "0":  # a pure-Python wheel for another machine (Jetson: pip wheel on a PC)
+        _say(f"{SKIP_ENV}=0: the ONNX Runtime op library is not built")
         return []
     include, origin = find_headers()
     if include is None:
