@@ -122,6 +122,30 @@ def test_t5_no_op_plans_reproduce_the_model_with_its_position_bias(tmp_path_fact
     assert bias.std() > 0.1
 
 
+def test_a_reference_that_does_not_reproduce_the_model_is_refused():
+    """Before any compression the reference must give the model's own output; a model that draws afresh on every
+    call (as ViTMAE's patch shuffle did) cannot be reproduced, and is refused rather than checked against noise."""
+    from tcexport.models.inputs import TOKEN_IDS, InputSpec
+    from tests.fixtures.masked_encoders import TOKENS, Encoder
+
+    class Noisy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = Encoder(["global", "global"])
+
+        def forward(self, input_ids):
+            return self.encoder(input_ids) + torch.rand(1)
+
+    def source(model):
+        ids = InputSpec("input_ids", ["batch", TOKENS], "int64", TOKEN_IDS, high=100)
+        return sources.Source("py:toy", model.eval(), [ids], ["output"], {}, {"num_prefix_tokens": 1})
+
+    noisy = Noisy()
+    with pytest.raises(UsageError, match="does not reproduce the model before any compression"):
+        compressed_reference(source(noisy), {0: ToMe(r=2)})
+    assert compressed_reference(source(noisy.encoder), {0: ToMe(r=2)}).layout.blocks == 2
+
+
 def test_attention_soft_capping_is_refused():
     from tcexport.reference.flow import TokenFlow
     from tcexport.reference.mode import Layout, TokenMode

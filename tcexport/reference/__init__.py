@@ -90,13 +90,14 @@ class CompressedReference(torch.nn.Module):
         self.state = TokenState(self.flow.x, self.flow.size, self.flow.mask)
         return out
 
-    def discover(self, *args) -> None:
-        """Learn the block layout from one uncompressed pass (reference/mode.py: Layout)."""
+    def discover(self, *args):
+        """Learn the block layout from one uncompressed pass (reference/mode.py: Layout); returns its output."""
         bound = self._signature.bind(*args)
         self.flow.begin(self._input_mask(bound))
         with torch.no_grad(), modules.active(self.model, TokenMode(self.flow, self.layout, discover=True)):
-            self.model(*bound.args, **bound.kwargs)
+            out = self.model(*bound.args, **bound.kwargs)
         self.layout.blocks = len(self.flow.counts)
+        return out
 
     def _input_mask(self, bound: inspect.BoundArguments) -> torch.Tensor | None:
         """The padding mask as float [B,N] (tagged, so the mode knows what descends from it), or None."""
@@ -131,14 +132,40 @@ def compressed_reference(source, plan: Plan, prop_attn: bool = True, protected: 
     ids_input = next((spec.name for spec in source.inputs if spec.kind == TOKEN_IDS), None)
     flow = TokenFlow({}, int(protected), bool(prop_attn))
     reference = CompressedReference(model, flow, mask_input, Layout(), ids_input)
-    reference.discover(*(example if example is not None else source.example_inputs(2)))
+    inputs = example if example is not None else source.example_inputs(2)
+    discovered = reference.discover(*inputs)
     if reference.layout.blocks == 0:
         raise UsageError(f"{source.spec}: found no self-attention in the model's forward; tcexport compresses "
                          "transformers with global self-attention")
     flow.plan = check_plan(plan, reference.layout.blocks)
     reference.plan = flow.plan
     masks.refuse_unkept(reference.layout.masks, flow.plan)  # causal and other structure: see reference/mode.py
+    with torch.no_grad():
+        refuse_unfaithful(source.spec, discovered, source.model(*inputs))
     return reference
+
+
+def refuse_unfaithful(spec: str, reproduced, expected, rtol: float = 1e-3) -> None:
+    """The reference's uncompressed pass must give the model's own outputs: where it does not, it leaves out part of
+    the architecture (an attention argument it does not apply, a random draw per call), and a compressed graph
+    checked against it would be checked against something else. Refused in one line; `rtol` of the output's
+    magnitude (at least 1) covers the reference's own decomposition of attention."""
+    from torch.utils._pytree import tree_flatten
+
+    got = [t for t in tree_flatten(reproduced)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    want = [t for t in tree_flatten(expected)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for a, b in zip(got, want):
+        if a.shape != b.shape:
+            raise UsageError(f"{spec}: tcexport's PyTorch reference gives an output of shape {list(a.shape)} where "
+                             f"the model gives {list(b.shape)}, before any compression; tcexport cannot compress "
+                             "this model")
+        scale = max(1.0, float(b.abs().max())) if b.numel() else 1.0
+        error = float((a.float() - b.float()).abs().max()) if b.numel() else 0.0
+        if not error <= rtol * scale:  # NaN fails too
+            raise UsageError(f"{spec}: tcexport's PyTorch reference does not reproduce the model before any "
+                             f"compression (max abs difference {error:.2g} on outputs up to {scale:.2g}): it misses "
+                             "part of this architecture, so a compressed graph could not be checked against it; "
+                             "tcexport cannot compress this model")
 
 
 def check_plan(plan: Plan, depth: int) -> dict[int, Method]:
