@@ -77,6 +77,22 @@ class Generation:
         return data
 
 
+def shape_of(value) -> tuple[int, ...]:
+    """The shape of a state value: a numpy array or an onnxruntime OrtValue."""
+    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
+
+
+def nbytes_of(value) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    size = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int64)": 8, "tensor(int32)": 4}.get(value.data_type(), 4)
+    return int(np.prod(value.shape())) * size
+
+
+def as_array(value) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
 def present_name(past: str) -> str:
     """past_key_values.3.key -> present.3.key; past_X -> present_X."""
     if past.startswith("past_key_values."):
@@ -145,7 +161,7 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos_
     step_input = ids
     for step in range(max_new_tokens):
         feeds = {"input_ids": step_input, "attention_mask": mask, "position_ids": positions, **state}
-        result.kv_bytes = max(result.kv_bytes, sum(v.nbytes for v in state.values()))
+        result.kv_bytes = max(result.kv_bytes, sum(nbytes_of(v) for v in state.values()))
         start = time.perf_counter()
         outputs = runner.run({k: v for k, v in feeds.items() if k in specs})
         logits = outputs["logits"][:, -1, :]
@@ -181,8 +197,8 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos_
         step_input = np.where(finished, pad_id, chosen).astype(np.int64)[:, None]
         if policy is not None:
             state, mask = policy(state, mask)
-    result.kv_bytes = max(result.kv_bytes, sum(v.nbytes for v in state.values()))
-    result.cache_lengths = {name: int(value.shape[2] if value.ndim == 4 else value.shape[-1])
+    result.kv_bytes = max(result.kv_bytes, sum(nbytes_of(v) for v in state.values()))
+    result.cache_lengths = {name: int(shape_of(value)[2] if len(shape_of(value)) == 4 else shape_of(value)[-1])
                             for name, value in state.items()}
     result.decode_tokens_per_s = decode_steps / decode_seconds if decode_seconds else 0.0  # per sequence
     return result

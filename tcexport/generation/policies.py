@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from tcexport.generation.loop import as_array, shape_of
 from tcexport.methods.streaming import streaming_keep
 
 Policy = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
@@ -24,8 +25,9 @@ def streaming(sink: int, window: int) -> Policy:
         keep = streaming_keep(cache_len, sink, window)
         if keep is None:
             return state, mask
+        arrays = {name: as_array(value) for name, value in state.items()}
         trimmed = {name: np.ascontiguousarray(value[:, :, keep]) if value.ndim == 4 else value
-                   for name, value in state.items()}
+                   for name, value in arrays.items()}
         return trimmed, np.ascontiguousarray(np.concatenate([mask[:, keep], mask[:, -1:]], axis=1))
 
     return trim
@@ -34,7 +36,7 @@ def streaming(sink: int, window: int) -> Policy:
 def compressed_cache_mask(state: dict[str, np.ndarray], mask: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """After a prefill that compressed every layer's cache (SnapKV): the mask becomes the cache's, all real
     positions (the selection keeps no padding) plus the next token's slot."""
-    lengths = {value.shape[2] for value in state.values() if value.ndim == 4}
+    lengths = {shape_of(value)[2] for value in state.values() if len(shape_of(value)) == 4}
     if len(lengths) == 1 and (length := lengths.pop()) < mask.shape[1] - 1:
         return state, np.ones((mask.shape[0], length + 1), dtype=mask.dtype)
     return state, mask

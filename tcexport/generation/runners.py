@@ -22,5 +22,19 @@ class OrtRunner:
     def input_specs(self) -> dict[str, tuple[list, type]]:
         return {i.name: (list(i.shape), _ORT_TYPES.get(i.type, np.float32)) for i in self.session.get_inputs()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
+    def run(self, feeds: dict) -> dict:
+        """One step. Feeds are numpy arrays or OrtValues; outputs named present* stay OrtValues in ORT's memory
+        (the loop feeds them back as they are: no copy into numpy and back per step), the rest are numpy."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._outputs:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        return {name: value if name.startswith("present") else value.numpy()
+                for name, value in zip(self._outputs, binding.get_outputs())}
