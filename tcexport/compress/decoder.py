@@ -59,6 +59,9 @@ def compress(model: onnx.ModelProto, input_path: Path, output: Path, method: str
     groups = []
     if prefill:
         model, groups = decoder_prune.prune(model, prefill)
+    cache_methods = [s.method for s in planned if s.method.acts in ("cache", "decode")]
+    if cache_methods:
+        _refuse_windowed_caches(model, cache_methods[0])
     for stage in planned:
         if stage.method.acts == "cache":
             model = kv_select.select(model, stage.method)
@@ -79,6 +82,29 @@ def compress(model: onnx.ModelProto, input_path: Path, output: Path, method: str
     onnxfile.write(model, output, external_data=onnxfile.has_external_data(input_path))
     return [{"layer": g["first_layer"], "method": g["method"]} for g in groups] or [
         {"policy": p["method"], **p["params"]} for p in record["decode_policies"] + record["cache_stages"]]
+
+
+# Why a cache method does not apply to a sliding-window layer (whose cache transformers keeps at window - 1).
+WINDOWED_CACHE_REASON = {
+    "snapkv": "so {its} cache holds the last {keep} positions, not the prompt snapkv selects from",
+    "streaming": "so {its} cache already stays at {keep} positions, and {its} window cannot reach the attention "
+                 "sinks streaming keeps",
+}
+
+
+def _refuse_windowed_caches(model: onnx.ModelProto, method) -> None:
+    """snapkv and streaming act on caches of the whole context: a sliding-window layer's is refused (the same
+    window probe as prefill pruning, decoder_prune.layer_windows, finds them)."""
+    windows = {layer: w for layer, w in decoder_prune.windows_of(model).items() if w is not None}
+    if not windows:
+        return
+    layers, width = sorted(windows), max(windows.values())
+    named = ", ".join(map(str, layers))
+    reason = WINDOWED_CACHE_REASON.get(method.name, "whose cache is not the whole context").format(
+        keep=width - 1, its="their" if len(layers) > 1 else "its")
+    raise UsageError(f"{method.name}: layer{'s' if len(layers) > 1 else ''} {named} attend{'' if len(layers) > 1 else 's'} "
+                     f"through a sliding window of {width} positions, {reason}; tcexport applies {method.name} to "
+                     "decoders whose layers all attend to the whole context")
 
 
 def stages_of(compression: dict | None) -> tuple[list, list]:

@@ -19,6 +19,19 @@ Each group's cache holds only its tokens, so it also carries their original posi
 every past*/present* pair back). The group's key positions are those plus the current tokens'; its attention
 bias is rebuilt from them by the model's own mask code, which is causal by index over keys kept in order, that
 is by original position. A decode step (the cache is not empty) keeps its token: step 1 returns all indices.
+
+Sliding-window layers (Mistral, Phi-3, Gemma-2/3's local layers) keep their window over the ORIGINAL positions
+(slots, as transformers counts them, padding included) of the surviving tokens. A layer's window is read off the
+uncompressed graph (`layer_windows`: one decode step over a long random cache; the keys its query may see are a
+suffix of W slots). The model's own mask code, re-run on a group's kept keys, windows them by index, which lets a
+token see kept tokens more than W slots back (indices close, positions far); since positions grow at least as
+fast as indices, the by-position window is that one narrowed, so each windowed layer of a group also masks the
+logits of keys W or more slots behind their query (`_window_by_position`). Such a layer's cache holds the last
+W - 1 kept tokens (the model's own cache code), which contain every kept key its window reaches. A windowed
+layer's cache length is then not the group's token count, so on windowed models the probes part the two
+(probes_for: the slots seen and the cache length differ in one probe) and a shape entry that is a windowed
+cache's length becomes the group's windowed layer's cache length; a shape read off a group layer's own past
+input stays as it is.
 """
 
 from __future__ import annotations
@@ -85,13 +98,17 @@ def activations(model: onnx.ModelProto) -> set[str]:
     return data
 
 
-def probe_feeds(model: onnx.ModelProto, batch: int, seq: int, past: int, layers_kv: dict) -> dict:
+def probe_feeds(model: onnx.ModelProto, batch: int, seq: int, past: int, layers_kv: dict,
+                windows: dict | None = None) -> dict:
+    """Random feeds with `past` slots seen; a windowed layer's cache holds what it would (the last window - 1)."""
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(0, 100, (batch, seq)).astype(np.int64),
              "attention_mask": np.ones((batch, past + seq), np.int64),
              "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))}
     for name, (heads, dim) in layers_kv.items():
-        feeds[name] = rng.standard_normal((batch, heads, past, dim)).astype(np.float32)
+        window = (windows or {}).get(_past_layer(name))
+        length = past if window is None else min(past, window - 1)
+        feeds[name] = rng.standard_normal((batch, heads, length, dim)).astype(np.float32)
     return feeds
 
 
@@ -104,31 +121,46 @@ def _kv_dims(model: onnx.ModelProto) -> dict:
     return dims
 
 
-def probe_values(model: onnx.ModelProto, names: list[str]) -> list[dict]:
-    """`names` -> array, from one run per PROBES entry."""
+def probes_for(windows: dict | None) -> tuple[dict, ...]:
+    """PROBES, or for a model with windowed layers (one window W) two probes where the seen slots and a windowed
+    layer's cache length part: one inside the window (cache = past = W - 3), one past it (cache W - 1, past W + 4),
+    so a shape entry tells a windowed cache's length ("cache") from the slots seen ("past")."""
+    sizes = {w for w in (windows or {}).values() if w is not None}
+    if not sizes:
+        return PROBES
+    window = sizes.pop()
+    return ({"batch": 2, "seq": 11, "past": max(window - 3, 1), "window": window},
+            {"batch": 3, "seq": 17, "past": window + 4, "window": window})
+
+
+def probe_values(model: onnx.ModelProto, names: list[str], windows: dict | None = None) -> list[dict]:
+    """`names` -> array, from one run per probe (probes_for(windows))."""
     from tcexport.graph.probe import exposing
 
+    probes = probes_for(windows)
     names = list(dict.fromkeys(names))
     if not names:
-        return [{} for _ in PROBES]
+        return [{} for _ in probes]
     session = exposing(model, names)
     kv = _kv_dims(model)
-    return [dict(zip(names, session.run(names, probe_feeds(model, **p, layers_kv=kv)))) for p in PROBES]
+    return [dict(zip(names, session.run(names, probe_feeds(model, p["batch"], p["seq"], p["past"], kv, windows))))
+            for p in probes]
 
 
-def _slots(values: list[np.ndarray]) -> list[str]:
-    """For a shape vector seen in both probes: which entries are the sequence, total or past length."""
+def _slots(values: list[np.ndarray], probes: tuple[dict, ...] = PROBES) -> list[str]:
+    """For a shape vector seen in every probe: which entries are the sequence, total or past length, or (windowed
+    models) a windowed layer's cache length or that plus the sequence."""
+    def cache(p):
+        return p["past"] if "window" not in p else min(p["past"], p["window"] - 1)
+
+    named = [("seq", [p["seq"] for p in probes]), ("total", [p["seq"] + p["past"] for p in probes]),
+             ("past", [p["past"] for p in probes])]
+    if any("window" in p for p in probes):
+        named += [("cache", [cache(p) for p in probes]), ("cache_total", [cache(p) + p["seq"] for p in probes])]
     kinds = []
     for k in range(len(values[0])):
         entry = [int(v[k]) for v in values]
-        if entry == [p["seq"] for p in PROBES]:
-            kinds.append("seq")
-        elif entry == [p["seq"] + p["past"] for p in PROBES]:
-            kinds.append("total")
-        elif entry == [p["past"] for p in PROBES]:
-            kinds.append("past")
-        else:
-            kinds.append("")
+        kinds.append(next((kind for kind, seen in named if entry == seen), ""))
     return kinds
 
 
@@ -150,6 +182,12 @@ def prune(model: onnx.ModelProto, stages: list[Stage]) -> tuple[onnx.ModelProto,
     if len({s.layer for s in stages}) != len(stages):
         raise UsageError("two decoder stages name the same layer; give each layer one stage")
     data = activations(model)
+    windows = layer_windows(model, by_layer)
+    if len({w for w in windows.values() if w is not None}) > 1:
+        raise UsageError("the decoder's layers keep sliding windows of different lengths "
+                         f"({sorted({w for w in windows.values() if w is not None})}); tcexport prunes tokens of "
+                         "decoders with one window length")
+    probes = probes_for(windows)
     g = _Graph(model)
     after_layers = _tail(graph, by_layer, depth, data)
 
@@ -177,12 +215,13 @@ def prune(model: onnx.ModelProto, stages: list[Stage]) -> tuple[onnx.ModelProto,
                 crossing.add(value)
             elif value not in g.initializers:
                 shape_nodes.update(_shape_nodes_in_cone(g, value, data))
-    probed = probe_values(model, [*crossing, *[g.producer[v].output[0] for v in shape_nodes]])
-    slots = {v: _slots([p[v] for p in probed]) for v in shape_nodes}
+    probed = probe_values(model, [*crossing, *[g.producer[v].output[0] for v in shape_nodes]], windows)
+    slots = {v: _slots([p[v] for p in probed], probes) for v in shape_nodes}
 
     common = _common(g)
     whole = {"position_ids": "position_ids", "attention_mask": "attention_mask", "seq": common["n_prompt"],
-             "past": common["past"], "total": common["total"]}
+             "past": common["past"], "total": common["total"], "layers": set(range(stages[0].layer + 1))}
+    whole["cache"], whole["cache_total"] = _cache_lengths(g, whole, windows, common["n_prompt"], "whole")
     mapping, memo = {}, {}
     for value in reads_before:
         if value not in data and value not in g.initializers:
@@ -200,12 +239,17 @@ def prune(model: onnx.ModelProto, stages: list[Stage]) -> tuple[onnx.ModelProto,
         kept = index if previous_index is None else g.add(
             "GatherElements", [previous_index, index], f"{prefix}_kept_in_prompt", axis=1)[0]
         group = _group_values(g, kept, common, first, prefix)
+        group["layers"] = set(range(first, (stages[s + 1].layer if s + 1 < len(stages) else depth - 1) + 1))
+        group["cache"], group["cache_total"] = _cache_lengths(g, group, windows, group["seq"], prefix)
+        for layer in sorted(group["layers"]):
+            if windows.get(layer) is not None:
+                _window_by_position(g, by_layer[layer], windows[layer], group, f"{prefix}_layer{layer}")
         mapping, memo = {}, {}
         for value in reads:
             if value.startswith("past_key_values."):
                 continue  # the group's own cache: already as long as its tokens
             if value in data:
-                for run, probe in zip(probed, PROBES):
+                for run, probe in zip(probed, probes):
                     shape = run[value].shape
                     if len(shape) != 3 or shape[1] != probe["seq"]:
                         raise UsageError(f"{stage.method.name}@{stage.layer}: the value '{value}' crossing into "
@@ -328,6 +372,7 @@ def _group_values(g: _Graph, kept: str, common: dict, first: int, prefix: str) -
     keys = g.add("Concat", [past_in, now], past_out, axis=1)[0]
     g.graph.output.append(helper.make_tensor_value_info(past_out, onnx.TensorProto.INT64, ["batch", f"kept_{first}"]))
     return {
+        "query_slots": now, "key_slots": keys,
         "position_ids": g.add("GatherElements", ["position_ids", kept], f"{prefix}_position_ids", axis=1)[0],
         "attention_mask": g.add("GatherElements", ["attention_mask", keys], f"{prefix}_attention_mask", axis=1)[0],
         "seq": n_group, "past": past_group, "total": g.add("Add", [past_group, n_group], f"{prefix}_total")[0],
@@ -352,6 +397,9 @@ def _clone(g: _Graph, value: str, data: set[str], group: dict, slots: dict, pref
     node = g.producer[value]
     if node.op_type == "Shape":
         kinds = slots.get(node.output[0], [])
+        cache_of = _past_layer(node.input[0])
+        if cache_of is not None and cache_of in group["layers"]:
+            kinds = []  # the group's own cache length: already right (a windowed layer's is not its token count)
         if not any(kinds):
             memo[value] = value
             return value
@@ -384,6 +432,80 @@ def _clone(g: _Graph, value: str, data: set[str], group: dict, slots: dict, pref
         memo[old] = new
     g.new_nodes.append(clone)
     return memo[value]
+
+
+def _past_layer(name: str) -> int | None:
+    found = re.fullmatch(r"past_key_values\.(\d+)\.(?:key|value)", name)
+    return int(found.group(1)) if found else None
+
+
+def _cache_lengths(g: _Graph, group: dict, windows: dict, seq: str, prefix: str) -> tuple[str, str]:
+    """[1] int64 each: a windowed layer's cache length in the group (its past input's axis 2; the group's first
+    layer's when none is windowed), and that plus the group's tokens."""
+    layers = sorted(group["layers"])
+    layer = next((i for i in layers if windows.get(i) is not None), layers[0])
+    cache = g.add("Shape", [f"past_key_values.{layer}.key"], f"{prefix}_cache_length", start=2, end=3)[0]
+    return cache, g.add("Add", [cache, seq], f"{prefix}_cache_total")[0]
+
+
+def windows_of(model: onnx.ModelProto) -> dict[int, int | None]:
+    """layer_windows of a decoder graph, its layers found by the exporter's scopes."""
+    by_layer: dict[int, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        layer = layer_of(node)
+        if layer is not None:
+            by_layer.setdefault(layer, []).append(node)
+    return layer_windows(model, by_layer)
+
+
+WINDOW_PROBE_PAST = 8192  # the longest cache the window probe builds; a window at least this long reads as global
+
+
+def layer_windows(model: onnx.ModelProto, by_layer: dict[int, list[onnx.NodeProto]]) -> dict[int, int | None]:
+    """Per layer, its sliding window W (its query sees only the last W slots), or None when it attends to every
+    earlier slot; read off the graph: one decode step (batch 1, every slot real) over a random cache of
+    min(context - 1, WINDOW_PROBE_PAST) positions, at each layer's Softmax. A pattern that is neither is refused."""
+    from tcexport.core import metadata
+    from tcexport.graph.probe import exposing
+
+    info = ((metadata.read(model, metadata.SOURCE) or {}).get("info") or {}).get("decoder") or {}
+    past = max(1, min(int(info.get("context") or WINDOW_PROBE_PAST) - 1, WINDOW_PROBE_PAST))
+    softmax = {layer: [n.output[0] for n in nodes if n.op_type == "Softmax"] for layer, nodes in by_layer.items()}
+    names = [outs[0] for outs in softmax.values() if len(outs) == 1]
+    if not names:
+        return {}
+    feeds = probe_feeds(model, 1, 1, past, _kv_dims(model))
+    probs = dict(zip(names, exposing(model, names).run(names, feeds)))
+    windows = {}
+    for layer, outs in softmax.items():
+        if len(outs) != 1:
+            continue
+        seen = (probs[outs[0]][0, :, -1, :] > 0).any(axis=0)  # [keys]
+        width = int(seen.sum())
+        if not seen[len(seen) - width:].all():
+            raise UsageError(f"decoder layer {layer}: its last query sees {width} of {len(seen)} cached positions, "
+                             "not a causal suffix; tcexport cannot follow this mask when it prunes tokens")
+        windows[layer] = None if width == len(seen) else width
+    return windows
+
+
+def _window_by_position(g: _Graph, nodes: list[onnx.NodeProto], window: int, group: dict, prefix: str) -> None:
+    """The layer's logits masked where a key stands `window` or more slots behind its query (original positions:
+    the group's key slots, the last K of them being this layer's keys)."""
+    softmax = next(n for n in nodes if n.op_type == "Softmax")
+    logits = softmax.input[0]
+    keys = g.add("Shape", [logits], f"{prefix}_keys", start=3, end=4)[0]
+    key_slots = g.add("Slice", [group["key_slots"], g.add("Neg", [keys], f"{prefix}_keys_from")[0],
+                                g.const(f"{prefix}_keys_to", [np.iinfo(np.int64).max]), g.const(f"{prefix}_axis", [1])],
+                      f"{prefix}_key_slots")[0]
+    behind = g.add("Sub", [g.add("Unsqueeze", [group["query_slots"], g.const(f"{prefix}_q_axes", [1, 3])],
+                                 f"{prefix}_query_rows")[0],
+                           g.add("Unsqueeze", [key_slots, g.const(f"{prefix}_k_axes", [1, 2])],
+                                 f"{prefix}_key_columns")[0]], f"{prefix}_behind")[0]
+    outside = g.add("GreaterOrEqual", [behind, g.const(f"{prefix}_window", np.int64(window))], f"{prefix}_outside")[0]
+    masked = g.add("Where", [outside, g.const(f"{prefix}_never", np.float32(np.finfo(np.float32).min)), logits],
+                   f"{prefix}_windowed")[0]
+    softmax.input[0] = masked
 
 
 def _splice(graph: onnx.GraphProto, new_nodes: list[onnx.NodeProto]) -> None:

@@ -16,8 +16,9 @@ keeps its token.
 
     select(scores, n_prompt, prefill) -> indices [B, n_out]   (reference: torch; build_select: ONNX)
 
-Both sides compute the same count with the same float64 rounding and break no ties in a way that matters:
-tokens outside the span are ranked +inf and always kept, and indices are sorted after the top-k.
+Both sides compute the same count with the same float64 rounding and break ties alike (the earlier token first,
+as ONNX TopK does): tokens outside the span are ranked +inf and always kept, and indices are sorted after the
+top-k.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class DecoderMethod(Method):
         position = torch.arange(n)
         outside = (position < before) | (position >= n - after)
         ranked = scores.double().masked_fill(outside[None, :], float("inf"))
-        chosen = ranked.topk(n - span_len + keep, dim=-1).indices
+        # Ties go to the earlier token, as ONNX TopK breaks them (torch.topk does not promise an order): a layer
+        # with a sliding window gives every span token outside the last query's window the score 0.
+        chosen = ranked.sort(dim=-1, descending=True, stable=True).indices[:, : n - span_len + keep]
         return chosen.sort(dim=-1).values
 
     # -- ONNX: the same selection with dynamic sizes

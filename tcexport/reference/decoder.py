@@ -12,10 +12,20 @@ Patch points, found on any transformers causal LM by what they are rather than b
     kept tokens').
 The cache is transformers' DynamicCache, whose layers simply hold what they were given, so later layers' caches
 are shorter. This is what tcexport/graph/decoder_prune.py does in the graph, written against the model instead.
+
+Masks are gathered by original position, so a sliding-window layer keeps its window over the surviving tokens'
+original slots (the rule decoder_prune.py follows too). For that the masks transformers builds must cover the
+original slots: it sizes each mask type by the first cache layer of that type, which may be a pruned one (Gemma-2's
+first global layer after fastv@0) or may differ from a pruned windowed layer's (kept tokens are fewer than slots);
+so while a step runs, the cache answers get_mask_sizes / get_query_offset for a pruned layer as that layer would
+unpruned (its own class's code on a stand-in holding the whole sequence's past). A mask [B, 1, n, K] then covers
+the last K slots of the sequence; a layer's keys are the last (its cache + kept tokens) of its group's key
+positions, and a key outside the mask's slots is masked (outside its window).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -72,8 +82,8 @@ class PrunedDecoder:
             self.handles.append(self.layers[stage.layer].register_forward_hook(self._gather_hook(s)))
             end = self.stages[s + 1].layer if s + 1 < len(self.stages) else depth - 1
             for j in range(stage.layer + 1, end + 1):
-                self.handles.append(self.layers[j].register_forward_pre_hook(self._inputs_hook(s, j == stage.layer + 1),
-                                                                            with_kwargs=True))
+                self.handles.append(self.layers[j].register_forward_pre_hook(
+                    self._inputs_hook(s, j == stage.layer + 1, j), with_kwargs=True))
         if self.cache_methods:
             for i, layer in enumerate(self.layers):
                 self.handles.append(attention_of(layer).register_forward_hook(self._probs_hook(i)))
@@ -87,8 +97,23 @@ class PrunedDecoder:
 
     def step(self, ids, mask, positions, cache):
         self.now = _Step(n_prompt=ids.shape[1], past_full=mask.shape[1] - ids.shape[1])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         **{cache_kwarg(self.model): cache}, use_cache=True)
+        self.cache = cache
+        sizes, offset = cache.get_mask_sizes, cache.get_query_offset
+
+        def mask_sizes(query_length, layer_idx):
+            shadow = self._unpruned(cache, layer_idx)
+            return sizes(query_length, layer_idx) if shadow is None else shadow.get_mask_sizes(query_length)
+
+        def query_offset(layer_idx=0):
+            shadow = self._unpruned(cache, layer_idx)
+            return offset(layer_idx) if shadow is None else shadow.get_seq_length()
+
+        cache.get_mask_sizes, cache.get_query_offset = mask_sizes, query_offset
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             **{cache_kwarg(self.model): cache}, use_cache=True)
+        finally:
+            del cache.get_mask_sizes, cache.get_query_offset  # back to the class's methods
         if self.now.past_full == 0:
             for method in self.cache_methods:  # SnapKV: every layer's cache, at the end of the prefill
                 for i, layer in enumerate(cache.layers[: len(self.layers)]):
@@ -96,6 +121,19 @@ class PrunedDecoder:
                     rows = index[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
                     layer.keys, layer.values = layer.keys.gather(2, rows), layer.values.gather(2, rows)
         return out.logits
+
+    def _unpruned(self, cache, layer_idx: int):
+        """A stand-in for a pruned layer's cache layer holding the whole sequence's past (its class's own size
+        rules then apply to the original slots); None for a layer no stage prunes."""
+        if not self.stages or layer_idx <= self.stages[0].layer or layer_idx >= len(cache.layers):
+            return None
+        shadow = copy.copy(cache.layers[layer_idx])
+        past = self.now.past_full
+        shadow.keys = shadow.values = torch.empty(1, 1, past, 1)
+        shadow.is_initialized = True
+        if hasattr(shadow, "cumulative_length"):
+            shadow.cumulative_length = past
+        return shadow
 
     def _probs_hook(self, i: int):
         def hook(module, args, output):
@@ -129,7 +167,7 @@ class PrunedDecoder:
 
         return hook
 
-    def _inputs_hook(self, s: int, first: bool):
+    def _inputs_hook(self, s: int, first: bool, j: int):
         def hook(module, args, kwargs):
             kept = self.now.kept[s]
             if first:
@@ -137,17 +175,25 @@ class PrunedDecoder:
                 now = kept + self.now.past_full
                 self.now.keys.append(now if past is None else torch.cat([past, now], dim=1))
                 self.key_positions[s] = self.now.keys[s]
-            keys = self.now.keys[s]
             n, total = self.now.n_prompt, self.now.past_full + self.now.n_prompt
+            # This layer's keys: its cache (a windowed layer keeps the last window - 1 of its group's) + kept tokens.
+            layer_cache = self.cache.layers[j] if j < len(self.cache.layers) else None
+            cached = layer_cache.keys.shape[-2] if layer_cache is not None and layer_cache.is_initialized else 0
+            keys = self.now.keys[s][:, -(cached + kept.shape[1]):]
 
             def follow(value):
                 if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
                     return tuple(follow(v) for v in value)
                 if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] != kept.shape[0]:
                     return value
-                if value.dim() == 4 and value.shape[-2] == n and value.shape[-1] == total:  # the attention bias
+                if value.dim() == 4 and value.shape[-2] == n and value.shape[-1] <= total:  # the attention bias
                     rows = value.gather(2, kept[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
-                    return rows.gather(3, keys[:, None, None, :].expand(-1, value.shape[1], rows.shape[2], -1))
+                    column = keys - (total - value.shape[-1])  # the mask covers the last K slots
+                    inside = (column >= 0)[:, None, None, :]
+                    gathered = rows.gather(3, column.clamp(min=0)[:, None, None, :].expand(
+                        -1, value.shape[1], rows.shape[2], -1))
+                    never = False if gathered.dtype == torch.bool else torch.finfo(gathered.dtype).min
+                    return gathered.masked_fill(~inside, never)
                 if value.shape[1] == n:  # per-token tensors: rotary cos/sin, position ids
                     index = kept.reshape(*kept.shape, *([1] * (value.dim() - 2))).expand(-1, -1, *value.shape[2:])
                     return value.gather(1, index)
