@@ -19,15 +19,7 @@ import numpy as np
 from tcexport.core import artifacts as artifacts_mod
 from tcexport.core.errors import UsageError
 from tcexport.generation import loop, policies
-from tcexport.generation.run import decoder_records
-
-
-def is_decoder(path: str | Path) -> bool:
-    try:
-        decoder_records(path)
-    except UsageError:
-        return False
-    return True
+from tcexport.generation.run import decoder_records, is_decoder_artifact as is_decoder  # noqa: F401
 
 
 def run(paths: list[Path], prompt_lens: list[int], new_tokens: int = 32, repeats: int = 3,

@@ -29,6 +29,15 @@ def decoder_records(model: str | Path) -> tuple[artifacts.Artifact, dict, dict |
     return artifact, source, records.get(metadata.COMPRESSION)
 
 
+def is_decoder_artifact(path: str | Path) -> bool:
+    """Whether `path` is a decoder graph exported by tcexport, or its ORT build."""
+    try:
+        decoder_records(path)
+    except UsageError:
+        return False
+    return True
+
+
 def run(model: str | Path, texts: tuple[str, ...] = (), ids_texts: tuple[str, ...] = (), chat: bool = False,
         max_new_tokens: int = 32, sampling: loop.Sampling | None = None, threads: int | None = None,
         json_path: Path | None = None, stream: bool = True) -> dict:

@@ -26,10 +26,7 @@ class FastV(DecoderMethod):
 
 
 @register
-class PyramidDrop(DecoderMethod):
+class PyramidDrop(FastV):
     """Prompt pruning at several layers with shrinking budgets (PyramidDrop)."""
 
-    name = "pdrop"
-    family = "prefill pruning (decoders)"
-    parameters = (*keep_params(0.5), span_param())
-    exclusive = KEEP_EXCLUSIVE
+    name = "pdrop"  # FastV's parameters and selection; the difference is the plan: several layers, cumulative keep

@@ -19,7 +19,7 @@ import numpy as np
 
 from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.compress.decoder import stages_of
-from tcexport.generation.run import decoder_records
+from tcexport.generation.run import decoder_records, is_decoder_artifact as is_decoder_file  # noqa: F401
 from tcexport.core.errors import UsageError, ValidationFailed
 
 DEFAULT_ATOL = 1e-3
@@ -124,12 +124,3 @@ def run(path: Path, json_path: Path | None = None, **options) -> DecoderReport:
     if not report.passed:
         raise ValidationFailed(format_report(report), report.to_json())
     return report
-
-
-def is_decoder_file(path: Path) -> bool:
-    """An .onnx decoder graph or its build (a UsageError for a missing path is the other validate's to say)."""
-    try:
-        decoder_records(path)
-    except UsageError:
-        return False
-    return True
