@@ -53,7 +53,11 @@ def validate(model, samples, seed, atol, rtol, min_cosine, batch_text, user_inpu
     """
     from tcexport.core import artifacts
 
+    from tcexport.core.atomic import check_writable
+
     batches = tuple(positive_int_list(batch_text, "--batch"))
+    if json_path is not None:
+        check_writable(json_path, "--json")  # before reading the model: it decides which validation runs
     if user_inputs is not None and not user_inputs.is_file():
         raise UsageError(f"--inputs {user_inputs}: no such file; save one with numpy.savez(path, input_name=array)")
     if artifacts.resolve(model).backend == "trt":  # say what is missing before the slow PyTorch import
