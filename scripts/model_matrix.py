@@ -295,10 +295,21 @@ def markdown(rows: list[dict], command: str, settings: dict, merged: list[dict] 
     return "\n".join(lines)
 
 
+def decoder_section(path: Path) -> str:
+    """The Decoders section scripts/decoder_matrix.py wrote into models.md (between its markers), kept as it is
+    when this script rewrites the encoder matrix; '' when there is none."""
+    start, end = "<!-- decoder-matrix: start -->", "<!-- decoder-matrix: end -->"
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if start not in text or end not in text:
+        return ""
+    return "\n" + start + text.partition(start)[2].partition(end)[0] + end + "\n"
+
+
 def write_outputs(rows: list[dict], out: Path, command: str, settings: dict, merged: list[dict] = (),
                   produced: str | None = None) -> None:
+    kept = decoder_section(out / "models.md")
     with atomic_file(out / "models.md") as tmp:
-        tmp.write_text(markdown(rows, command, settings, merged, produced), encoding="utf-8")
+        tmp.write_text(markdown(rows, command, settings, merged, produced) + kept, encoding="utf-8")
     record = {"command": command, "settings": settings, **({"merged": list(merged)} if merged else {}), "rows": rows}
     with atomic_file(out / "models.json") as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n")

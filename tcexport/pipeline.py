@@ -45,6 +45,10 @@ def export(spec: str, output: Path, opset: int = 18, batch: str | int | None = "
     overwrite.check_file(output, force)
     if spec.startswith("hf:") and (fixed_batch is not None or exporter != "dynamo"):
         _refuse_decoder_options(spec, fixed_batch, exporter)
+    if load_options.get("all_logits"):
+        from tcexport.models import sources
+
+        sources.refuse_all_logits_unless_decoder(spec)  # before the output path's checks pass and the load starts
     from tcexport.export import exporter as export_mod
 
     source = load_source(spec, **load_options)

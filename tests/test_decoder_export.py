@@ -271,6 +271,61 @@ def test_generate_takes_a_text_prompt_with_the_zoo_tokenizer(tmp_path_factory, z
     assert data["tokens"] == _hf_greedy(_hf(directory), _tokenizer(directory), [SMOLLM2_PROMPT], 8)
 
 
+def test_all_logits_gives_transformers_logits_at_every_position(tmp_path_factory, zoo_root, tmp_path):
+    """--all-logits: the prefill returns logits [batch, seq, vocab] equal to transformers' own forward at every
+    position (left padding in one row), the record says so, and generate (which reads the last row) still gives
+    transformers' greedy tokens."""
+    import onnxruntime as ort
+    import torch
+
+    directory = decoder_dir(tmp_path_factory, zoo_root, "llama")
+    out = tmp_path / "all.onnx"
+    result = run_cli("export", f"hf:{directory}", "--all-logits", "-o", out)
+    assert result.returncode == 0, result.stderr
+    from tcexport.core import metadata
+
+    record = metadata.read(onnx.load(out, load_external_data=False), metadata.SOURCE)
+    assert record["info"]["logits"] == "all" and record["options"]["all_logits"] is True
+    model = _hf(directory)
+    ids = torch.randint(3, decoder_zoo.VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros((2, i.shape[1], 0, i.shape[3]), dtype=np.float32)
+    logits = session.run(["logits"], feeds)[0]
+    assert logits.shape == expected.shape == (2, 9, decoder_zoo.VOCAB)
+    real = mask.numpy().astype(bool)  # padded positions' logits are not defined by either side
+    assert np.abs(logits[real] - expected[real]).max() < 1e-3
+    prompt = ids[0].tolist()
+    assert _loop(out, [prompt], 6).tokens == _hf_greedy(model, _FixedTokenizer(), [prompt], 6)
+
+
+class _FixedTokenizer:
+    """Token ids in, as a tokenizer's batch out (for _hf_greedy on prompts given as ids)."""
+
+    pad_token_id = decoder_zoo.PAD
+    padding_side = "left"
+
+    def __call__(self, prompts, return_tensors, padding):
+        import torch
+
+        return {"input_ids": torch.tensor(prompts), "attention_mask": torch.ones(len(prompts), len(prompts[0]),
+                                                                                  dtype=torch.int64)}
+
+
+def test_all_logits_is_refused_for_an_encoder_in_one_line(tmp_path):
+    result = run_cli("export", "st:all-MiniLM-L6-v2", "--all-logits", "-o", tmp_path / "x.onnx")
+    assert_usage_error(result)
+    assert "--all-logits applies to causal LMs" in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

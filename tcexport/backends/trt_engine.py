@@ -345,6 +345,13 @@ class TrtRunner:
         self.cuda.synchronize()
         return {name: self.cuda.to_numpy(tensor) for name, tensor in self._outputs.items()}
 
+    def run_on_device(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Run once, untimed; return the output buffers on the GPU (a generation loop feeds present* back)."""
+        self.bind(feeds)
+        self.execute()
+        self.cuda.synchronize()
+        return dict(self._outputs)
+
     def time_ms(self, feeds: dict[str, Any], warmup: int = 10, iters: int = 50) -> list[float]:
         """Per-run GPU compute time in ms, from CUDA events around each execute_async_v3."""
         self.stage(feeds)

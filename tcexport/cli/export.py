@@ -22,9 +22,11 @@ from tcexport.cli.options import model_spec_options
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="torch.onnx exporter; dynamo keeps the module scopes the rewriter uses.")
 @click.option("--force", is_flag=True, help="Replace OUT.onnx even when tcexport did not write it.")
+@click.option("--all-logits", is_flag=True,
+              help="Causal LMs: logits at every position (for scoring), not the last position only.")
 @model_spec_options
-def export(spec, output, opset, batch, atol, check, exporter, force, pretrained, checkpoint, seed, input_shape,
-           seq_len, model_args):
+def export(spec, output, opset, batch, atol, check, exporter, force, all_logits, pretrained, checkpoint, seed,
+           input_shape, seq_len, model_args):
     """Export a model spec to ONNX with provenance metadata.
 
     Uses the dynamo exporter (it keeps the per-node module scopes the rewriter needs), records
@@ -39,7 +41,8 @@ def export(spec, output, opset, batch, atol, check, exporter, force, pretrained,
 
     report = pipeline.export(spec, output, opset=opset, batch=batch, check=check, atol=atol, exporter=exporter,
                              force=force, pretrained=pretrained, checkpoint=checkpoint, seed=seed,
-                             input_shape=input_shape, seq_len=seq_len, model_args=model_args)
+                             input_shape=input_shape, seq_len=seq_len, model_args=model_args,
+                             **({"all_logits": True} if all_logits else {}))
     if report:
         click.echo(report.summary())
     click.echo(f"wrote {output}")  # after the check's verdict: the file exists only because it passed

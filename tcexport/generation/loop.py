@@ -77,20 +77,29 @@ class Generation:
         return data
 
 
+def _is_ort_value(value) -> bool:
+    return callable(getattr(value, "shape", None))  # OrtValue.shape() is a method; numpy's and torch's an attribute
+
+
 def shape_of(value) -> tuple[int, ...]:
-    """The shape of a state value: a numpy array or an onnxruntime OrtValue."""
-    return tuple(value.shape) if isinstance(value, np.ndarray) else tuple(value.shape())
+    """The shape of a state value: a numpy array, an onnxruntime OrtValue or a torch tensor (TensorRT's, on the
+    GPU)."""
+    return tuple(value.shape()) if _is_ort_value(value) else tuple(int(d) for d in value.shape)
 
 
 def nbytes_of(value) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
+    if not _is_ort_value(value):
+        return int(value.nbytes)
     size = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(int64)": 8, "tensor(int32)": 4}.get(value.data_type(), 4)
     return int(np.prod(value.shape())) * size
 
 
 def as_array(value) -> np.ndarray:
-    return value if isinstance(value, np.ndarray) else value.numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if _is_ort_value(value):
+        return value.numpy()
+    return value.detach().float().cpu().numpy() if str(value.dtype) == "torch.bfloat16" else value.detach().cpu().numpy()
 
 
 def present_name(past: str) -> str:

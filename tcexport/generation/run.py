@@ -1,4 +1,4 @@
-"""`tcexport generate`: prompts in, tokens out, on a decoder graph or its ONNX Runtime build."""
+"""`tcexport generate`: prompts in, tokens out, on a decoder graph, its ONNX Runtime build or its TensorRT engine."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ from tcexport.core.errors import UsageError
 from tcexport.generation import loop, policies, prompts
 
 
-def decoder_records(model: str | Path) -> tuple[artifacts.Artifact, dict, dict | None]:
-    """The artifact, its tcexport.source record and its compression record; a UsageError if not a decoder."""
+def decoder_records(model: str | Path, backends: tuple[str, ...] = ("ort",)
+                    ) -> tuple[artifacts.Artifact, dict, dict | None]:
+    """The artifact, its tcexport.source record and its compression record; a UsageError if not a decoder (or a
+    build for a backend not in `backends`)."""
     artifact = artifacts.resolve(model)
-    if artifact.backend != "ort":
-        raise UsageError(f"{model}: generate runs decoder graphs and their ONNX Runtime builds; this is a "
-                         f"{artifact.backend} build")
+    if artifact.backend not in backends:
+        raise UsageError(f"{model} is a {artifact.backend} build; here decoders run as graphs or ONNX Runtime builds "
+                         "(tcexport generate also runs their TensorRT engines)")
     if artifact.sidecar:
         records = artifact.sidecar.get("records", {})
     else:
@@ -44,7 +46,11 @@ def run(model: str | Path, texts: tuple[str, ...] = (), ids_texts: tuple[str, ..
     """Generate for every prompt; stream the first prompt's text to stdout; return (and write) the JSON report."""
     if json_path is not None:
         check_writable(json_path, "--json")
-    artifact, source, compression = decoder_records(model)
+    artifact, source, compression = decoder_records(model, backends=("ort", "trt"))
+    if artifact.backend == "trt":  # say what is missing before the tokenizer and the prompts
+        from tcexport.backends import trt_engine
+
+        trt_engine.require_engine_runtime(model)
     shape = source["info"]["decoder"]
     tokenizer = prompts.tokenizer_for(source) if texts else None
     ids = prompts.prompt_ids(source, shape["vocab_size"], texts, ids_texts, chat, tokenizer)
@@ -57,10 +63,14 @@ def run(model: str | Path, texts: tuple[str, ...] = (), ids_texts: tuple[str, ..
     if longest + max_new_tokens > shape["context"]:
         raise UsageError(f"the prompt ({longest} tokens) plus --max-new-tokens {max_new_tokens} is longer than the "
                          f"model's context ({shape['context']}); shorten the prompt or generate fewer tokens")
-    from tcexport.generation.runners import OrtRunner
+    from tcexport.generation.runners import OrtRunner, TrtDecoderRunner
 
-    with progress.step(f"load {artifact.model_path.name} in ONNX Runtime"):
-        runner = OrtRunner(artifact.model_path, threads=threads)
+    if artifact.backend == "trt":
+        with progress.step(f"load {artifact.model_path.name} in TensorRT"):
+            runner = TrtDecoderRunner.open(artifact)
+    else:
+        with progress.step(f"load {artifact.model_path.name} in ONNX Runtime"):
+            runner = OrtRunner(artifact.model_path, threads=threads)
     printer = _Printer(tokenizer) if stream and tokenizer is not None and len(ids) == 1 else None
     pad = shape.get("pad_token_id")
     result = loop.generate(runner, ids, max_new_tokens, tuple(shape["eos_token_ids"]),

@@ -48,6 +48,7 @@ class LoadOptions:
     input_shape: str | None = None
     seq_len: int | None = None
     model_args: dict = field(default_factory=dict)  # timm create_model / py factory keyword arguments
+    all_logits: bool = False  # decoders: logits at every position (scoring), not the last only
 
 
 @dataclass
@@ -89,12 +90,16 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 
 def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = None, seed: int | None = None,
-         input_shape: str | None = None, seq_len: int | None = None, model_args=None) -> Source:
+         input_shape: str | None = None, seq_len: int | None = None, model_args=None,
+         all_logits: bool = False) -> Source:
     """Materialise a model spec. `model_args`: "key=value" strings (`--model-arg`) or a dict, passed to timm's
-    create_model or a py: factory."""
+    create_model or a py: factory. `all_logits`: a causal LM's graph returns logits at every position."""
     prefix, rest = split_spec(spec)
     args = parse_model_args(model_args)
-    options = LoadOptions(pretrained, Path(checkpoint) if checkpoint else None, seed, input_shape, seq_len, args)
+    if all_logits:
+        refuse_all_logits_unless_decoder(spec)
+    options = LoadOptions(pretrained, Path(checkpoint) if checkpoint else None, seed, input_shape, seq_len, args,
+                          all_logits)
     if args and prefix not in ("timm", "py"):
         raise UsageError(f"--model-arg applies to timm: and py: specs; {prefix}: models take their config from "
                          "their directory")
@@ -109,7 +114,16 @@ def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = No
                       "seed": seed, "input_shape": input_shape, "seq_len": seq_len}
     if args:  # recorded only when given, so records of models loaded without it stay as they were
         source.options["model_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+    if all_logits:
+        source.options["all_logits"] = True
     return source
+
+
+def refuse_all_logits_unless_decoder(spec: str) -> None:
+    """--all-logits is a decoder graph's output layout; said before anything loads."""
+    prefix, rest = split_spec(spec)
+    if prefix != "hf" or causal.locate(rest) is None:
+        raise UsageError(f"--all-logits applies to causal LMs (hf:DIR of a decoder); {spec} is not one: drop it")
 
 
 def load_from_record(record: dict) -> Source:
@@ -350,7 +364,7 @@ def load_decoder(name: str, location: "causal.Location", options: LoadOptions) -
                          "--seq-len")
     model = causal.load(location, f"hf:{name}")
     shape = causal.shape_of(model)
-    wrapper = DecoderWithCache(model, shape.layers)
+    wrapper = DecoderWithCache(model, shape.layers, all_logits=options.all_logits)
     sha = state_dict_sha256(model)
     weights = {"kind": "gguf" if location.gguf_file else "directory", "path": str(location.directory.resolve()),
                "sha256": sha, **({"gguf_file": location.gguf_file} if location.gguf_file else {})}
@@ -361,7 +375,7 @@ def load_decoder(name: str, location: "causal.Location", options: LoadOptions) -
                for i in range(shape.layers) for kind in ("key", "value")]
     info = {"family": "hf", "kind": "decoder", "modality": "text", "model_type": shape.model_type,
             "model_class": type(model).__name__, "decoder": shape.to_json(), "depth": shape.layers,
-            "tokenizer": str(location.directory.resolve()),
+            "tokenizer": str(location.directory.resolve()), "logits": "all" if options.all_logits else "last",
             **({"gguf_file": location.gguf_file} if location.gguf_file else {})}
     return Source(f"hf:{name}", wrapper, inputs, output_names(shape.layers), weights, info)
 

@@ -84,6 +84,8 @@ class PrunedDecoder:
             for j in range(stage.layer + 1, end + 1):
                 self.handles.append(self.layers[j].register_forward_pre_hook(
                     self._inputs_hook(s, j == stage.layer + 1, j), with_kwargs=True))
+        if self.stages:
+            self.handles.append(self.layers[depth - 1].register_forward_hook(self._restore_length_hook))
         if self.cache_methods:
             for i, layer in enumerate(self.layers):
                 self.handles.append(attention_of(layer).register_forward_hook(self._probs_hook(i)))
@@ -166,6 +168,17 @@ class PrunedDecoder:
             return (gathered, *output[1:]) if isinstance(output, tuple) else gathered
 
         return hook
+
+    def _restore_length_hook(self, module, args, output):
+        """After the last layer, the kept tokens go back to a tensor of the call's length, right-aligned (zeros in
+        front): some forwards view the final hidden states at the input's shape (GPT2Model), and the last row stays
+        the last kept token's, the row the graph's logits come from."""
+        hidden = output[0] if isinstance(output, tuple) else output
+        missing = self.now.n_prompt - hidden.shape[1]
+        if missing <= 0:
+            return output
+        restored = torch.cat([hidden.new_zeros(hidden.shape[0], missing, hidden.shape[-1]), hidden], dim=1)
+        return (restored, *output[1:]) if isinstance(output, tuple) else restored
 
     def _inputs_hook(self, s: int, first: bool, j: int):
         def hook(module, args, kwargs):
