@@ -6,7 +6,8 @@
 Every kind is 2-3 layers, 32-64 wide, with grouped-query attention where its class has it (fewer KV heads than
 query heads; GPT-2 has none) and the class's own embedding tying. Classes with a sliding window get one of
 SLIDING_WINDOW tokens, so a 20-40 token prompt reaches past it: Mistral and Phi-3 on every layer, Gemma-2
-alternating local and global layers, Gemma-3 two local layers around a global one.
+alternating local and global layers, Gemma-3 two local layers around a global one; `mistral_full` and
+`phi3_full` are the same classes without one (as most released Mistral and Phi-3.5 checkpoints are).
 
 The tokenizer is SmolLM2-135M-Instruct's (a 49152-token BPE read from its GGUF file once per root and copied
 into each directory): the models' vocabulary is the tokenizer's, since a smaller embedding would make the
@@ -60,6 +61,11 @@ DECODERS: dict[str, tuple[str, str, dict]] = {
                     dict(_GQA, num_hidden_layers=3, tie_word_embeddings=True, sliding_window=SLIDING_WINDOW,
                          query_pre_attn_scalar=16,
                          layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    # the same classes without a sliding window, as most released checkpoints of them are (Mistral-7B-v0.2 and
+    # later set sliding_window null): every layer keeps the whole context, so the cache methods apply
+    "mistral_full": ("MistralConfig", "MistralForCausalLM", dict(_GQA, tie_word_embeddings=False, sliding_window=None)),
+    "phi3_full": ("Phi3Config", "Phi3ForCausalLM",
+                  dict(_GQA, tie_word_embeddings=False, sliding_window=None, partial_rotary_factor=0.5)),
     # learned absolute positions, fused c_attn, no GQA
     "gpt2": ("GPT2Config", "GPT2LMHeadModel",
              dict(n_embd=WIDTH * 2, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, initializer_range=GPT2_INIT_STD,
