@@ -237,7 +237,7 @@ def test_genai_config_is_written_where_every_layer_keeps_the_whole_cache(tiny_on
     assert decoder["outputs"]["present_value_names"] == "present.%d.value"
     assert (decoder["num_hidden_layers"], decoder["head_size"]) == (2, 16)
     assert decoder["num_key_value_heads"] == (4 if kind == "gpt2" else 2)
-    assert config["model"]["type"] == ("decoder" if kind == "gpt2" else kind)
+    assert config["model"]["type"] == ("decoder" if kind == "gpt2" else kind.removesuffix("_full"))
     assert (config["model"]["eos_token_id"], config["model"]["pad_token_id"]) == (decoder_zoo.EOS, decoder_zoo.PAD)
     assert config["model"]["vocab_size"] == decoder_zoo.VOCAB and config["model"]["context_length"] == 256
     assert config["search"]["past_present_share_buffer"] is False
