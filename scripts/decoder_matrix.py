@@ -102,7 +102,8 @@ DOCS_INTRO = """## Decoders
 
 Every tiny causal-LM class of `tcexport.models.decoder_zoo` (2-3 layers, width 64, SmolLM2's tokenizer, seeded
 weights; windowed: a sliding window of 8 on Mistral and Phi-3's layers, Gemma-2's first and Gemma-3's first and
-last) x every decoder method, through `tcexport export hf:DIR`, `tcexport compress` and `tcexport validate`
+last; `mistral_full` and `phi3_full`: the same classes without a window, as most released checkpoints are) x
+every decoder method, through `tcexport export hf:DIR`, `tcexport compress` and `tcexport validate`
 (3 left-padded batches of random prompts of 17-40 tokens, prefill logits within 1e-3 and identical greedy tokens
 for 8 steps, against transformers' own forward under the same stages). A cell is `pass` with the worst prefill
 logits max abs error, or the line `compress` refused it with (exit 2). Sliding-window layers after a fastv/pdrop

@@ -19,7 +19,7 @@ import numpy as np
 from tcexport.core import artifacts as artifacts_mod
 from tcexport.core.errors import UsageError
 from tcexport.generation import loop, policies
-from tcexport.generation.run import decoder_records, is_decoder_artifact as is_decoder  # noqa: F401
+from tcexport.generation.run import decoder_records, is_decoder_artifact as is_decoder, refuse_embeds_input  # noqa: F401
 
 
 def run(paths: list[Path], prompt_lens: list[int], new_tokens: int = 32, repeats: int = 3,
@@ -29,6 +29,7 @@ def run(paths: list[Path], prompt_lens: list[int], new_tokens: int = 32, repeats
     loaded = []
     for path in paths:
         artifact, source, compression = decoder_records(path)
+        refuse_embeds_input(path, source)
         loaded.append((artifact, source, compression, OrtRunner(artifact.model_path, threads=threads)))
     shapes = {a.path: s["info"]["decoder"] for a, s, _, _ in loaded}
     vocab = min(shape["vocab_size"] for shape in shapes.values())

@@ -22,11 +22,14 @@ MAX_LEN = 131072
 
 
 def example_inputs(shape: DecoderShape, batch: int, seq: int, past: int, seed: int = 0,
-                   left_padding: int = 0) -> tuple:
-    """Random ids, a mask (its first `left_padding` positions of row 0 padded), positions that skip the padding,
-    and a random cache of `past` positions."""
+                   left_padding: int = 0, embed=None) -> tuple:
+    """Random ids (or, with `embed`, their embeddings embed(ids)), a mask (its first `left_padding` positions of
+    row 0 padded), positions that skip the padding, and a random cache of `past` positions."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, shape.vocab_size, (batch, seq), generator=generator)
+    if embed is not None:
+        with torch.no_grad():
+            ids = embed(ids).detach()
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     mask[0, :left_padding] = 0
     positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -40,11 +43,12 @@ def export_program(wrapper: DecoderWithCache, shape: DecoderShape, opset: int):
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=MAX_LEN)
     total = torch.export.Dim("total", min=1, max=2 * MAX_LEN)
-    example = example_inputs(shape, EXAMPLE["batch"], EXAMPLE["seq"], EXAMPLE["past"])
+    example = example_inputs(shape, EXAMPLE["batch"], EXAMPLE["seq"], EXAMPLE["past"], embed=embedder(wrapper))
     dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
                tuple({0: batch, 2: past} for past in past_dims(wrapper, shape) for _ in ("key", "value")))
     return torch.onnx.export(wrapper, example, dynamo=True, opset_version=opset,
-                             input_names=input_names(shape.layers), output_names=output_names(shape.layers),
+                             input_names=input_names(shape.layers, wrapper.token_input),
+                             output_names=output_names(shape.layers),
                              dynamic_shapes=dynamic, verbose=False)
 
 
@@ -60,9 +64,15 @@ def past_dims(wrapper: DecoderWithCache, shape: DecoderShape) -> list:
     return [torch.export.Dim(f"past_{i}", min=0, max=MAX_LEN) for i in range(shape.layers)]
 
 
+def embedder(wrapper: DecoderWithCache):
+    """The model's token embedding when the wrapper takes inputs_embeds, else None."""
+    return wrapper.model.get_input_embeddings() if wrapper.token_input == "inputs_embeds" else None
+
+
 def feeds_of(inputs: tuple, layers: int) -> dict:
     ids, mask, positions, cache = inputs
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
+    token_input = "inputs_embeds" if ids.is_floating_point() else "input_ids"
+    feeds = {token_input: ids.numpy(), "attention_mask": mask.numpy(), "position_ids": positions.numpy()}
     feeds.update({name: tensor.numpy() for name, tensor in zip(past_names(layers), cache)})
     return feeds
 

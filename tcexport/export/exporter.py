@@ -201,12 +201,16 @@ def check_decoder(source: Source, model_path: Path, atol: float, seed: int = 0) 
     shape = decoder_shape(source)
     session = ort_backend.open_session(model_path)
     rows = []
-    prefill = decoder_export.example_inputs(shape, batch=3, seq=7, past=0, seed=seed, left_padding=2)
+    embed = decoder_export.embedder(source.model)
+    prefill = decoder_export.example_inputs(shape, batch=3, seq=7, past=0, seed=seed, left_padding=2, embed=embed)
     with torch.no_grad():
         expected = source.model(*prefill)
     cases = [("prefill", prefill, expected)]
     ids, mask, positions, _ = prefill
-    step = (torch.randint(0, shape.vocab_size, (3, 1), generator=torch.Generator().manual_seed(seed + 1)),
+    new = torch.randint(0, shape.vocab_size, (3, 1), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        new = new if embed is None else embed(new).detach()
+    step = (new,
             torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1), positions[:, -1:] + 1,
             tuple(expected[1:]))
     with torch.no_grad():
@@ -278,7 +282,9 @@ def export_to_file(source: Source, output: Path, opset: int = 18, batch: int | N
             if not report.passed:
                 raise ValidationFailed(f"{report.summary()}; nothing written (use --no-check to keep the file)",
                                        {"rows": report.rows})
-    if is_decoder(source):  # onnxruntime-genai's config and tokenizer files beside the checked graph
+    if is_decoder(source) and source.info.get("token_input", "input_ids") == "input_ids":
+        # onnxruntime-genai's config and tokenizer files beside the checked graph (a graph fed inputs_embeds runs
+        # behind an embedding graph, which a model directory names)
         from tcexport.export import genai_config
 
         genai_config.write_for(source, output)

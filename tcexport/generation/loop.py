@@ -18,6 +18,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from tcexport.core.errors import UsageError
+
 
 class Runner(Protocol):
     """What the loop needs of an engine: its input names/types and one run."""
@@ -146,16 +148,20 @@ StatePolicy = Callable[[dict[str, np.ndarray], np.ndarray], tuple[dict[str, np.n
 def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos_ids: tuple[int, ...] = (),
              pad_id: int = 0, sampling: Sampling | None = None, policy: StatePolicy | None = None,
              on_token: Callable[[int, list[int]], None] | None = None,
-             forced: list[list[int]] | None = None) -> Generation:
+             forced: list[list[int]] | None = None,
+             embed: Callable[[np.ndarray], np.ndarray] | None = None) -> Generation:
     """Generate up to `max_new_tokens` per prompt (all rows stop when every row has met an EOS).
 
     `forced`: per row, the tokens to feed instead of the chosen ones (teacher forcing, for scoring a given
     continuation: `logprobs` are then those of the forced tokens, `argmax` what the model would have chosen).
 
     `policy(state, mask) -> (state, mask)` runs after each step (a cache eviction rule); `on_token(row, tokens)`
-    is called as tokens arrive (streaming)."""
+    is called as tokens arrive (streaming). `embed(ids) -> inputs_embeds` feeds a graph that takes inputs_embeds
+    (its embedding graph, or the model's embedding table)."""
     sampling = sampling or Sampling()
     specs = runner.input_specs()
+    if "inputs_embeds" in specs and embed is None:
+        raise UsageError("this decoder graph takes inputs_embeds: pass embed= (ids -> embeddings) to the loop")
     ids, mask = left_pad(prompts, pad_id)
     batch = ids.shape[0]
     state = empty_state(specs, batch)
@@ -169,7 +175,8 @@ def generate(runner: Runner, prompts: list[list[int]], max_new_tokens: int, eos_
     decode_seconds, decode_steps = 0.0, 0
     step_input = ids
     for step in range(max_new_tokens):
-        feeds = {"input_ids": step_input, "attention_mask": mask, "position_ids": positions, **state}
+        tokens = {"inputs_embeds": embed(step_input)} if "inputs_embeds" in specs else {"input_ids": step_input}
+        feeds = {**tokens, "attention_mask": mask, "position_ids": positions, **state}
         result.kv_bytes = max(result.kv_bytes, sum(nbytes_of(v) for v in state.values()))
         start = time.perf_counter()
         outputs = runner.run({k: v for k, v in feeds.items() if k in specs})

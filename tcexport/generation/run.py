@@ -31,6 +31,14 @@ def decoder_records(model: str | Path, backends: tuple[str, ...] = ("ort",)
     return artifact, source, records.get(metadata.COMPRESSION)
 
 
+def refuse_embeds_input(model: str | Path, source: dict) -> None:
+    """A decoder graph that takes inputs_embeds runs behind an embedding graph; on its own it cannot generate."""
+    if source.get("info", {}).get("token_input") == "inputs_embeds":
+        raise UsageError(f"{model} takes inputs_embeds, which something outside it must compute (an embedding "
+                         "table or graph); generate, bench and fidelity run decoders exported with input_ids (the "
+                         "default of 'tcexport export')")
+
+
 def is_decoder_artifact(path: str | Path) -> bool:
     """Whether `path` is a decoder graph exported by tcexport, or its ORT build."""
     try:
@@ -47,6 +55,7 @@ def run(model: str | Path, texts: tuple[str, ...] = (), ids_texts: tuple[str, ..
     if json_path is not None:
         check_writable(json_path, "--json")
     artifact, source, compression = decoder_records(model, backends=("ort", "trt"))
+    refuse_embeds_input(model, source)
     if artifact.backend == "trt":  # say what is missing before the tokenizer and the prompts
         from tcexport.backends import trt_engine
 

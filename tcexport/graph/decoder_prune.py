@@ -46,6 +46,7 @@ from onnx import helper
 
 from tcexport.core.errors import UsageError
 from tcexport.methods.emit import Emitter
+from tcexport.models.inputs import TOKEN_INPUTS, token_input_of
 
 LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?=[:/.]|$)")
 PROBES = ({"batch": 2, "seq": 11, "past": 6}, {"batch": 3, "seq": 13, "past": 10})
@@ -87,8 +88,9 @@ class _Graph:
 
 
 def activations(model: onnx.ModelProto) -> set[str]:
-    """Values that depend on the tokens' data (input_ids, the cache) other than through their shapes."""
-    seeds = [v.name for v in model.graph.input if v.name == "input_ids" or v.name.startswith("past_key_values.")]
+    """Values that depend on the tokens' data (input_ids or inputs_embeds, the cache) other than through their
+    shapes."""
+    seeds = [v.name for v in model.graph.input if v.name in TOKEN_INPUTS or v.name.startswith("past_key_values.")]
     data = set(seeds)
     for node in model.graph.node:  # nodes are in topological order
         if node.op_type in ("Shape", "Size"):
@@ -102,7 +104,13 @@ def probe_feeds(model: onnx.ModelProto, batch: int, seq: int, past: int, layers_
                 windows: dict | None = None) -> dict:
     """Random feeds with `past` slots seen; a windowed layer's cache holds what it would (the last window - 1)."""
     rng = np.random.default_rng(0)
-    feeds = {"input_ids": rng.integers(0, 100, (batch, seq)).astype(np.int64),
+    embeds = next((v for v in model.graph.input if v.name == "inputs_embeds"), None)
+    if embeds is not None:
+        width = embeds.type.tensor_type.shape.dim[2].dim_value
+        tokens = {"inputs_embeds": rng.standard_normal((batch, seq, width)).astype(np.float32)}
+    else:
+        tokens = {"input_ids": rng.integers(0, 100, (batch, seq)).astype(np.int64)}
+    feeds = {**tokens,
              "attention_mask": np.ones((batch, past + seq), np.int64),
              "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))}
     for name, (heads, dim) in layers_kv.items():
@@ -325,7 +333,8 @@ def _shape_nodes_in_cone(g: _Graph, value: str, data: set[str]) -> set[str]:
 def _common(g: _Graph) -> dict:
     """Values every stage uses: the prompt length, the cache length of the full sequence, prefill or not."""
     zero, one, two = g.const("tc_zero", [0]), g.const("tc_one", [1]), g.const("tc_two", [2])
-    n_prompt = g.add("Shape", ["input_ids"], "tc_n_prompt", start=1, end=2)[0]
+    n_prompt = g.add("Shape", [token_input_of(v.name for v in g.model.graph.input)], "tc_n_prompt", start=1,
+                     end=2)[0]
     total = g.add("Shape", ["attention_mask"], "tc_total_full", start=1, end=2)[0]
     past = g.add("Sub", [total, n_prompt], "tc_past_full")[0]
     prefill = g.add("Equal", [past, zero], "tc_prefill")[0]

@@ -162,8 +162,9 @@ def shape_of(model) -> DecoderShape:
     )
 
 
-def input_names(layers: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids", *past_names(layers)]
+def input_names(layers: int, token_input: str = "input_ids") -> list[str]:
+    return [token_input, "attention_mask", "position_ids", *past_names(layers)]
+
 
 
 def past_names(layers: int) -> list[str]:
@@ -177,13 +178,15 @@ def output_names(layers: int) -> list[str]:
 class DecoderWithCache(torch.nn.Module):
     """A transformers causal LM called with the cache as plain tensors, returning logits and every layer's cache."""
 
-    def __init__(self, model: torch.nn.Module, layers: int, all_logits: bool = False):
+    def __init__(self, model: torch.nn.Module, layers: int, all_logits: bool = False,
+                 token_input: str = "input_ids"):
         super().__init__()
         self.model = model
         self.layers = layers
         self.all_logits = all_logits
+        self.token_input = token_input  # input_ids, or inputs_embeds [batch, seq, hidden]
 
-    def forward(self, input_ids, attention_mask, position_ids, past):
+    def forward(self, tokens, attention_mask, position_ids, past):
         from transformers import DynamicCache
         from transformers.cache_utils import DynamicSlidingWindowLayer
 
@@ -193,13 +196,13 @@ class DecoderWithCache(torch.nn.Module):
         # keeps the example's branch, and once the window has been passed the past it is given (the last window - 1
         # slots) is shorter than what it has seen: the mask then indexes the wrong slots (ORT: GatherND index out of
         # range). The layer below takes what it has seen from the attention mask and has no branch.
-        seen = attention_mask.shape[1] - input_ids.shape[1]
+        seen = attention_mask.shape[1] - tokens.shape[1]
         for i, layer in enumerate(cache.layers[: self.layers]):
             if isinstance(layer, DynamicSlidingWindowLayer):
                 cache.layers[i] = window_layer_class()(layer.sliding_window, seen)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        out = self.model(**{self.token_input: tokens}, attention_mask=attention_mask, position_ids=position_ids,
                          **{cache_kwarg(self.model): cache}, use_cache=True,
                          logits_to_keep=0 if self.all_logits else 1)
         present = []

@@ -102,6 +102,15 @@ def is_decoder_graph(specs: list[InputSpec]) -> bool:
     return any(s.name.startswith("past") for s in specs)
 
 
+TOKEN_INPUTS = ("input_ids", "inputs_embeds")  # what a decoder graph takes its new tokens as
+
+
+def token_input_of(names) -> str:
+    """The token input among a graph's input names: input_ids, or inputs_embeds [batch, seq, hidden] (a graph fed
+    by an embedding graph, as a VLM's decoder is)."""
+    return "inputs_embeds" if "inputs_embeds" in set(names) else "input_ids"
+
+
 def decoder_smoke_feeds(specs: list[InputSpec], batch: int) -> dict[str, np.ndarray]:
     """Feeds that run a decoder graph once: a prefill of a few real tokens, every past state empty."""
     feeds = {}
@@ -113,6 +122,9 @@ def decoder_smoke_feeds(specs: list[InputSpec], batch: int) -> dict[str, np.ndar
             feeds[spec.name] = np.tile(np.arange(DECODER_SMOKE_TOKENS, dtype=spec.dtype), (batch, 1))
         elif spec.kind == ATTENTION_MASK or spec.name == "attention_mask":
             feeds[spec.name] = np.ones((batch, DECODER_SMOKE_TOKENS), dtype=spec.dtype)
+        elif spec.name == "inputs_embeds":
+            feeds[spec.name] = np.random.default_rng(0).standard_normal(
+                (batch, DECODER_SMOKE_TOKENS, int(spec.shape[2]))).astype(spec.dtype)
         else:
             high = spec.high or 2
             feeds[spec.name] = np.random.default_rng(0).integers(0, high, (batch, DECODER_SMOKE_TOKENS)).astype(spec.dtype)

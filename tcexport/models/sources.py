@@ -49,6 +49,7 @@ class LoadOptions:
     seq_len: int | None = None
     model_args: dict = field(default_factory=dict)  # timm create_model / py factory keyword arguments
     all_logits: bool = False  # decoders: logits at every position (scoring), not the last only
+    inputs_embeds: bool = False  # decoders: take inputs_embeds [batch, seq, hidden] (an embedding graph feeds it)
 
 
 @dataclass
@@ -91,15 +92,15 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = None, seed: int | None = None,
          input_shape: str | None = None, seq_len: int | None = None, model_args=None,
-         all_logits: bool = False) -> Source:
+         all_logits: bool = False, inputs_embeds: bool = False) -> Source:
     """Materialise a model spec. `model_args`: "key=value" strings (`--model-arg`) or a dict, passed to timm's
     create_model or a py: factory. `all_logits`: a causal LM's graph returns logits at every position."""
     prefix, rest = split_spec(spec)
     args = parse_model_args(model_args)
-    if all_logits:
-        refuse_all_logits_unless_decoder(spec)
+    if all_logits or inputs_embeds:
+        refuse_all_logits_unless_decoder(spec, "--all-logits" if all_logits else "inputs_embeds")
     options = LoadOptions(pretrained, Path(checkpoint) if checkpoint else None, seed, input_shape, seq_len, args,
-                          all_logits)
+                          all_logits, inputs_embeds)
     if args and prefix not in ("timm", "py"):
         raise UsageError(f"--model-arg applies to timm: and py: specs; {prefix}: models take their config from "
                          "their directory")
@@ -116,14 +117,16 @@ def load(spec: str, pretrained: bool = False, checkpoint: Path | str | None = No
         source.options["model_args"] = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
     if all_logits:
         source.options["all_logits"] = True
+    if inputs_embeds:
+        source.options["inputs_embeds"] = True
     return source
 
 
-def refuse_all_logits_unless_decoder(spec: str) -> None:
-    """--all-logits is a decoder graph's output layout; said before anything loads."""
+def refuse_all_logits_unless_decoder(spec: str, option: str = "--all-logits") -> None:
+    """--all-logits (and inputs_embeds) are a decoder graph's I/O layout; said before anything loads."""
     prefix, rest = split_spec(spec)
     if prefix != "hf" or causal.locate(rest) is None:
-        raise UsageError(f"--all-logits applies to causal LMs (hf:DIR of a decoder); {spec} is not one: drop it")
+        raise UsageError(f"{option} applies to causal LMs (hf:DIR of a decoder); {spec} is not one: drop it")
 
 
 def load_from_record(record: dict) -> Source:
@@ -364,11 +367,15 @@ def load_decoder(name: str, location: "causal.Location", options: LoadOptions) -
                          "--seq-len")
     model = causal.load(location, f"hf:{name}")
     shape = causal.shape_of(model)
-    wrapper = DecoderWithCache(model, shape.layers, all_logits=options.all_logits)
+    token_input = "inputs_embeds" if options.inputs_embeds else "input_ids"
+    wrapper = DecoderWithCache(model, shape.layers, all_logits=options.all_logits, token_input=token_input)
     sha = state_dict_sha256(model)
     weights = {"kind": "gguf" if location.gguf_file else "directory", "path": str(location.directory.resolve()),
                "sha256": sha, **({"gguf_file": location.gguf_file} if location.gguf_file else {})}
-    inputs = [InputSpec("input_ids", ["batch", "seq"], "int64", TOKEN_IDS, high=shape.vocab_size),
+    width = int(model.get_input_embeddings().weight.shape[1])
+    tokens = (InputSpec("inputs_embeds", ["batch", "seq", width]) if options.inputs_embeds
+              else InputSpec("input_ids", ["batch", "seq"], "int64", TOKEN_IDS, high=shape.vocab_size))
+    inputs = [tokens,
               InputSpec("attention_mask", ["batch", "total"], "int64", ATTENTION_MASK),
               InputSpec("position_ids", ["batch", "seq"], "int64", TOKEN_IDS, high=shape.context)]
     inputs += [InputSpec(f"past_key_values.{i}.{kind}", ["batch", shape.kv_heads, "past", shape.head_dim])
@@ -376,6 +383,7 @@ def load_decoder(name: str, location: "causal.Location", options: LoadOptions) -
     info = {"family": "hf", "kind": "decoder", "modality": "text", "model_type": shape.model_type,
             "model_class": type(model).__name__, "decoder": shape.to_json(), "depth": shape.layers,
             "tokenizer": str(location.directory.resolve()), "logits": "all" if options.all_logits else "last",
+            "token_input": token_input,
             **({"gguf_file": location.gguf_file} if location.gguf_file else {})}
     return Source(f"hf:{name}", wrapper, inputs, output_names(shape.layers), weights, info)
 

@@ -73,7 +73,7 @@ def validate(path: Path, samples: int = 3, seed: int = 0, atol: float | None = N
         for method in [s.method for s in stages] + cache_methods:
             method.check_prompt(min(lengths))
         prompts = [rng.integers(0, shape["vocab_size"], n).tolist() for n in lengths]
-        ours = loop.generate(runner, prompts, new_tokens, policy=graph_policy)
+        ours = loop.generate(runner, prompts, new_tokens, policy=graph_policy, embed=table_embedding(hf_model))
         theirs = reference.generate(hf_model, stages, prompts, new_tokens, policy=torch_policy,
                                     cache_methods=cache_methods)
         compressed = stages or decode_policies or cache_methods
@@ -124,3 +124,18 @@ def run(path: Path, json_path: Path | None = None, **options) -> DecoderReport:
     if not report.passed:
         raise ValidationFailed(format_report(report), report.to_json())
     return report
+
+
+def table_embedding(hf_model):
+    """ids -> the model's own token embeddings, for a graph that takes inputs_embeds (the loop embeds each step's
+    tokens; a VLM's embedding graph does the same with image features spliced in)."""
+    import torch
+
+    table = hf_model.get_input_embeddings()
+
+    def embed(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return table(torch.as_tensor(ids)).numpy()
+
+    return embed
+

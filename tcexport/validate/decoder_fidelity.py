@@ -22,7 +22,7 @@ import numpy as np
 from tcexport.core.atomic import atomic_file, check_writable
 from tcexport.core.errors import UsageError, ValidationFailed
 from tcexport.generation import loop, policies, prompts
-from tcexport.generation.run import decoder_records
+from tcexport.generation.run import decoder_records, refuse_embeds_input
 
 
 def text_stream(tokenizer, text_file: Path | None) -> list[int]:
@@ -56,6 +56,7 @@ def run(model: Path, reference: Path, text_file: Path | None = None, prompt_len:
     graphs = []
     for path in (reference, model):
         artifact, source, compression = decoder_records(path)
+        refuse_embeds_input(path, source)
         graphs.append((artifact, source, compression, OrtRunner(artifact.model_path, threads=threads)))
     if graphs[0][1].get("weights", {}).get("sha256") != graphs[1][1].get("weights", {}).get("sha256"):
         raise UsageError(f"{model} and {reference} come from different weights; compare a compressed graph with "
