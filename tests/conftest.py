@@ -25,6 +25,19 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=600)
 
 
+def cli_here(*args):
+    """`tcexport ARGS` in this process (click's runner): exit code, stdout and stderr as run_cli gives them, without
+    a fresh interpreter importing torch and transformers for every call."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from tcexport.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def assert_usage_error(result: subprocess.CompletedProcess) -> None:
     """tcexport's contract for bad input: exit 2, one line on stderr, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)

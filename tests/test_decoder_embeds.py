@@ -14,9 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import assert_usage_error, exported
+from tests.conftest import assert_usage_error, cli_here, exported
 from tests.test_decoder_export import decoder_dir, zoo_root  # noqa: F401 (a fixture)
-from tests.test_decoder_methods import cli_here
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from tcexport.models import decoder_zoo
-from tests.conftest import assert_usage_error, exported, made_once, run_cli
+from tests.conftest import assert_usage_error, cli_here, exported, made_once, run_cli
 
 FAST_KINDS = ("llama", "gpt2")
 KIND_PARAMS = [pytest.param(kind, marks=[] if kind in FAST_KINDS else [pytest.mark.slow])
@@ -271,6 +271,7 @@ def test_generate_takes_a_text_prompt_with_the_zoo_tokenizer(tmp_path_factory, z
     assert data["tokens"] == _hf_greedy(_hf(directory), _tokenizer(directory), [SMOLLM2_PROMPT], 8)
 
 
+@pytest.mark.slow
 def test_all_logits_gives_transformers_logits_at_every_position(tmp_path_factory, zoo_root, tmp_path):
     """--all-logits: the prefill returns logits [batch, seq, vocab] equal to transformers' own forward at every
     position (left padding in one row), the record says so, and generate (which reads the last row) still gives
@@ -280,7 +281,7 @@ def test_all_logits_gives_transformers_logits_at_every_position(tmp_path_factory
 
     directory = decoder_dir(tmp_path_factory, zoo_root, "llama")
     out = tmp_path / "all.onnx"
-    result = run_cli("export", f"hf:{directory}", "--all-logits", "-o", out)
+    result = cli_here("export", f"hf:{directory}", "--all-logits", "-o", out)
     assert result.returncode == 0, result.stderr
     from tcexport.core import metadata
 
@@ -320,7 +321,7 @@ class _FixedTokenizer:
 
 
 def test_all_logits_is_refused_for_an_encoder_in_one_line(tmp_path):
-    result = run_cli("export", "st:all-MiniLM-L6-v2", "--all-logits", "-o", tmp_path / "x.onnx")
+    result = cli_here("export", "st:all-MiniLM-L6-v2", "--all-logits", "-o", tmp_path / "x.onnx")
     assert_usage_error(result)
     assert "--all-logits applies to causal LMs" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -336,7 +337,7 @@ def llama_dir(tmp_path_factory, zoo_root) -> Path:
 
 def test_cli_refuses_a_sequence_length_for_a_decoder(llama_dir, tmp_path):
     out = tmp_path / "x.onnx"
-    result = run_cli("export", f"hf:{llama_dir}", "--seq-len", "5", "-o", out)
+    result = cli_here("export", f"hf:{llama_dir}", "--seq-len", "5", "-o", out)
     assert_usage_error(result)
     assert "causal LM" in result.stderr and "--seq-len" in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -356,7 +357,7 @@ def test_cli_refuses_a_fixed_batch_and_torchscript_for_a_decoder(llama_dir, tmp_
 @pytest.mark.parametrize("extra", [["--batch", "2"], ["--exporter", "torchscript"]])
 def test_cli_refuses_a_fixed_batch_for_a_decoder_in_one_line(llama_dir, tmp_path, extra):
     """Refused before the model loads (pipeline.export checks causal.locate first): no load progress line."""
-    result = run_cli("export", f"hf:{llama_dir}", *extra, "-o", tmp_path / "x.onnx")
+    result = cli_here("export", f"hf:{llama_dir}", *extra, "-o", tmp_path / "x.onnx")
     assert_usage_error(result)
     assert "causal LM" in result.stderr and extra[0] in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
@@ -367,7 +368,7 @@ def test_cli_refuses_an_unreadable_gguf_in_one_line(tmp_path):
     model.mkdir()
     (model / "weights.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
     out = tmp_path / "x.onnx"
-    result = run_cli("export", f"hf:{model}", "-o", out)
+    result = cli_here("export", f"hf:{model}", "-o", out)
     assert_usage_error(result)
     assert "weights.gguf" in result.stderr and "cannot load" in result.stderr, result.stderr
     assert not out.exists() and not (tmp_path / "genai_config.json").exists()

@@ -3,7 +3,7 @@ and validate against transformers' own forward under the same stages, or are ref
 combination cannot be right (a cache method on sliding-window layers). Sliding-window layers after a prefill
 stage keep their window over the kept tokens' original positions, in the graph and the reference alike.
 
-Llama and GPT-2 with fastv take the default run; every other cell is `slow` (tens of seconds each).
+Llama with fastv takes the default run; every other cell is `slow` (tens of seconds each).
 scripts/decoder_matrix.py runs the same cells for docs/models.md.
 """
 
@@ -26,7 +26,7 @@ METHOD_ARGS = {
     "streaming": lambda layers: ["--method", "streaming", "--sink", "2", "--window", "6"],
 }
 CACHE_METHODS = ("snapkv", "streaming")
-FAST = {("llama", "fastv"), ("gpt2", "fastv")}
+FAST = {("llama", "fastv")}
 CELLS = [pytest.param(kind, method, id=f"{kind}-{method}",
                       marks=[] if (kind, method) in FAST else [pytest.mark.slow])
          for kind in decoder_zoo.KINDS for method in METHOD_ARGS]

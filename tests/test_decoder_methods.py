@@ -17,7 +17,7 @@ from onnx import helper
 
 from tcexport import methods
 from tcexport.graph.decoder_prune import _emit_select_with, _Graph
-from tests.conftest import assert_usage_error, made_once, run_cli
+from tests.conftest import assert_usage_error, cli_here, made_once, run_cli
 
 LAYERS = 3
 
@@ -114,19 +114,6 @@ def llama_onnx(tmp_path_factory) -> Path:
         exporter.export_to_file(sources.load(f"hf:{directory / 'llama'}"), directory / "llama.onnx")
 
     return made_once(tmp_path_factory, "decoder_methods_llama", make) / "llama.onnx"
-
-
-def cli_here(*args):
-    """`tcexport ARGS` in this process (click's runner): exit code, stdout and stderr as run_cli gives them, without
-    a fresh interpreter importing torch and transformers for every call."""
-    import subprocess
-
-    from click.testing import CliRunner
-
-    from tcexport.cli import cli
-
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def _compress(source: Path, out: Path, *args: str) -> Path:

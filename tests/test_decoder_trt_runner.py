@@ -16,8 +16,8 @@ import torch
 
 from tcexport.generation import loop, policies
 from tcexport.generation.runners import OrtRunner, TrtDecoderRunner
-from tests.conftest import assert_usage_error
-from tests.test_decoder_methods import CASES, _compress, cli_here, llama_onnx  # noqa: F401 (a fixture)
+from tests.conftest import assert_usage_error, cli_here
+from tests.test_decoder_methods import CASES, _compress, llama_onnx  # noqa: F401 (a fixture)
 
 
 class _Dtype:

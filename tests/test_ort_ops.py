@@ -34,7 +34,7 @@ from tcexport.methods.prune_merge import PruneMerge
 from tcexport.methods.tome import ToMe
 from tcexport.methods.topk import TopK
 from tcexport.plugins import ort_library
-from tests.conftest import assert_usage_error, run_cli
+from tests.conftest import assert_usage_error, cli_here, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADERS = ROOT.parent / "shared" / "onnxruntime-include"
@@ -335,16 +335,16 @@ def test_function_graphs_do_not_load_the_library(library, tiny_vit, tmp_path, mo
 
 def test_without_the_library_plugin_graphs_are_one_line_errors(tiny_vit, tmp_path, monkeypatch):
     out = tmp_path / "plugin.onnx"
-    result = run_cli("compress", tiny_vit, "--r", "8", "--impl", "plugin", "-o", out)
+    result = cli_here("compress", tiny_vit, "--r", "8", "--impl", "plugin", "-o", out)
     assert result.returncode == 0, result.stderr
     monkeypatch.setenv(ort_library.LIBRARY_ENV, "none")
     for args in (("build", out, "-o", tmp_path / "build"), ("validate", out), ("bench", out, "--iters", "1")):
-        result = run_cli(*args)
+        result = cli_here(*args)
         assert_usage_error(result)
         assert "--impl plugin nodes (tcexport::ToMeMerge)" in result.stderr, result.stderr
         assert "ORT_INCLUDE_DIR" in result.stderr and "onnxruntime_c_api.h" in result.stderr
     assert not (tmp_path / "build").exists()
     # the standard-op paths need no library
     subgraph = tmp_path / "subgraph.onnx"
-    assert run_cli("compress", tiny_vit, "--r", "8", "-o", subgraph).returncode == 0
-    assert run_cli("validate", subgraph, "--samples", "1").returncode == 0
+    assert cli_here("compress", tiny_vit, "--r", "8", "-o", subgraph).returncode == 0
+    assert cli_here("validate", subgraph, "--samples", "1").returncode == 0
