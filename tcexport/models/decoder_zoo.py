@@ -132,15 +132,22 @@ def tokenizer_dir(root: Path) -> Path:
 
 def decoder_dir(kind: str, root: Path, seed: int = SEED) -> Path:
     """Save (once) the tiny causal LM of `kind` with SmolLM2's tokenizer under `root`; its path."""
+    decoder_config(kind)  # an unknown kind fails before anything is written
+    return save_with_tokenizer(Path(root) / f"decoder-{kind}-seed{seed}", lambda: random_decoder(kind, seed),
+                               lambda: tokenizer_dir(root))
+
+
+def save_with_tokenizer(directory: Path, make_model, make_tokenizer) -> Path:
+    """Save (once, atomically) make_model()'s weights and config with the files of the tokenizer directory
+    make_tokenizer() returns; the directory's path."""
     from tcexport.models.sources import _quiet_transformers
 
-    decoder_config(kind)  # an unknown kind fails before anything is written
     _quiet_transformers()
-    tokenizer = tokenizer_dir(root)
+    tokenizer = make_tokenizer()
 
     def write(tmp: Path) -> None:
-        random_decoder(kind, seed).save_pretrained(str(tmp))
+        make_model().save_pretrained(str(tmp))
         for item in tokenizer.iterdir():
             shutil.copy(item, tmp / item.name)
 
-    return _save_once(Path(root) / f"decoder-{kind}-seed{seed}", write)
+    return _save_once(directory, write)

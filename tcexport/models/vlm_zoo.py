@@ -20,7 +20,6 @@ greedy tokens vary with the prompt and with the image (tests/test_vlm_zoo.py che
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tcexport.models import decoder_zoo
@@ -110,18 +109,9 @@ def tokenizer_dir(root: Path) -> Path:
 
 def vlm_dir(kind: str, root: Path, seed: int = SEED) -> Path:
     """Save (once) the tiny VLM of `kind` with the image tokenizer under `root`; its path."""
-    from tcexport.models.sources import _quiet_transformers
-
     vlm_config(kind)  # an unknown kind fails before anything is written
-    _quiet_transformers()
-    tokenizer = tokenizer_dir(root)
-
-    def write(tmp: Path) -> None:
-        random_vlm(kind, seed).save_pretrained(str(tmp))
-        for item in tokenizer.iterdir():
-            shutil.copy(item, tmp / item.name)
-
-    return _save_once(Path(root) / f"vlm-{kind}-seed{seed}", write)
+    return decoder_zoo.save_with_tokenizer(Path(root) / f"vlm-{kind}-seed{seed}", lambda: random_vlm(kind, seed),
+                                           lambda: tokenizer_dir(root))
 
 
 def prompt_with_image(kind: str, before: list[int], after: list[int]) -> list[int]:
