@@ -18,7 +18,7 @@ from tcexport.core import metadata
 from tcexport.models import sources
 from tcexport.validate import equality as validate
 from tcexport.graph.blocks import find_blocks
-from tests.conftest import assert_usage_error, run_cli
+from tests.conftest import assert_usage_error, cli_here, run_cli
 
 ATOL, RTOL = 1e-5, 1e-4
 
@@ -230,7 +230,7 @@ def test_only_token_axis_constants_change(tmp_path):
 ])
 def test_bad_compress_requests_exit_2(vit_onnx, tmp_path, args):
     out = tmp_path / "out.onnx"
-    assert_usage_error(run_cli("compress", vit_onnx, "-o", out, *args))
+    assert_usage_error(cli_here("compress", vit_onnx, "-o", out, *args))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 

@@ -24,7 +24,7 @@ from tcexport.methods import METHODS, get
 from tcexport.methods.query import PAD_PENALTY, QueryPrune
 from tcexport.methods.standalone import build_standalone_model
 from tcexport.reference import compressed_reference
-from tests.conftest import assert_usage_error, run_cli
+from tests.conftest import assert_usage_error, cli_here, run_cli
 
 C = 16
 TOL = 1e-5
@@ -310,6 +310,6 @@ def test_minilm_validates(minilm_onnx, tmp_path):
                          ids=["keep-above-1", "neither", "count-beyond-tokens"])
 def test_bad_cli_params_exit_2(vit_onnx, tmp_path, args):
     out = tmp_path / "o.onnx"
-    assert_usage_error(run_cli("compress", vit_onnx, "--method", "query", *args, "--layers", "4", "-o", out))
+    assert_usage_error(cli_here("compress", vit_onnx, "--method", "query", *args, "--layers", "4", "-o", out))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,7 @@ from tcexport.core.errors import UsageError
 from tcexport.methods import METHODS, get
 from tcexport.methods.standalone import build_standalone_model
 from tcexport.methods.topk import TopK
-from tests.conftest import assert_usage_error, run_cli
+from tests.conftest import assert_usage_error, cli_here, run_cli
 
 C = 16
 TOL = 1e-5
@@ -291,7 +291,7 @@ def test_multi_stage_tome_then_topk(vit_onnx, tmp_path):
                          ids=["keep-above-1", "keep-and-count", "neither"])
 def test_bad_cli_params_exit_2(vit_onnx, tmp_path, args):
     out = tmp_path / "o.onnx"
-    assert_usage_error(run_cli("compress", vit_onnx, "--method", "topk", *args, "-o", out))
+    assert_usage_error(cli_here("compress", vit_onnx, "--method", "topk", *args, "-o", out))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 

@@ -23,7 +23,7 @@ from tcexport.reference import compressed_reference
 from tcexport.reference import pooling as ref_pooling
 from tcexport.reference.flow import TokenFlow
 from tcexport.validate import equality as validate
-from tests.conftest import assert_usage_error, exported, made_once, run_cli
+from tests.conftest import assert_usage_error, cli_here, exported, made_once, run_cli
 
 SEQ = 16
 # What shows in the rewritten graph that the mode's mechanism took part (graph/pooling.py, graph/insert.py).
@@ -192,7 +192,7 @@ def test_all_modes_concatenated_compress_and_validate(tmp_path_factory, tmp_path
 
 def test_include_prompt_false_is_refused_in_one_line(tmp_path_factory, tmp_path):
     model = st_onnx(tmp_path_factory, "mean", include_prompt=False)
-    result = run_cli("compress", model, "--r", "2", "-o", tmp_path / "c.onnx")
+    result = cli_here("compress", model, "--r", "2", "-o", tmp_path / "c.onnx")
     assert_usage_error(result)
     assert "include_prompt=False" in result.stderr and "prompt length" in result.stderr
     assert not (tmp_path / "c.onnx").exists()
@@ -200,7 +200,7 @@ def test_include_prompt_false_is_refused_in_one_line(tmp_path_factory, tmp_path)
 
 def test_a_positional_mode_with_the_query_method_is_refused_in_one_line(tmp_path_factory, tmp_path):
     model = st_onnx(tmp_path_factory, "lasttoken")
-    result = run_cli("compress", model, "--method", "query", "--keep", "0.7", "-o", tmp_path / "c.onnx")
+    result = cli_here("compress", model, "--method", "query", "--keep", "0.7", "-o", tmp_path / "c.onnx")
     assert_usage_error(result)
     assert "lasttoken pooling" in result.stderr and "query method" in result.stderr
 
@@ -212,6 +212,6 @@ def test_an_unknown_recorded_mode_is_refused_in_one_line(tmp_path_factory, tmp_p
     metadata.write(model, metadata.SOURCE, source)
     edited = tmp_path / "edited.onnx"
     onnx.save(model, str(edited))
-    result = run_cli("compress", edited, "--r", "2", "-o", tmp_path / "c.onnx")
+    result = cli_here("compress", edited, "--r", "2", "-o", tmp_path / "c.onnx")
     assert_usage_error(result)
     assert "'attention'" in result.stderr and "does not know" in result.stderr
